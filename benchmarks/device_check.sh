@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check (../shared/gpu.md): build the extension against this machine's torch, run the CUDA tests, run the kernel,
+# decode and train benchmarks, and leave a log and JSON results in OUTDIR. On a machine without a GPU it dry-runs:
+# it builds the CPU extension, runs the same steps in their CPU modes with tiny budgets, and says what it skipped.
+#
+#   bash benchmarks/device_check.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+log=$out/device_check.log
+exec > >(tee "$log") 2>&1
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+run() { "$@" || { echo "!!! failed ($?): $*"; status=1; }; }
+
+step "environment"
+gpu=$($py -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
+$py -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu:', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+if [ -n "$gpu" ]; then
+    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+    cc=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cc}
+    echo "building for sm_${cc/./} with CUDA_HOME=$CUDA_HOME"
+    quick=""
+else
+    echo "no GPU: dry run (CPU build, CPU modes of the benchmarks with small budgets)"
+    quick="--quick"
+fi
+
+step "build (pip install --no-build-isolation --no-deps .)"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+(cd "$repo" && run $py -m pip install --no-build-isolation --no-deps -q .)
+# Run everything from $out so that the installed package, not the source tree, is imported.
+cd "$out"
+$py -c "import softmask_ext.ops as o; print('extension loaded:', o.EXTENSION_LOADED, '| cuda kernels:', o.CUDA_KERNELS)"
+
+step "tests"
+if [ -n "$gpu" ]; then
+    run $py -m pytest -q -x -p no:cacheprovider "$repo/tests" -m cuda
+else
+    run $py -m pytest -q -x -p no:cacheprovider "$repo/tests/test_soft_mask.py" "$repo/tests/test_reference.py"
+fi
+
+step "kernel benchmark"
+run $py "$repo/benchmarks/kernel_bench.py" $quick --out "$out/kernel_bench.json"
+
+step "decode benchmark"
+run $py "$repo/benchmarks/decode_bench.py" $quick --out "$out/decode_bench.json"
+
+step "train benchmark"
+run $py "$repo/benchmarks/train_bench.py" $quick --out "$out/train_bench.json"
+
+step "done (status $status)"
+exit $status
