@@ -80,8 +80,10 @@ def blend_embeddings(weight: Tensor, ids: Tensor, coeffs: Tensor) -> Tensor:
     Returns:
         ``[N, D]`` in ``weight.dtype``; differentiable with respect to ``weight`` and ``coeffs``.
     """
-    # The range check reads the ids on the host; skip it while tracing so the reference stays capturable.
-    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+    # The range check reads the ids on the host; skip it while tracing or capturing a CUDA graph so the
+    # reference stays capturable.
+    capturing = torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not capturing and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise IndexError(f"blend_embeddings: ids must lie in [0, {weight.shape[0]}), got values outside that range")
     acc = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
     rows = weight[ids].to(acc)  # [N, m, D]

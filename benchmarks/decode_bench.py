@@ -1,0 +1,289 @@
+"""Decoding speed: our engine (binary and soft-masked, eager and CUDA graph) against Dream's reference loop and the
+authors' dense soft-masking path, on a randomly initialised model (speed does not depend on the weights).
+
+    python benchmarks/decode_bench.py                      # GPU preset on CUDA, CPU preset otherwise
+    python benchmarks/decode_bench.py --preset cpu --out benchmarks/results/decode_bench_cpu.json
+
+Providers, all decoding the same prompts with the same settings:
+    dream_reference   Dream's own binary decoding loop (full logits every step, host syncs, no graphs)
+    authors_sm        the same loop with the authors' soft-masking (dense [B*T, V] mixture @ embedding table)
+    engine_binary_*   softmask_ext's engine with plain masks, eager / CUDA graph
+    engine_sm_*       softmask_ext's engine with soft-masking, eager / CUDA graph
+
+Reported per provider, batch and step count: tokens/s (generated tokens per second of decoding, after one warm-up
+run on a GPU, which also captures the engine's CUDA graph; its time is reported as warmup_s), ms per step, the share of step time spent building soft-mask inputs (timed apart on
+this step's real logits), and whether the tokens agree with the matching reference provider. ms/step does not depend
+on the step count (every step has the same shapes), so when the time budget runs out a larger step count is
+extrapolated from the measured ms/step and marked so. Token agreement with the reference providers is meaningful in
+fp32 (CPU preset); in bf16 Dream's loop ranks bf16-rounded confidences, full of ties, while the engine ranks fp32 ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dream_reference import authors_soft_embeddings, reference_generate
+from softmask_ext import DreamConfig, DreamModel, SoftMask
+from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt
+
+PRESETS = {
+    # A shallow model with Dream's vocabulary: the vocabulary-sized work (LM head, softmax, SM) dominates.
+    "cpu": dict(
+        model=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2),
+        dtype="float32", prompt=64, new_tokens=64, steps=[16], batch=[1], repeats=3,
+    ),
+    # Dream-7B's shapes (DreamConfig's defaults).
+    # Runs take seconds and vary little on a GPU: one timed run each.
+    "gpu": dict(model={}, dtype="bfloat16", prompt=256, new_tokens=256, steps=[256, 128, 64], batch=[1, 8],
+                repeats=1),
+}
+# The authors' example transparency_config.json (method.md section 3).
+SOFT_MASK = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.25, "transparency_centre": -1,
+             "transparency_steepness": 5, "mixinputs_k": 1, "transparency_scheduling": "none"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on CUDA, cpu otherwise")
+    p.add_argument("--quick", action="store_true", help="one timed run per setting, tiny budget (dry runs)")
+    p.add_argument("--budget-s", type=float, default=180.0, help="wall-clock budget for the timed runs")
+    p.add_argument("--repeats", type=int, help="timed runs per setting, the median is reported (default: preset's)")
+    p.add_argument("--alg", default="entropy")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--out", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def build_model(preset: dict, device: torch.device) -> DreamModel:
+    config = DreamConfig(**preset["model"], max_position_embeddings=max(4096, preset["prompt"] + preset["new_tokens"]))
+    dtype = DTYPES[preset["dtype"]]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in the target dtype, directly on the device
+    try:
+        with torch.device(device):
+            model = DreamModel(config)
+    finally:
+        torch.set_default_dtype(default)
+    # Random weights at the pretraining scale predict a near-uniform distribution over 152k tokens, where rounding
+    # alone decides between positions; a larger LM head gives peaked predictions, as a trained model makes, so that
+    # the token agreement between providers means something. Speed is unaffected.
+    model.lm_head.weight.detach().normal_(std=3.0 / config.hidden_size**0.5)
+    return model.eval()
+
+
+class Provider:
+    """One way of decoding: ``run()`` returns the sequences; ``sm_ms()`` times its SM input building alone."""
+
+    def __init__(self, name, reference, soft_mask, graph=None):
+        self.name, self.reference, self.soft_mask, self.graph = name, reference, soft_mask, graph
+
+    @property
+    def uses_sm(self) -> bool:
+        return self.soft_mask is not None
+
+    def setup(self, model, ids, steps, args):
+        self.model, self.ids, self.steps = model, ids, steps
+        self.mask_id = model.config.mask_token_id
+        self.settings = dict(max_new_tokens=self.new_tokens, steps=steps, alg=args.alg,
+                             temperature=args.temperature, top_p=args.top_p)
+        if not self.reference:
+            options = DecodeOptions(mask_token_id=self.mask_id, **self.settings)
+            self.prompt = check_prompt(ids, None, options, vocab_size=model.config.vocab_size, max_positions=None,
+                                       device=ids.device)
+            self.decoder = DiffusionDecoder(model, options, batch=ids.shape[0], prompt_len=ids.shape[1],
+                                            padded=False, soft_mask=self.soft_mask, cuda_graph=self.graph,
+                                            generator=torch.Generator(ids.device).manual_seed(args.seed))
+
+    def run(self) -> torch.Tensor:
+        if self.reference:
+            return reference_generate(self.model, self.ids, mask_token_id=self.mask_id, soft_mask=self.soft_mask,
+                                      **self.settings)
+        return self.decoder.run(self.prompt)[0]
+
+    def sm_ms(self, reps: int) -> float:
+        """Milliseconds to build one step's SM inputs, on this step's logits with half the positions masked."""
+        model, ids = self.model, self.ids
+        batch, prompt_len = ids.shape
+        x = torch.cat([ids, torch.full((batch, self.new_tokens), self.mask_id, device=ids.device)], dim=1)
+        x[:, prompt_len::2] = 7  # half of the generated positions already decoded
+        if self.reference:
+            logits = model(input_ids=x).logits
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            work = lambda: authors_soft_embeddings(model, x, logits, self.soft_mask, self.mask_id, self.new_tokens)  # noqa: E731
+        else:
+            decoder = self.decoder
+            decoder.canvas.copy_(x)
+            decoder.embeds.copy_(model.get_input_embeddings()(x))
+            logits = decoder._logits(decoder.logits_rows)
+            work = lambda: decoder._soft_embeddings(logits)  # noqa: E731
+        work()
+        if self.graph:  # the engine runs it inside its step's graph: time it the same way
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                work()
+            work = graph.replay
+        seconds, _ = timed(lambda: [work() for _ in range(reps)], ids.device)
+        return 1000 * seconds / reps
+
+
+def providers(soft_mask: SoftMask, cuda: bool) -> list[Provider]:
+    out = [Provider("dream_reference", True, None), Provider("authors_sm", True, soft_mask)]
+    for graph in ([False, True] if cuda else [False]):
+        kind = "graph" if graph else "eager"
+        out += [Provider(f"engine_binary_{kind}", False, None, graph), Provider(f"engine_sm_{kind}", False, soft_mask, graph)]
+    return out
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    preset = PRESETS[preset_name]
+    args.repeats = args.repeats or preset["repeats"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.budget_s = 1, min(args.budget_s, 30.0)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+
+    model = build_model(preset, device)
+    soft_mask = SoftMask.from_any(SOFT_MASK).to(device)
+    prompt_len, new_tokens = preset["prompt"], preset["new_tokens"]
+    vocab, mask_id = model.config.vocab_size, model.config.mask_token_id
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"decode_bench: preset {preset_name} on {device_name}, {preset['dtype']}, prompt {prompt_len}, "
+          f"{new_tokens} new tokens, steps {preset['steps']}, batch {preset['batch']}", file=sys.stderr)
+
+    results = []
+    measured: dict[tuple[str, int], float] = {}  # (provider, batch) -> ms per step
+    outputs: dict[tuple[str, int, int], torch.Tensor] = {}
+    plan = [(b, s) for b in preset["batch"] for s in sorted(preset["steps"])]
+    progress = tqdm(total=len(plan) * len(providers(soft_mask, device.type == "cuda")), desc="decode_bench",
+                    file=sys.stderr)
+    for batch, steps in plan:
+        gen = torch.Generator().manual_seed(args.seed + batch)
+        ids = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).to(device)
+        for provider in providers(soft_mask, device.type == "cuda"):
+            provider.new_tokens = new_tokens
+            key = (provider.name, batch)
+            row = dict(provider=provider.name, batch=batch, steps=steps, sm=provider.uses_sm,
+                       graph=bool(provider.graph))
+            remaining = args.budget_s - (time.perf_counter() - started)
+            runs = args.repeats + (device.type == "cuda")  # timed runs + the warm-up run
+            estimate = measured.get(key, 0.0) * steps * runs / 1000
+            if key in measured and estimate > remaining:
+                ms = measured[key]
+                row.update(ms_per_step=ms, tokens_per_s=batch * new_tokens / (ms * steps / 1000), extrapolated=True)
+            else:
+                provider.setup(model, ids, steps, args)
+                if device.type == "cuda":
+                    # warm-up: cuBLAS handles, rotary tables, the caching allocator, and the engine's graph capture
+                    # (done once per decoder, as a serving loop would); its time is reported apart
+                    row["warmup_s"] = timed(provider.run, device)[0]
+                runs = [timed(provider.run, device) for _ in range(args.repeats)]
+                times, out = [t for t, _ in runs], runs[-1][1]
+                seconds = sorted(times)[len(times) // 2]
+                ms = 1000 * seconds / steps
+                measured[key] = ms
+                outputs[(provider.name, batch, steps)] = out
+                row.update(ms_per_step=ms, tokens_per_s=batch * new_tokens / seconds, seconds=seconds,
+                           extrapolated=False)
+                if provider.uses_sm and (provider.name, batch) not in {(r["provider"], r["batch"]) for r in results
+                                                                       if "sm_ms" in r}:
+                    row["sm_ms"] = provider.sm_ms(reps=5 if device.type == "cuda" else 2)
+                    row["sm_share"] = row["sm_ms"] / ms
+            results.append(row)
+            progress.update()
+    progress.close()
+
+    agreement = {}
+    for (name, batch, steps), out in outputs.items():
+        ref = "authors_sm" if "_sm_" in name else "dream_reference"
+        if name.startswith("engine") and (ref, batch, steps) in outputs:
+            generated = out[:, prompt_len:]
+            agreement[f"{name}/b{batch}/s{steps}"] = float(
+                (generated == outputs[(ref, batch, steps)][:, prompt_len:]).float().mean())
+
+    summary = summarise(results)
+    report = dict(
+        device=device_name, preset=preset_name, dtype=preset["dtype"], prompt=prompt_len, new_tokens=new_tokens,
+        vocab=vocab, model=dict(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size),
+        settings=dict(alg=args.alg, temperature=args.temperature, top_p=args.top_p, soft_mask=SOFT_MASK),
+        torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        wall_s=time.perf_counter() - started, results=results, token_agreement=agreement, summary=summary,
+    )
+    print_table(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """The issue's target ratios per (batch, steps): ours vs the authors' path and vs Dream's binary loop."""
+    by = {(r["provider"], r["batch"], r["steps"]): r for r in results}
+    out = []
+    for batch, steps in sorted({(r["batch"], r["steps"]) for r in results}):
+        tps = {name: by[(name, b, s)]["tokens_per_s"] for (name, b, s) in by if (b, s) == (batch, steps)}
+        best_sm = "engine_sm_graph" if "engine_sm_graph" in tps else "engine_sm_eager"
+        entry = dict(batch=batch, steps=steps, sm_engine=best_sm,
+                     sm_vs_authors=tps[best_sm] / tps["authors_sm"],
+                     sm_vs_dream_binary=tps[best_sm] / tps["dream_reference"])
+        if "engine_sm_graph" in tps:
+            entry["graph_vs_eager_binary"] = tps["engine_binary_graph"] / tps["engine_binary_eager"]
+            entry["graph_vs_eager_sm"] = tps["engine_sm_graph"] / tps["engine_sm_eager"]
+        out.append(entry)
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']} | {report['preset']} preset, {report['dtype']}, prompt {report['prompt']}, "
+          f"{report['new_tokens']} new tokens, vocab {report['vocab']}, alg {report['settings']['alg']}, "
+          f"temperature {report['settings']['temperature']}")
+    print(f"{'provider':<22}{'batch':>6}{'steps':>6}{'tokens/s':>11}{'ms/step':>10}{'SM ms':>8}{'SM share':>10}")
+    for r in report["results"]:
+        sm_ms = f"{r['sm_ms']:.2f}" if "sm_ms" in r else ""
+        share = f"{100 * r['sm_share']:.1f}%" if "sm_share" in r else ""
+        mark = " (extrapolated)" if r["extrapolated"] else ""
+        print(f"{r['provider']:<22}{r['batch']:>6}{r['steps']:>6}{r['tokens_per_s']:>11.1f}{r['ms_per_step']:>10.2f}"
+              f"{sm_ms:>8}{share:>10}{mark}")
+    for s in report["summary"]:
+        extras = "".join(f", {k} {v:.2f}x" for k, v in s.items() if k.startswith("graph"))
+        print(f"batch {s['batch']} steps {s['steps']}: {s['sm_engine']} = {s['sm_vs_authors']:.2f}x authors_sm, "
+              f"{s['sm_vs_dream_binary']:.2f}x dream_reference{extras}")
+    if report["token_agreement"]:
+        worst = min(report["token_agreement"].items(), key=lambda kv: kv[1])
+        print(f"token agreement with the reference providers: min {worst[1]:.3f} ({worst[0]})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

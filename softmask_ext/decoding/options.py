@@ -1,0 +1,141 @@
+"""Decoding settings and the checks that turn bad input into clear errors before any work is done."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sampling import ALGS
+
+__all__ = ["DecodeOptions", "Prompt", "check_prompt"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Dream's decoding parameters (method.md section 5), validated on construction."""
+
+    max_new_tokens: int
+    steps: int
+    mask_token_id: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    alg: str = "origin"
+    alg_temp: float | None = None
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if self.steps > self.max_new_tokens:
+            raise ValueError(
+                f"steps ({self.steps}) must not exceed max_new_tokens ({self.max_new_tokens}): "
+                "every step unmasks at least one token"
+            )
+        if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
+            raise ValueError(f"mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        if self.alg not in ALGS:
+            raise ValueError(f"unknown alg {self.alg!r}; expected one of {ALGS}")
+        if self.alg_temp is not None and (not _is_number(self.alg_temp) or self.alg_temp < 0):
+            raise ValueError(f"alg_temp must be a finite number >= 0 or None, got {self.alg_temp!r}")
+        if not _is_number(self.eps) or not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.mask_token_id >= vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A validated batch of prompts on the model's device.
+
+    Attributes:
+        input_ids: int64 ``[B, P]``, left-padded.
+        attention_mask: bool ``[B, P]``, or ``None`` when no row is padded (Dream then attends to everything).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def check_prompt(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    options: DecodeOptions,
+    *,
+    vocab_size: int,
+    max_positions: int | None,
+    device: torch.device,
+) -> Prompt:
+    """Validate prompts once, on the host, so that the decoding steps need no checks (and no syncs)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D [batch, prompt_len] tensor, got {_describe(input_ids)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {list(input_ids.shape)}")
+    total = length + options.max_new_tokens
+    if max_positions is not None and total > max_positions:
+        raise ValueError(
+            f"prompt length {length} + max_new_tokens {options.max_new_tokens} = {total} exceeds the model's "
+            f"maximum of {max_positions} positions"
+        )
+    options.check_vocab(vocab_size)
+    input_ids = input_ids.to(device=device, dtype=torch.int64)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
+    if bool((input_ids == options.mask_token_id).any()):
+        raise ValueError(
+            f"the prompt contains the mask token id {options.mask_token_id}; prompts must be fully known "
+            "(check mask_token_id, or remove mask tokens from the prompt)"
+        )
+    if attention_mask is None:
+        return Prompt(input_ids, None)
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask must have the shape of input_ids {[batch, length]}, got {_describe(attention_mask)}")
+    mask = attention_mask.to(device)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0/1 (or False/True)")
+    mask = mask.bool()
+    if not bool(mask[:, -1].all()):
+        raise ValueError("every prompt must end with a real token: pad prompts on the left")
+    # Left padding: once a row's real tokens start, they do not stop.
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError("attention_mask has padding after real tokens; pad prompts on the left")
+    return Prompt(input_ids, mask if not bool(mask.all()) else None)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__

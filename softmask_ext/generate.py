@@ -1,0 +1,172 @@
+"""Generate text with a Dream checkpoint by (soft-masked) diffusion decoding.
+
+    python -m softmask_ext.generate --model DIR --prompt "Write a function that reverses a string."
+    python -m softmask_ext.generate --prompt-file task.txt --soft-mask DIR/transparency_config.json --live
+
+Instruct checkpoints (a ``chat_template`` in their tokenizer config) get the prompt as a user turn of the chat
+template. The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
+as a shaded block. Without ``--model`` the tiny model shipped in ``softmask_ext/assets/tiny-coder`` is used.
+Without ``--soft-mask``, a ``transparency_config.json`` beside the weights is used (``--binary`` ignores it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .decoding import ALGS, diffusion_generate
+from .model import DreamModel, load_tokenizer
+from .soft_mask import CONFIG_FILENAME, SoftMask
+
+TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-coder"
+MASK_GLYPH = "\u2591"  # light shade: one per masked position
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m softmask_ext.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help=f"checkpoint directory (default: the shipped tiny model, {TINY_MODEL})")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    sm = p.add_mutually_exclusive_group()
+    sm.add_argument("--soft-mask", metavar="JSON", help="transparency_config.json to decode with soft-masking")
+    sm.add_argument("--binary", action="store_true", help="plain masks even if the checkpoint has a soft-mask config")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, help="denoising steps (default: max-new-tokens, one token per step)")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--alg", choices=ALGS, default="entropy")
+    p.add_argument("--alg-temp", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
+    p.add_argument("--live", action="store_true", help="show the canvas being denoised, step by step (stderr)")
+    return p
+
+
+def render(tokenizer, ids: Sequence[int], mask_token_id: int) -> str:
+    """Text of ``ids`` with ``MASK_GLYPH`` for each mask (runs of real tokens decoded together)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for token in ids:
+        if token == mask_token_id:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(MASK_GLYPH)
+        else:
+            run.append(token)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return "".join(parts)
+
+
+def final_text(tokenizer, ids: Sequence[int]) -> str:
+    """The answer: generated tokens up to the first end-of-sequence token, special tokens dropped."""
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    ids = list(ids)
+    for i, token in enumerate(ids):
+        if token in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class LiveView:
+    """A tokens hook that redraws the generated region after every step."""
+
+    def __init__(self, tokenizer, prompt_len: int, steps: int, mask_token_id: int, stream: TextIO) -> None:
+        self.tokenizer, self.prompt_len, self.steps = tokenizer, prompt_len, steps
+        self.mask_token_id, self.stream = mask_token_id, stream
+        self.redraw = stream.isatty()
+
+    def __call__(self, step: int | None, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        text = render(self.tokenizer, x[0, self.prompt_len:].tolist(), self.mask_token_id)
+        header = f"step {0 if step is None else step + 1}/{self.steps}"
+        if self.redraw:
+            self.stream.write("\x1b[2J\x1b[H")  # clear the screen, cursor home
+        self.stream.write(f"--- {header} ---\n{text}\n")
+        self.stream.flush()
+        return x
+
+
+def _resolve_model_dir(arg: str | None) -> Path:
+    path = Path(arg) if arg else TINY_MODEL
+    if not (path / "config.json").is_file():
+        if arg:
+            raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json)")
+        raise SystemExit(
+            f"error: the shipped tiny model is missing ({TINY_MODEL}); pass --model DIR with a Dream checkpoint"
+        )
+    return path
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --prompt-file: {e}") from None
+
+
+def _soft_mask(args: argparse.Namespace, model_dir: Path) -> SoftMask | None:
+    if args.binary:
+        return None
+    if args.soft_mask:
+        return SoftMask.from_transparency_config(args.soft_mask)
+    beside = model_dir / CONFIG_FILENAME
+    if beside.is_file():
+        print(f"using the soft-mask config {beside} (--binary to decode without)", file=sys.stderr)
+        return SoftMask.from_transparency_config(beside)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    model_dir = _resolve_model_dir(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        soft_mask = _soft_mask(args, model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        model = DreamModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    text = _read_prompt(args)
+    if tokenizer.chat_template and not args.no_chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+    else:
+        ids = tokenizer(text)["input_ids"]
+    input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
+
+    steps = args.steps or args.max_new_tokens
+    mask_token_id = model.config.mask_token_id
+    hook = LiveView(tokenizer, input_ids.shape[1], steps, mask_token_id, sys.stderr) if args.live else None
+    try:
+        out = diffusion_generate(
+            model, input_ids, max_new_tokens=args.max_new_tokens, steps=steps, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp, seed=args.seed,
+            soft_mask=soft_mask, generation_tokens_hook_func=hook,
+        )
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(final_text(tokenizer, out[0, input_ids.shape[1]:].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The engine's properties: capturable steps, logits only for generated rows, sampling primitives, CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from softmask_ext import SoftMask
+from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
+from softmask_ext.decoding.sampling import StepNoise, filter_logits, propose, select_transfers
+from softmask_ext.decoding.schedule import step_ratios
+from test_decoding import SOFT_MASKS, padded_batch, prompts, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def decoder_for(model, ids, mask=None, soft_mask=None, generator=None, cuda_graph=None, **kw):
+    options = DecodeOptions(mask_token_id=model.config.mask_token_id, **kw)
+    prompt = check_prompt(ids, mask, options, vocab_size=model.config.vocab_size, max_positions=None,
+                          device=model.device)
+    decoder = DiffusionDecoder(model, options, batch=prompt.batch, prompt_len=prompt.length,
+                               padded=prompt.attention_mask is not None, soft_mask=soft_mask,
+                               generator=generator, cuda_graph=cuda_graph)
+    return decoder, prompt
+
+
+CASES = [
+    dict(alg="entropy", soft_mask=None),
+    dict(alg="maskgit_plus", soft_mask=SoftMask.from_any(SOFT_MASKS[1]), temperature=0.7, top_p=0.9, top_k=20),
+    dict(alg="topk_margin", soft_mask=SoftMask.from_any(SOFT_MASKS[0]), alg_temp=0.3),
+    dict(alg="origin", soft_mask=SoftMask.from_any(SOFT_MASKS[2]), temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["alg"])
+def test_step_compiles_without_graph_breaks(model, case):
+    """The step must trace whole: any host sync or data-dependent shape would break a CUDA graph capture."""
+    ids, mask = padded_batch()
+    kw = dict(max_new_tokens=6, steps=3, **case)
+    eager, prompt = decoder_for(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    compiled, _ = decoder_for(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    step = torch.compile(compiled.step, fullgraph=True, backend="eager")
+    for decoder, run_step in ((eager, eager.step), (compiled, step)):
+        decoder.load(prompt)
+        for _ in range(3):
+            decoder.noise.draw()
+            run_step()
+    assert torch.equal(eager.canvas, compiled.canvas)
+    assert int(compiled.step_index) == 3
+    if case["soft_mask"] is not None:
+        assert torch.equal(eager.embeds, compiled.embeds)
+
+
+def test_logits_only_for_generated_rows(model):
+    """The LM head sees exactly the hidden rows P-1 .. P+N-2 (they predict the N generated positions)."""
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    hidden = []
+    handle_h = model.model.register_forward_hook(lambda mod, args, out: hidden.append(out.detach().clone()))
+    try:
+        ids = prompts(2, 5)
+        diffusion_generate(model, ids, max_new_tokens=7, steps=3, alg="entropy")
+    finally:
+        handle.remove()
+        handle_h.remove()
+    assert len(seen) == 3
+    for rows, h in zip(seen, hidden):
+        assert rows.shape == (2, 7, 32)
+        assert torch.equal(rows, h[:, 4:11])
+
+
+def test_decoder_is_reusable(model):
+    decoder, prompt = decoder_for(model, prompts(), max_new_tokens=8, steps=4, alg="maskgit_plus")
+    first, _ = decoder.run(prompt)
+    second, _ = decoder.run(prompt)
+    assert torch.equal(first, second)
+    assert torch.equal(first, diffusion_generate(model, prompts(), max_new_tokens=8, steps=4, alg="maskgit_plus"))
+    other, _ = decoder_for(model, prompts(3), max_new_tokens=8, steps=4, alg="maskgit_plus")
+    with pytest.raises(ValueError, match="another batch size"):
+        decoder.run(other)
+
+
+def test_cuda_graph_needs_cuda(model):
+    if model.device.type == "cuda":
+        pytest.skip("model on CUDA")
+    with pytest.raises(ValueError, match="CUDA"):
+        diffusion_generate(model, prompts(), max_new_tokens=4, steps=2, cuda_graph=True)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_step_ratios_follow_dream_timesteps():
+    ratios = step_ratios(5, 1e-3)
+    ts = torch.linspace(1, 1e-3, 6)
+    assert ratios.dtype == torch.float32 and ratios.shape == (5,)
+    for i in range(4):
+        assert ratios[i] == 1 - ts[i + 1] / ts[i]
+    assert ratios[-1] == 1
+
+
+@pytest.mark.parametrize("length,steps", [(12, 5), (7, 7), (30, 4), (1, 1)])
+def test_each_step_unmasks_dreams_count(model, length, steps):
+    mask_id = model.config.mask_token_id
+
+    def never_predict_mask(step, x, logits):
+        return logits.index_fill(-1, torch.tensor([mask_id]), float("-inf"))
+
+    out = diffusion_generate(model, prompts(1), max_new_tokens=length, steps=steps, alg="entropy",
+                             generation_logits_hook_func=never_predict_mask,
+                             return_dict_in_generate=True, output_history=True)
+    ts = torch.linspace(1, 1e-3, steps + 1)
+    left = length
+    for i, canvas in enumerate(out.history):
+        k = int(torch.tensor(float(left)) * (1 - ts[i + 1] / ts[i])) if i < steps - 1 else left
+        left -= k
+        assert int((canvas == mask_id).sum()) == left
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_filters_follow_dream():
+    logits = torch.tensor([[2.0, 0.5, 1.0, -0.5]])
+    # probs ~ [.60, .13, .22, .05]: tokens 0 and 2 reach 0.82 > 0.8, so top-p 0.8 keeps those two; 0.85 needs 1 too
+    z = filter_logits(logits, 0.0, 0.8, None)
+    assert (z > -1e30).tolist() == [[True, False, True, False]]
+    assert (z == torch.finfo(torch.float32).min).sum() == 2
+    z = filter_logits(logits, 0.0, 0.85, None)
+    assert (z > -1e30).tolist() == [[True, True, True, False]]
+    z = filter_logits(logits, 0.0, None, 2)
+    assert (z > -1e30).tolist() == [[True, False, True, False]]
+    z = filter_logits(logits, 0.5, None, None)
+    assert torch.allclose(z, logits / 0.5)
+
+
+def test_exponential_race_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    noise = torch.empty(n, 4).exponential_(generator=torch.Generator().manual_seed(0))
+    tokens, conf = propose(probs.log().expand(n, 4), alg="maskgit_plus", temperature=1.0, top_p=None, top_k=None,
+                           token_noise=noise)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    assert torch.allclose(freq, probs, atol=0.015)
+    assert torch.allclose(conf, probs[tokens], atol=1e-6)
+
+
+def test_confidences():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    for alg, expected in [("maskgit_plus", 0.6), ("topk_margin", 0.3),
+                          ("entropy", 0.6 * torch.log(torch.tensor(0.6)) + 0.3 * torch.log(torch.tensor(0.3))
+                           + 0.1 * torch.log(torch.tensor(0.1)))]:
+        tokens, conf = propose(logits, alg=alg, temperature=0.0, top_p=None, top_k=None, token_noise=None)
+        assert tokens.tolist() == [0]
+        assert torch.allclose(conf, torch.tensor([float(expected)]), atol=1e-6)
+    assert propose(logits, alg="origin", temperature=0.0, top_p=None, top_k=None, token_noise=None)[1] is None
+
+
+def test_selection_counts_ranks_and_ties():
+    masked = torch.tensor([[True, True, True, False, True], [True, False, True, True, True]])
+    conf = torch.tensor([[0.1, 0.9, 0.5, 2.0, 0.5], [0.3, 9.0, 0.3, 0.3, 0.2]])
+    # four masks per row, ratio 0.5 -> two per row; the unmasked 2.0 / 9.0 never count; ties go left
+    out = select_transfers(masked, alg="maskgit_plus", confidence=conf, ratio=torch.tensor([0.5]), alg_temp=None,
+                           select_noise=None)
+    assert out.tolist() == [[False, True, True, False, False], [True, False, True, False, False]]
+
+
+def test_gumbel_top_k_follows_softmax_of_confidence():
+    masked = torch.ones(1, 3, dtype=torch.bool).expand(20000, 3)
+    conf = torch.log(torch.tensor([0.6, 0.3, 0.1])).expand(20000, 3)
+    gen = torch.Generator().manual_seed(0)
+    gumbel = -torch.empty(20000, 3).exponential_(generator=gen).log()
+    out = select_transfers(masked, alg="entropy", confidence=conf, ratio=torch.tensor([0.34]), alg_temp=1.0,
+                           select_noise=gumbel)
+    assert (out.sum(-1) == 1).all()
+    assert torch.allclose(out.float().mean(0), torch.tensor([0.6, 0.3, 0.1]), atol=0.015)
+
+
+def test_noise_buffers_only_when_needed():
+    kw = dict(device=torch.device("cpu"), generator=None)
+    assert StepNoise((2, 3), 5, alg="entropy", temperature=0.0, alg_temp=None, **kw).token is None
+    noise = StepNoise((2, 3), 5, alg="origin", temperature=0.5, alg_temp=None, **kw)
+    noise.draw()
+    assert noise.token.shape == (2, 3, 5) and (noise.token > 0).all()
+    assert ((noise.select >= 0) & (noise.select < 1)).all()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["alg"])
+def test_cuda_graph_matches_eager(case):
+    model = tiny_model().cuda()
+    ids, mask = padded_batch()
+    sm = case["soft_mask"]
+    kw = dict(case, soft_mask=None if sm is None else SoftMask.from_any(sm.to_transparency_config()).cuda())
+    outs = [
+        diffusion_generate(model, ids.cuda(), mask.cuda(), max_new_tokens=9, steps=4, seed=0, cuda_graph=graph, **kw)
+        for graph in (False, True)
+    ]
+    assert torch.equal(outs[0], outs[1])
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_step_never_syncs():
+    model = tiny_model().cuda()
+    decoder, prompt = decoder_for(model, prompts().cuda(), soft_mask=SoftMask.from_any(SOFT_MASKS[1]).cuda(),
+                                  max_new_tokens=8, steps=4, alg="entropy", temperature=0.5, top_p=0.9,
+                                  cuda_graph=False)
+    decoder.run(prompt)  # warm-up: lazy initialisation may sync once
+    decoder.load(prompt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            decoder.noise.draw()
+            decoder.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_is_captured_once_and_replayed_across_runs():
+    model = tiny_model().cuda()
+    sm = SoftMask.from_any(SOFT_MASKS[0]).cuda()
+    kw = dict(max_new_tokens=9, steps=4, alg="entropy", soft_mask=sm)
+    eager = diffusion_generate(model, prompts().cuda(), cuda_graph=False, **kw)
+    decoder, prompt = decoder_for(model, prompts().cuda(), cuda_graph=True, **kw)
+    first, _ = decoder.run(prompt)
+    graph = decoder._graph
+    second, history = decoder.run(prompt, output_history=True)
+    assert graph and decoder._graph is graph
+    assert torch.equal(first, eager) and torch.equal(second, eager) and len(history) == 4

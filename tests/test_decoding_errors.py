@@ -1,0 +1,99 @@
+"""Bad input to diffusion_generate: each a clear ValueError/TypeError before any decoding work, never a crash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softmask_ext.decoding import diffusion_generate
+from test_decoding import prompts, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+OK = dict(max_new_tokens=6, steps=3, alg="entropy")
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(steps=0), ValueError, "steps must be an int >= 1"),
+        (dict(steps=-2), ValueError, "steps must be an int >= 1"),
+        (dict(steps=2.5), ValueError, "steps must be an int"),
+        (dict(steps=7), ValueError, r"steps \(7\) must not exceed max_new_tokens \(6\)"),
+        (dict(max_new_tokens=0, steps=1), ValueError, "max_new_tokens must be a positive int"),
+        (dict(alg="greedy"), ValueError, "unknown alg 'greedy'"),
+        (dict(temperature=-0.1), ValueError, "temperature must be"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be"),
+        (dict(top_p=0.0), ValueError, "top_p must be in"),
+        (dict(top_p=1.5), ValueError, "top_p must be in"),
+        (dict(top_k=0), ValueError, "top_k must be an int >= 1"),
+        (dict(alg_temp=-1.0), ValueError, "alg_temp must be"),
+        (dict(eps=0.0), ValueError, "eps must be in"),
+        (dict(mask_token_id=97), ValueError, r"mask_token_id 97 is outside the vocabulary \[0, 97\)"),
+        (dict(mask_token_id=-1), ValueError, "mask_token_id must be a non-negative int"),
+        (dict(mask_token_id=5), ValueError, "the prompt contains the mask token id 5"),
+        (dict(max_new_tokens=60, steps=3), ValueError, r"exceeds the model's maximum of 64 positions"),
+        (dict(soft_mask={"transparency_scael": 0.5}), ValueError, "unknown transparency config keys"),
+        (dict(soft_mask={"transparency_scale": 1.5}), ValueError, r"scale must lie in \[0, 1\]"),
+        (dict(soft_mask={"transparency_centre": 0.5}), ValueError, "centre must be <"),
+        (dict(soft_mask={"mixinputs_k": 0}), ValueError, "k must be an int"),
+        (dict(soft_mask={"transparency_scheduling": "cosine"}), ValueError, "unknown schedule"),
+        (dict(transparency_alg="mixinputs_with_dice"), ValueError, "unknown alg"),
+        (dict(soft_mask={"transparency_scale": 0.5}, transparency_scale=0.5), ValueError, "not both"),
+        (dict(soft_mask="/no/such/transparency_config.json"), FileNotFoundError, "no transparency config"),
+        (dict(tempreature=0.5), TypeError, r"unexpected keyword arguments \['tempreature'\]"),
+        (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),
+        (dict(seed="1"), TypeError, "seed must be an int"),
+        (dict(generation_tokens_hook_func=lambda i, x, l: None), TypeError, "must return a canvas"),
+        (dict(generation_logits_hook_func=lambda i, x, l: l[:, :1]), TypeError, "must return logits"),
+    ],
+)
+def test_bad_settings(model, change, error, match):
+    ids = prompts()
+    ids[0, 0] = 5  # a real token, unless the caller claims 5 is the mask token
+    with pytest.raises(error, match=match):
+        diffusion_generate(model, ids, **{**OK, **change})
+
+
+@pytest.mark.parametrize(
+    "ids,mask,error,match",
+    [
+        (torch.tensor([1, 2, 3]), None, ValueError, "2-D"),
+        (torch.ones(2, 3), None, TypeError, "int64 or int32"),
+        (torch.ones(0, 3, dtype=torch.int64), None, ValueError, "at least one prompt"),
+        (torch.ones(2, 0, dtype=torch.int64), None, ValueError, "at least one prompt"),
+        (torch.tensor([[1, 2, 300]]), None, ValueError, r"input_ids must lie in \[0, 97\)"),
+        (torch.tensor([[1, 2, -1]]), None, ValueError, r"input_ids must lie in \[0, 97\)"),
+        (torch.tensor([[1, 2, 96]]), None, ValueError, "the prompt contains the mask token id 96"),
+        (torch.tensor([[1, 2, 3]]), torch.ones(1, 2), ValueError, "attention_mask must have the shape"),
+        (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 1]]), ValueError, "only 0/1"),
+        (torch.tensor([[1, 2, 0]]), torch.tensor([[1, 1, 0]]), ValueError, "pad prompts on the left"),
+        (torch.tensor([[1, 0, 3]]), torch.tensor([[1, 0, 1]]), ValueError, "padding after real tokens"),
+    ],
+)
+def test_bad_prompts(model, ids, mask, error, match):
+    with pytest.raises(error, match=match):
+        diffusion_generate(model, ids, mask, **OK)
+
+
+def test_missing_mask_token_id(model):
+    class NoMaskConfig:
+        vocab_size = 97
+        mask_token_id = None
+
+    class Wrapper(torch.nn.Module):
+        config = NoMaskConfig()
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+    with pytest.raises(ValueError, match="no mask_token_id"):
+        diffusion_generate(Wrapper(), prompts(), **OK)
