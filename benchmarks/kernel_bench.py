@@ -1,0 +1,244 @@
+"""Kernel benchmark: the soft-mask feedback (top-k/entropy + lam + blend) of ours against the PyTorch reference and
+the authors' dense path, plus each of our two ops alone.
+
+Providers, for R logits rows of a V-token vocabulary and a [V, D] table:
+  ours       softmask_ext.ops.topk_entropy -> SoftMask.lam -> softmask_ext.ops.blend_embeddings
+  reference  the same three steps with softmask_ext.reference (topk + softmax + log_softmax entropy + gather)
+  dense      the authors' path: entropy of the full softmax, then a dense [R, V] mixture times the table
+Times are medians over many runs (CUDA events on a GPU). On a GPU the ops also report achieved GB/s (one read of
+the logits; the gathered table rows and the output for the blend) and the share of the card's copy bandwidth,
+measured in the same run.
+
+  python benchmarks/kernel_bench.py [--device cpu|cuda] [--quick] [--threads 2] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from softmask_ext import SoftMask, ops, reference
+
+MASK_TOKEN_ID = 151666 % 32768  # any valid row; Dream's mask id when V = 152064
+DIM = 3584
+TARGET = dict(rows=64, vocab=152064, k=3, dtype="float32")  # issue 2's CPU target configuration
+
+
+@dataclass
+class Config:
+    rows: int
+    vocab: int
+    k: int
+    dtype: str
+
+
+@dataclass
+class Result:
+    device: str
+    rows: int
+    vocab: int
+    k: int
+    dim: int
+    dtype: str
+    provider: str
+    op: str
+    median_ms: float
+    gb_per_s: float | None = None
+    pct_of_copy_bandwidth: float | None = None
+
+
+def sweep(device: str, quick: bool) -> list[Config]:
+    if quick:
+        return [Config(**TARGET), Config(64, 152064, 3, "bfloat16")]
+    rows = [16, 64, 256, 1024, 4096] if device == "cuda" else [16, 64, 256]
+    return [
+        Config(r, v, k, dtype)
+        for dtype in ("float32", "bfloat16")
+        for v in (32768, 152064)
+        for r in rows
+        for k in (1, 3, 5)
+    ]
+
+
+class Timer:
+    """Median wall time of fn in milliseconds; CUDA events on a GPU."""
+
+    def __init__(self, device: str, repeats: int, min_seconds: float):
+        self.device, self.repeats, self.min_seconds = device, repeats, min_seconds
+
+    def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
+        repeats = repeats or self.repeats
+        fn()  # warm-up (allocations, first-call dispatch)
+        times = []
+        start_all = time.perf_counter()
+        while len(times) < repeats or (time.perf_counter() - start_all < self.min_seconds and len(times) < 10 * repeats):
+            if self.device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def copy_bandwidth_gb_per_s(timer: Timer) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), repeats=20)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def feedback_providers(logits: torch.Tensor, weight: torch.Tensor, k: int, soft_mask: SoftMask):
+    """The three ways to build soft embeddings for every row of logits (all rows masked)."""
+    mask_ids = torch.full((logits.shape[0], 1), MASK_TOKEN_ID % weight.shape[0], device=logits.device)
+
+    def blend_inputs(ids, probs, negh):
+        lam = soft_mask.lam(negh)
+        return torch.cat([mask_ids, ids], dim=1), torch.cat([(1 - lam)[:, None], lam[:, None] * probs], dim=1)
+
+    def ours():
+        ids, coeffs = blend_inputs(*ops.topk_entropy(logits, k))
+        return ops.blend_embeddings(weight, ids, coeffs)
+
+    def ref():
+        ids, coeffs = blend_inputs(*reference.topk_entropy(logits, k))
+        return reference.blend_embeddings(weight, ids, coeffs)
+
+    def dense():
+        lam = soft_mask.lam(reference.neg_entropy(logits))
+        return reference.dense_soft_embeddings(logits, weight, int(mask_ids[0, 0]), lam, k)
+
+    return {"ours": ours, "reference": ref, "dense": dense}
+
+
+def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    timer = Timer(device, repeats=5 if device == "cpu" else 20, min_seconds=0.5 if device == "cpu" else 0.1)
+    peak = copy_bandwidth_gb_per_s(timer) if device == "cuda" else None
+    soft_mask = SoftMask(k=3, scale=0.5).to(device)
+    results: list[Result] = []
+    tables: dict[tuple[int, str], torch.Tensor] = {}
+    configs = sweep(device, quick)
+    with torch.no_grad():
+        for cfg in tqdm(configs, desc=f"kernel bench ({device})"):
+            dtype = getattr(torch, cfg.dtype)
+            key = (cfg.vocab, cfg.dtype)
+            if key not in tables:
+                tables.clear()
+                tables[key] = torch.randn(cfg.vocab, DIM, device=device).to(dtype)
+            weight = tables[key]
+            logits = (torch.randn(cfg.rows, cfg.vocab, device=device) * 4).to(dtype)
+            item = logits.element_size()
+            base = dict(device=device, rows=cfg.rows, vocab=cfg.vocab, k=cfg.k, dim=DIM, dtype=cfg.dtype)
+
+            for provider, fn in feedback_providers(logits, weight, cfg.k, soft_mask).items():
+                # The dense path does not depend on k, and on 2 CPU cores it takes seconds per call beyond 64 rows.
+                if provider == "dense" and (cfg.k != 3 or (device == "cpu" and cfg.rows > 64)):
+                    continue
+                results.append(Result(**base, provider=provider, op="feedback", median_ms=timer(fn)))
+
+            ids, probs, negh = ops.topk_entropy(logits, cfg.k)
+            ms = timer(lambda: ops.topk_entropy(logits, cfg.k))
+            read = logits.numel() * item + ids.numel() * 8 + probs.numel() * 4 + negh.numel() * 4
+            results.append(_with_bandwidth(Result(**base, provider="ours", op="topk_entropy", median_ms=ms), read, peak))
+            blend_ids = torch.cat([ids, ids[:, :1]], dim=1)
+            coeffs = torch.cat([probs, probs[:, :1]], dim=1)
+            ms = timer(lambda: ops.blend_embeddings(weight, blend_ids, coeffs))
+            moved = blend_ids.numel() * (DIM * item + 12) + cfg.rows * DIM * item
+            results.append(_with_bandwidth(Result(**base, provider="ours", op="blend", median_ms=ms), moved, peak))
+            del logits
+
+    summary = _summarise(results)
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_isa": ops._C.cpu_isa() if ops.EXTENSION_LOADED else None,
+        "threads": threads if device == "cpu" else None,
+        "torch": torch.__version__,
+        "copy_bandwidth_gb_per_s": peak,
+        "quick": quick,
+        "summary": summary,
+        "results": [asdict(r) for r in results],
+    }
+    _print_table(results, report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return report
+
+
+def _with_bandwidth(result: Result, nbytes: int, peak: float | None) -> Result:
+    if peak is not None:
+        result.gb_per_s = nbytes / (result.median_ms * 1e-3) / 1e9
+        result.pct_of_copy_bandwidth = 100 * result.gb_per_s / peak
+    return result
+
+
+def _summarise(results: list[Result]) -> list[dict]:
+    """Speed-ups of ours over the reference and dense paths for every configuration with feedback timings."""
+    by_config: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        if r.op == "feedback":
+            by_config.setdefault((r.rows, r.vocab, r.k, r.dtype), {})[r.provider] = r.median_ms
+    rows = []
+    for (rows_, vocab, k, dtype), t in by_config.items():
+        entry = dict(rows=rows_, vocab=vocab, k=k, dtype=dtype, **{f"{p}_ms": v for p, v in t.items()})
+        entry["speedup_vs_reference"] = t["reference"] / t["ours"]
+        if "dense" in t:
+            entry["speedup_vs_dense"] = t["dense"] / t["ours"]
+        entry["target"] = dict(rows=rows_, vocab=vocab, k=k, dtype=dtype) == TARGET
+        rows.append(entry)
+    return rows
+
+
+def _print_table(results: list[Result], report: dict) -> None:
+    print(f"\ndevice: {report['device']} | torch {report['torch']} | CPU ISA {report['cpu_isa']}"
+          + (f" | copy bandwidth {report['copy_bandwidth_gb_per_s']:.0f} GB/s" if report["copy_bandwidth_gb_per_s"] else "")
+          + (f" | {report['threads']} threads" if report["threads"] else ""))
+    header = f"{'rows':>5} {'V':>7} {'k':>2} {'dtype':>9} | {'ours ms':>9} {'ref ms':>9} {'dense ms':>9} | {'x ref':>6} {'x dense':>7}"
+    print(header)
+    print("-" * len(header))
+    for s in report["summary"]:
+        dense = f"{s['dense_ms']:9.3f}" if "dense_ms" in s else f"{'-':>9}"
+        xdense = f"{s['speedup_vs_dense']:7.1f}" if "speedup_vs_dense" in s else f"{'-':>7}"
+        mark = "  <- target" if s["target"] else ""
+        print(f"{s['rows']:>5} {s['vocab']:>7} {s['k']:>2} {s['dtype']:>9} | {s['ours_ms']:9.3f} {s['reference_ms']:9.3f} "
+              f"{dense} | {s['speedup_vs_reference']:6.1f} {xdense}{mark}")
+    ops_rows = [r for r in results if r.op != "feedback" and r.gb_per_s is not None]
+    if ops_rows:
+        print(f"\n{'op':>13} {'rows':>5} {'V':>7} {'k':>2} {'dtype':>9} | {'ms':>8} {'GB/s':>7} {'% copy bw':>9}")
+        for r in ops_rows:
+            print(f"{r.op:>13} {r.rows:>5} {r.vocab:>7} {r.k:>2} {r.dtype:>9} | {r.median_ms:8.3f} {r.gb_per_s:7.0f} "
+                  f"{r.pct_of_copy_bandwidth:9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="only the target configuration (fp32 and bf16)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    run(args.device, args.quick, args.threads, args.out)
+
+
+if __name__ == "__main__":
+    main()
