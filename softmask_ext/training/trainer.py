@@ -1,0 +1,402 @@
+"""The training loop: binary or soft-masked (SM) masked-diffusion training, fine-tuning or from scratch.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences on each of ``world_size`` processes.
+For every micro-batch a coin with probability ``sm_prob`` picks the two-pass SM forward or one plain pass
+(:mod:`.two_pass`); the loss is :func:`.objective.masked_token_loss` normalised by the response tokens of the
+whole step, so splitting a step into micro-batches or processes does not change the gradient.
+
+Reproducibility. Randomness never comes from a shared, advancing RNG: the SM coin and the noise of micro-batch
+``g`` are drawn from generators seeded by ``(seed, stream, g)`` (:func:`.noise.stream_generator`), the global torch
+RNG (dropout) is reseeded from ``(seed, step, rank)`` at every step, and the data order is a function of
+``(seed, epoch, position)`` (:class:`softmask_ext.data.BatchStream`). A checkpoint therefore only needs the
+weights, the optimizer and scheduler state and the data position to continue exactly as the uninterrupted run.
+
+Run directory (``run_dir``)::
+
+    train_config.json        the configuration
+    metrics.jsonl            one record per optimizer step (loss, lr, grad norm, SM parameters, share of SM batches;
+                             validation losses with binary and soft masks on evaluation steps)
+    checkpoints/             atomic checkpoints (:mod:`.checkpoint`) and the ``latest`` pointer
+    final/                   the trained model (full weights, or PEFT adapters) + tokenizer + transparency_config.json
+    transparency_config.json the learned SM parameters in the authors' format
+    training.png             loss curves and the learned lam(negH)
+    summary.json             final validation losses, time, and where everything is
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import BatchStream, Example, collate
+from ..soft_mask import SoftMask
+from .adapters import AdapterConfig, apply_adapters, load_trainable
+from .checkpoint import latest_checkpoint, write_checkpoint
+from .distributed import DistEnv, all_reduce_sum, barrier
+from .noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
+from .objective import masked_token_loss
+from .plots import plot_training
+from .two_pass import DiffusionTrainingForward
+
+__all__ = ["TrainConfig", "Trainer", "micro_batch_index"]
+
+# Independent random streams (see stream_generator).
+_NOISE_STREAM, _SM_COIN_STREAM, _EVAL_STREAM, _TORCH_RNG_STREAM = 1, 2, 3, 4
+_EVAL_SEED = 0  # validation noise is the same for every run, so runs can be compared pairwise
+
+
+def micro_batch_index(step: int, accum_index: int, grad_accum: int, rank: int, world_size: int) -> int:
+    """Global index of micro-batch ``accum_index`` of optimizer step ``step`` on process ``rank``.
+
+    With ``W`` processes and ``A`` accumulation steps this equals the index one process with ``W * A`` accumulation
+    steps gives the same examples (BatchStream hands rank ``r`` the r-th slice of each global batch).
+    """
+    return (step * grad_accum + accum_index) * world_size + rank
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run. ``batch_size`` is per process and per micro-batch."""
+
+    run_dir: str
+    max_steps: int
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    sm_lr: float = 1e-2
+    sm_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    clip: float = 7.0
+    sm_prob: float = 0.5
+    noise: NoiseSchedule = FINETUNE_NOISE
+    seed: int = 0
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    eval_batches: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.noise, dict):
+            self.noise = NoiseSchedule(**self.noise)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**{**self.adapter, "targets": tuple(self.adapter["targets"])})
+        checks = {
+            "max_steps >= 1": self.max_steps >= 1,
+            "batch_size >= 1": self.batch_size >= 1,
+            "grad_accum >= 1": self.grad_accum >= 1,
+            "lr > 0": self.lr > 0,
+            "sm_lr > 0": self.sm_lr > 0,
+            "sm_eps > 0": self.sm_eps > 0,
+            "weight_decay >= 0": self.weight_decay >= 0,
+            "0 <= warmup_ratio < 1": 0 <= self.warmup_ratio < 1,
+            "clip > 0": self.clip > 0,
+            "0 <= sm_prob <= 1": 0 <= self.sm_prob <= 1,
+            "save_every >= 0": self.save_every >= 0,
+            "eval_every >= 0": self.eval_every >= 0,
+            "eval_batches >= 1": self.eval_batches >= 1,
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid training configuration: need {', '.join(failed)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Trainer:
+    """Trains ``model`` (a DreamModel) with masked diffusion, binary or soft-masked.
+
+    Args:
+        model: the base model; wrapped in LoRA/DoRA adapters when ``config.adapter`` asks for them.
+        train_data: examples (``input_ids`` + ``prompt_mask``), e.g. a :class:`softmask_ext.data.TokenizedDataset`.
+        config: the run's hyper-parameters.
+        val_data: optional validation examples, evaluated with binary and soft masks on the same noise.
+        soft_mask: the SM parameters to train (default: the paper's initialisation, k = 1).
+        tokenizer: saved next to the final model when given.
+        device: where to train (default: CUDA when available).
+        env: the process group (:func:`.distributed.init_distributed`); default: one process.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Sequence[Example],
+        config: TrainConfig,
+        *,
+        val_data: Sequence[Example] | None = None,
+        soft_mask: SoftMask | None = None,
+        tokenizer: Any = None,
+        device: torch.device | str | None = None,
+        env: DistEnv | None = None,
+    ) -> None:
+        self.config = config
+        self.env = env or DistEnv()
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = tokenizer
+        self.val_data = val_data
+        self.run_dir = Path(config.run_dir)
+        self.model_config = model.config
+        self.mask_token_id = int(model.config.mask_token_id)
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+        if pad is None:
+            raise ValueError("the model config names neither a pad nor an eos token id; one is needed for padding")
+        self.pad_token_id = int(pad)
+
+        model.to(self.device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = apply_adapters(model, config.adapter)
+        self.soft_mask = (soft_mask if soft_mask is not None else SoftMask(k=1)).to(self.device)
+        self.soft_mask.requires_grad_(config.sm_prob > 0)
+        self.forward = DiffusionTrainingForward(self.model, self.soft_mask, self.mask_token_id)
+        self.ddp: nn.Module = self.forward
+        if self.env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            # SM parameters get no gradient on plain-pass micro-batches: DDP must not wait for them.
+            self.ddp = DistributedDataParallel(self.forward, device_ids=device_ids, find_unused_parameters=True)
+
+        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": model_params, "lr": config.lr, "weight_decay": config.weight_decay}]
+        if config.sm_prob > 0:
+            groups.append({"params": list(self.soft_mask.parameters()), "lr": config.sm_lr, "weight_decay": 0.0,
+                           "eps": config.sm_eps})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+        warmup = math.ceil(config.warmup_ratio * config.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _cosine_with_warmup(warmup, config.max_steps))
+
+        self.stream = BatchStream(train_data, config.batch_size * self.env.world_size, self.pad_token_id,
+                                  seed=config.seed, rank=self.env.rank, world_size=self.env.world_size)
+        self.step = 0
+        self.soft_batches = 0
+        self.micro_batches = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------------ the loss
+    def _autocast(self):
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batch_loss(
+        self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, soft: bool,
+        num_tokens: float,
+    ) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.device)
+        response = ~batch["prompt_mask"].to(self.device)
+        attention = batch["attention_mask"].to(self.device)
+        noised = sample_noise(ids, response, self.mask_token_id, self.config.noise, generator)
+        with self._autocast():
+            logits = module(noised.x_t, None if bool(attention.all()) else attention, soft)
+            return masked_token_loss(logits, ids, noised.masked, noised.t, num_tokens)
+
+    def _sm_coin(self, index: int) -> bool:
+        if self.config.sm_prob == 0:
+            return False
+        u = torch.rand((), generator=stream_generator(self.config.seed, _SM_COIN_STREAM, index)).item()
+        return u < self.config.sm_prob
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (all micro-batches of this process); returns its log record."""
+        cfg, env = self.config, self.env
+        self.ddp.train()
+        torch.manual_seed(int(torch.randint(2**62, (), generator=stream_generator(
+            cfg.seed, _TORCH_RNG_STREAM, self.step * env.world_size + env.rank))))
+        batches = [next(self.stream) for _ in range(cfg.grad_accum)]
+        num_tokens = all_reduce_sum(sum(float((~b["prompt_mask"]).sum()) for b in batches), env, self.device)
+        loss_sum, soft_here = 0.0, 0
+        for a, batch in enumerate(batches):
+            index = micro_batch_index(self.step, a, cfg.grad_accum, env.rank, env.world_size)
+            soft = self._sm_coin(index)
+            soft_here += soft
+            last = a == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not env.distributed else self.ddp.no_sync()
+            with sync:
+                loss = self._batch_loss(self.ddp, batch, stream_generator(cfg.seed, _NOISE_STREAM, index), soft,
+                                        num_tokens)
+                # DDP averages gradients over processes; the loss is already normalised over all of them.
+                (loss * env.world_size).backward()
+            loss_sum += loss.item()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.soft_batches += int(all_reduce_sum(soft_here, env, self.device))
+        self.micro_batches += cfg.grad_accum * env.world_size
+        return {
+            "loss": all_reduce_sum(loss_sum, env, self.device),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "sm_batches": soft_here,
+            "sm_share": self.soft_batches / self.micro_batches,
+            "tokens": num_tokens,
+            **self.soft_mask_values(),
+        }
+
+    def soft_mask_values(self) -> dict[str, float]:
+        cfg = self.soft_mask.to_transparency_config()
+        return {"scale": cfg["transparency_scale"], "steepness": cfg["transparency_steepness"],
+                "centre": cfg["transparency_centre"]}
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (negative ELBO per response token) with binary masks and, when the run trains SM, with the
+        two-pass SM forward, on identical noise (fixed seed) so the two numbers are directly comparable."""
+        if not self.val_data:
+            raise ValueError("no validation data was given")
+        self.forward.eval()
+        b, env = self.config.batch_size, self.env
+        starts = list(range(0, min(len(self.val_data), b * self.config.eval_batches), b))
+        modes = {"binary": False, "soft_mask": True} if self.config.sm_prob > 0 else {"binary": False}
+        totals = dict.fromkeys(modes, 0.0)
+        tokens = 0.0
+        for j in starts[env.rank::env.world_size]:
+            batch = collate([self.val_data[i] for i in range(j, min(j + b, len(self.val_data)))], self.pad_token_id)
+            tokens += float((~batch["prompt_mask"]).sum())
+            for name, soft in modes.items():
+                generator = stream_generator(_EVAL_SEED, _EVAL_STREAM, j)
+                totals[name] += self._batch_loss(self.forward, batch, generator, soft, 1.0).item()
+        self.forward.train()
+        tokens = all_reduce_sum(tokens, env, self.device)
+        return {f"val_{name}": all_reduce_sum(total, env, self.device) / tokens for name, total in totals.items()}
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def train(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train until ``config.max_steps`` (or until ``stop_at_step``, leaving a checkpoint to resume from).
+
+        Returns the summary (also in ``summary.json`` once the run is complete).
+        """
+        cfg = self.config
+        end = cfg.max_steps if stop_at_step is None else min(stop_at_step, cfg.max_steps)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"training ({self.run_dir.name})",
+                   disable=not self.env.is_main, dynamic_ncols=True)
+        started = time.perf_counter()
+        last_eval: dict[str, float] = {}
+        while self.step < end:
+            record = self.train_step()
+            self.step += 1
+            record = {"step": self.step, **record, "elapsed_s": round(time.perf_counter() - started, 3)}
+            if self.val_data and (self.step == cfg.max_steps or cfg.eval_every and self.step % cfg.eval_every == 0):
+                last_eval = self.evaluate()
+                record.update(last_eval)
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", sm_scale=f"{record['scale']:.3g}")
+            if self.step == end or cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        summary = {"step": self.step, "train_seconds": round(time.perf_counter() - started, 1), **last_eval}
+        if self.step == cfg.max_steps:
+            summary.update(self._finish(summary))
+        return summary
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write the final model, the SM config, the figure and the summary (rank 0)."""
+        paths: dict[str, str] = {}
+        if self.env.is_main:
+            final = self.run_dir / "final"
+            self.model.save_pretrained(final)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(final)
+            self.soft_mask.save_transparency_config(final)
+            paths = {
+                "final_model": str(final),
+                "transparency_config": self.soft_mask.save_transparency_config(self.run_dir),
+                "metrics": str(self.metrics_path),
+                "figure": str(plot_training(self.records(), self.soft_mask, self.model_config.vocab_size,
+                                            self.run_dir / "training.png")),
+                "checkpoints": str(self.checkpoint_root),
+            }
+            out = {**summary, "soft_mask": self.soft_mask.to_transparency_config(), "paths": paths}
+            (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        barrier(self.env)
+        return {"soft_mask": self.soft_mask.to_transparency_config(), "paths": paths}
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Atomically write the state needed to continue exactly (rank 0 writes, all ranks wait)."""
+        if self.env.is_main:
+            write_checkpoint(self.checkpoint_root, self.step, self._write_state, keep=self.config.keep_checkpoints)
+        barrier(self.env)
+
+    def _write_state(self, directory: Path) -> None:
+        self.model.save_pretrained(directory / "model")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
+                  str(directory / "soft_mask.safetensors"))
+        self.soft_mask.save_transparency_config(directory / "transparency_config.json")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   directory / "optimizer.pt")
+        state = {"step": self.step, "data": self.stream.state_dict(), "soft_batches": self.soft_batches,
+                 "micro_batches": self.micro_batches, "config": self.config.to_dict()}
+        (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of this run directory, if there is one; True when one was loaded."""
+        path = latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            return False
+        state = json.loads((path / "trainer_state.json").read_text())
+        saved = state["config"]
+        for key in ("batch_size", "grad_accum", "seed", "max_steps", "sm_prob"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has "
+                                 f"{key}={getattr(self.config, key)}")
+        load_trainable(self.model, self.config.adapter, path / "model")
+        self.soft_mask.load_state_dict(load_file(str(path / "soft_mask.safetensors"), device=str(self.device)))
+        opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.soft_batches, self.micro_batches = int(state["soft_batches"]), int(state["micro_batches"])
+        if self.env.is_main:  # drop the log lines of steps after the checkpoint (they will be redone)
+            kept = [r for r in self.records() if r["step"] <= self.step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        barrier(self.env)
+        return True

@@ -1,0 +1,71 @@
+"""The soft-masked (SM) forward used in training and in ELBO evaluation.
+
+Pass 1 runs the model on the noised input ``x_t`` without gradient. Its logits (raw; the one-position shift of Dream
+is applied inside :meth:`SoftMask.build_embeddings`) decide, for every masked position, the blend of the mask
+embedding with the embeddings of the top-k predicted tokens. Pass 2 runs the model on those embeddings with
+gradient: the loss reaches the model weights (or adapters), the embedding table through the blend, and the SM
+parameters through lam. Pass 1 builds no autograd graph, so its logits are constants (method.md section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..soft_mask import SoftMask
+
+__all__ = ["model_logits", "soft_mask_forward", "DiffusionTrainingForward"]
+
+
+def model_logits(model: nn.Module, **inputs: Tensor | None) -> Tensor:
+    """Run ``model(**inputs)`` and return its logits, whether it returns a tensor or an output with ``.logits``."""
+    out = model(**inputs)
+    return out if isinstance(out, Tensor) else out.logits
+
+
+def soft_mask_forward(
+    model: nn.Module,
+    soft_mask: SoftMask,
+    x_t: Tensor,
+    attention_mask: Tensor | None,
+    mask_token_id: int,
+) -> Tensor:
+    """Two-pass SM forward: logits [B, T, V] of pass 2 (gradient flows only through pass 2).
+
+    x_t:            int64 [B, T], the noised input (mask token at masked positions)
+    attention_mask: [B, T] with 1 for real tokens, or None
+
+    Pass 1 projects only the hidden rows that predict a masked position (row ``i - 1`` for position ``i``, Dream's
+    shift) through the LM head, so neither the head nor the top-k/entropy kernel touch the other rows. The result
+    equals ``soft_mask.build_embeddings(x_t, full_pass1_logits, table, mask_token_id, shift=True)``.
+    """
+    masked = x_t == mask_token_id
+    batch_idx, pos_idx = masked.nonzero(as_tuple=True)
+    length = x_t.shape[1]
+    rows = batch_idx * length + (pos_idx - 1).clamp_min(0)
+    with torch.no_grad():
+        first = model_logits(model, input_ids=x_t, attention_mask=attention_mask, logits_rows=rows)  # [N, V]
+    embedding = model.get_input_embeddings()
+    soft = soft_mask.soft_rows(first, torch.arange(rows.numel(), device=rows.device), x_t[masked],
+                               embedding.weight, mask_token_id)
+    del first  # [N, V]: release before pass 2 allocates its activations
+    embeds = embedding(x_t).index_put((batch_idx, pos_idx), soft)
+    return model_logits(model, inputs_embeds=embeds, attention_mask=attention_mask)
+
+
+class DiffusionTrainingForward(nn.Module):
+    """Model + SM parameters as one module, so that data-parallel wrappers see every trainable parameter.
+
+    ``forward(x_t, attention_mask, soft)`` runs the two-pass SM forward when ``soft`` is true, else one plain pass.
+    """
+
+    def __init__(self, model: nn.Module, soft_mask: SoftMask, mask_token_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.soft_mask = soft_mask
+        self.mask_token_id = int(mask_token_id)
+
+    def forward(self, x_t: Tensor, attention_mask: Tensor | None, soft: bool) -> Tensor:
+        if soft:
+            return soft_mask_forward(self.model, self.soft_mask, x_t, attention_mask, self.mask_token_id)
+        return model_logits(self.model, input_ids=x_t, attention_mask=attention_mask)
