@@ -1,0 +1,104 @@
+"""Batched calls of the decoding engine for the evaluation tasks: generation after a prompt, and infilling.
+
+Prompts of different lengths are left-padded (Dream's convention: an attention mask, positions from its cumulative
+sum) and decoded together; each row's decoded tokens are returned without the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..decoding import diffusion_generate
+from ..soft_mask import SoftMask
+
+__all__ = ["generate_tokens", "infill_tokens"]
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor | None]:
+    """int64 ``[B, P]`` left-padded prompts and their attention mask (None when no row is padded)."""
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask if bool((attention_mask == 0).any()) else None
+
+
+def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int, **kwargs: Any) -> Tensor:
+    """Run the engine on left-padded prompts; returns the generated region ``[B, N]`` (on the CPU)."""
+    input_ids, attention_mask = _left_pad(prompts, pad_token_id)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = diffusion_generate(model, input_ids.to(device),
+                                 attention_mask=None if attention_mask is None else attention_mask.to(device), **kwargs)
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    return sequences[:, input_ids.shape[1]:].cpu()
+
+
+def generate_tokens(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    steps: int,
+    pad_token_id: int,
+    soft_mask: SoftMask | None = None,
+    **decode: Any,
+) -> list[list[int]]:
+    """Decode ``max_new_tokens`` tokens after each prompt in ``steps`` steps; one batch, one engine call.
+
+    prompts: token-id lists (at least one token each)
+    decode:  further `diffusion_generate` settings (temperature, top_p, top_k, alg, alg_temp, eps, seed)
+    returns: per prompt, its ``max_new_tokens`` generated token ids
+    """
+    generated = _decode(model, prompts, pad_token_id, max_new_tokens=max_new_tokens, steps=steps,
+                        soft_mask=soft_mask, **decode)
+    return generated.tolist()
+
+
+def infill_tokens(
+    model: nn.Module,
+    prefixes: Sequence[Sequence[int]],
+    suffixes: Sequence[Sequence[int]],
+    *,
+    span_length: int,
+    steps: int,
+    pad_token_id: int,
+    fill_token_id: int,
+    soft_mask: SoftMask | None = None,
+    **decode: Any,
+) -> list[list[int]]:
+    """Decode a span of ``span_length`` masks between each prefix and its suffix, in ``steps`` steps.
+
+    The generated region is ``span_length`` masks followed by the suffix; a tokens hook writes the suffixes (and,
+    after shorter ones, ``fill_token_id``: Dream ends a generation with eos) into the canvas before the first step,
+    which is Dream's own mechanism for fixed tokens in the generated region. The engine counts the masks left in
+    each row at every step, so only the span is decoded, ``span_length / steps`` tokens per step. Hooks make the
+    engine run eagerly with logits for every position.
+
+    returns: per example, the ``span_length`` decoded token ids
+    """
+    if len(prefixes) != len(suffixes):
+        raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
+    width = max(len(s) for s in suffixes)
+    tail = torch.full((len(suffixes), width), fill_token_id, dtype=torch.long)
+    for row, suffix in enumerate(suffixes):
+        tail[row, :len(suffix)] = torch.as_tensor(list(suffix), dtype=torch.long)
+
+    def place_suffixes(step: int | None, canvas: Tensor, logits: Tensor | None) -> Tensor:
+        if step is None and width:
+            canvas[:, canvas.shape[1] - width:] = tail.to(canvas.device)
+        return canvas
+
+    generated = _decode(model, prefixes, pad_token_id, max_new_tokens=span_length + width, steps=steps,
+                        soft_mask=soft_mask, generation_tokens_hook_func=place_suffixes, **decode)
+    return generated[:, :span_length].tolist()
