@@ -156,7 +156,7 @@ class SoftMask(nn.Module):
     def soft_rows(
         self,
         logits: Tensor,
-        rows: Tensor,
+        rows: Tensor | None,
         input_ids: Tensor,
         embedding_weight: Tensor,
         mask_token_id: int,
@@ -167,7 +167,8 @@ class SoftMask(nn.Module):
         Args:
             logits: ``[..., V]`` the previous pass's logits (any float dtype; treated as constants).
             rows: int64 ``[R]``: for each position, the row of ``logits.reshape(-1, V)`` that predicts it
-                (already shifted for Dream models).
+                (already shifted for Dream models); ``None`` when row ``r`` of ``logits`` already predicts
+                position ``r``.
             input_ids: int64 ``[R]``: the current token at each position; positions holding ``mask_token_id``
                 get the soft blend, all others their plain embedding.
             embedding_weight: ``[V, D]`` the input embedding table.
@@ -178,6 +179,8 @@ class SoftMask(nn.Module):
             ``[R, D]`` in ``embedding_weight.dtype``; differentiable w.r.t. the table and the SM parameters.
         """
         is_mask = input_ids == mask_token_id
+        if rows is None:
+            logits = logits.reshape(-1, logits.shape[-1])  # [R, V]: outputs then come out [R, ...] like input_ids
         if self.alg == "mixinputs_with_temp":
             return self._soft_rows_full_vocab(logits, rows, input_ids, embedding_weight, is_mask, progress)
         topk_ids, probs, neg_entropy = ops.topk_entropy(logits, self.k, rows=rows)
@@ -189,14 +192,15 @@ class SoftMask(nn.Module):
     def _soft_rows_full_vocab(
         self,
         logits: Tensor,
-        rows: Tensor,
+        rows: Tensor | None,
         input_ids: Tensor,
         embedding_weight: Tensor,
         is_mask: Tensor,
         progress: float | Tensor | None,
     ) -> Tensor:
         # The full-vocabulary variant mixes all V rows of the table, so it is a dense [R, V] @ [V, D] product.
-        scaled = logits.reshape(-1, logits.shape[-1])[rows].float() / self.temperature
+        flat = logits.reshape(-1, logits.shape[-1])
+        scaled = (flat if rows is None else flat[rows]).float() / self.temperature
         log_p = torch.log_softmax(scaled, dim=-1)
         p = log_p.exp()
         neg_entropy = torch.where(p == 0, torch.zeros_like(log_p), p * log_p).sum(-1)

@@ -88,7 +88,6 @@ class DiffusionDecoder:
         self.logits_rows = torch.arange(prompt_len - 1, total - 1, device=device).expand(batch, -1).contiguous()
         if soft_mask is not None:
             self.embeds = torch.empty(batch, total, embedding.shape[1], dtype=embedding.dtype, device=device)
-            self.flat_rows = torch.arange(batch * self.length, device=device)
         self.noise = StepNoise(
             (batch, self.length),
             model.config.vocab_size,
@@ -146,7 +145,7 @@ class DiffusionDecoder:
             left = (generated == self.options.mask_token_id).sum(-1, keepdim=True)
             progress = (left.float() / self.length).expand_as(generated).reshape(-1)
         rows = self.soft_mask.soft_rows(
-            logits, self.flat_rows, generated.reshape(-1), self.embedding, self.options.mask_token_id, progress
+            logits, None, generated.reshape(-1), self.embedding, self.options.mask_token_id, progress
         )
         self.embeds[:, self.prompt_len:] = rows.view(self.batch, self.length, -1)
 

@@ -46,8 +46,7 @@ def soft_mask_forward(
     with torch.no_grad():
         first = model_logits(model, input_ids=x_t, attention_mask=attention_mask, logits_rows=rows)  # [N, V]
     embedding = model.get_input_embeddings()
-    soft = soft_mask.soft_rows(first, torch.arange(rows.numel(), device=rows.device), x_t[masked],
-                               embedding.weight, mask_token_id)
+    soft = soft_mask.soft_rows(first, None, x_t[masked], embedding.weight, mask_token_id)
     del first  # [N, V]: release before pass 2 allocates its activations
     embeds = embedding(x_t).index_put((batch_idx, pos_idx), soft)
     return model_logits(model, inputs_embeds=embeds, attention_mask=attention_mask)
