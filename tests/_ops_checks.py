@@ -18,6 +18,26 @@ BLEND_TOL = {
 }
 
 
+def make_logits(shape, dtype, scale=3.0, neg_inf_fraction=0.0, tie_levels=0, generator=None, device="cpu") -> Tensor:
+    """Random logits; tie_levels > 0 rounds them onto that many distinct values (many exact ties)."""
+    x = torch.randn(shape, generator=generator, device=device) * scale
+    if tie_levels:
+        x = torch.round(x / (x.abs().max() + 1e-6) * tie_levels)
+    if neg_inf_fraction:
+        x[torch.rand(shape, generator=generator, device=device) < neg_inf_fraction] = float("-inf")
+    return x.to(dtype)
+
+
+def make_invalid_rows(n_rows: int, dtype, device="cpu") -> Tensor:
+    """[n_rows >= 5, 3000] logits whose first four rows are invalid (NaN, +inf, all -inf, all NaN); the rest random."""
+    logits = make_logits((n_rows, 3000), dtype, device=device)
+    logits[0, 17] = float("nan")
+    logits[1, 2999] = float("inf")
+    logits[2] = float("-inf")
+    logits[3] = float("nan")
+    return logits
+
+
 def assert_topk_entropy_matches(logits: Tensor, k: int, rows: Tensor | None = None, temperature: float = 1.0) -> None:
     """Ours against the reference: values rather than indices where logits tie, NaN exactly where expected."""
     ids, probs, negh = ops.topk_entropy(logits, k, rows, temperature)

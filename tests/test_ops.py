@@ -11,22 +11,18 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _ops_checks import assert_blend_matches, assert_lower_index_wins_ties, assert_topk_entropy_matches
+from _ops_checks import (
+    assert_blend_matches,
+    assert_lower_index_wins_ties,
+    assert_topk_entropy_matches,
+    make_invalid_rows,
+    make_logits,
+)
 from softmask_ext import ops, reference
 
 pytestmark = pytest.mark.skipif(not ops.EXTENSION_LOADED, reason="the compiled extension is not built")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def make_logits(shape, dtype, scale=3.0, neg_inf_fraction=0.0, tie_levels=0, generator=None):
-    """Random logits; tie_levels > 0 rounds them onto that many distinct values (many exact ties)."""
-    x = torch.randn(shape, generator=generator) * scale
-    if tie_levels:
-        x = torch.round(x / (x.abs().max() + 1e-6) * tie_levels)
-    if neg_inf_fraction:
-        x[torch.rand(shape, generator=generator) < neg_inf_fraction] = float("-inf")
-    return x.to(dtype)
 
 
 @given(
@@ -99,11 +95,7 @@ def test_k_equals_vocab_and_single_token_vocabulary():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_invalid_rows_give_nan_without_crashing(dtype):
-    logits = make_logits((6, 3000), dtype)
-    logits[0, 17] = float("nan")
-    logits[1, 2999] = float("inf")
-    logits[2] = float("-inf")
-    logits[3] = float("nan")
+    logits = make_invalid_rows(6, dtype)
     logits[4, :] = float("-inf")
     logits[4, 123] = -5.0  # one finite logit: a valid, fully confident row
     ids, probs, negh = ops.topk_entropy(logits, 3)

@@ -5,6 +5,7 @@ capture of both ops."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import sys
 
@@ -13,7 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _ops_checks import assert_blend_matches, assert_lower_index_wins_ties, assert_topk_entropy_matches
+from _ops_checks import (
+    assert_blend_matches,
+    assert_lower_index_wins_ties,
+    assert_topk_entropy_matches,
+    make_invalid_rows,
+    make_logits,
+)
 from softmask_ext import ops
 
 pytestmark = [
@@ -24,6 +31,11 @@ pytestmark = [
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA = "cuda"
+cuda_logits = functools.partial(make_logits, device=CUDA)
+
+
+def cuda_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=CUDA).manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -34,16 +46,6 @@ def deterministic_algorithms():
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def make_logits(shape, dtype, scale=3.0, neg_inf_fraction=0.0, tie_levels=0, seed=0):
-    g = torch.Generator(device=CUDA).manual_seed(seed)
-    x = torch.randn(shape, generator=g, device=CUDA) * scale
-    if tie_levels:
-        x = torch.round(x / (x.abs().max() + 1e-6) * tie_levels)
-    if neg_inf_fraction:
-        x[torch.rand(shape, generator=g, device=CUDA) < neg_inf_fraction] = float("-inf")
-    return x.to(dtype)
 
 
 @settings(max_examples=30)
@@ -60,21 +62,21 @@ def make_logits(shape, dtype, scale=3.0, neg_inf_fraction=0.0, tie_levels=0, see
 )
 def test_topk_entropy_matches_reference(rows, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature,
                                         seed):
-    logits = make_logits((rows, vocab), dtype, scale, neg_inf_fraction, tie_levels, seed)
+    logits = cuda_logits((rows, vocab), dtype, scale, neg_inf_fraction, tie_levels, cuda_generator(seed))
     assert_topk_entropy_matches(logits, min(k_seed, vocab), temperature=temperature)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 3, 5, 17, 32])
 def test_dream_vocabulary_with_rows(dtype, k):
-    logits = make_logits((4, 64, 152064), dtype, scale=4.0)
+    logits = cuda_logits((4, 64, 152064), dtype, scale=4.0)
     rows = torch.randint(0, 256, (300,), device=CUDA)
     assert_topk_entropy_matches(logits, k, rows=rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_misaligned_rows_and_ties(dtype):
-    logits = make_logits((9, 1001), dtype, tie_levels=4)  # odd row length: rows start off 16-byte boundaries
+    logits = cuda_logits((9, 1001), dtype, tie_levels=4)  # odd row length: rows start off 16-byte boundaries
     assert_topk_entropy_matches(logits, 5)
     assert_topk_entropy_matches(logits[:, 3:], 5)
     for k in (1, 4, 32):
@@ -83,11 +85,7 @@ def test_misaligned_rows_and_ties(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_invalid_rows_give_nan(dtype):
-    logits = make_logits((5, 3000), dtype)
-    logits[0, 17] = float("nan")
-    logits[1, 2999] = float("inf")
-    logits[2] = float("-inf")
-    logits[3] = float("nan")
+    logits = make_invalid_rows(5, dtype, device=CUDA)
     ids, probs, negh = ops.topk_entropy(logits, 3)
     assert torch.isnan(negh[:4]).all() and torch.isnan(probs[:4]).all() and not torch.isnan(negh[4])
     assert bool(((ids >= 0) & (ids < 3000)).all())
@@ -124,7 +122,7 @@ def test_deterministic_backward_is_bitwise_reproducible(dtype):
 
 
 def test_cuda_matches_cpu_kernels_bitwise_on_ids():
-    logits = make_logits((64, 152064), torch.bfloat16, scale=4.0)
+    logits = cuda_logits((64, 152064), torch.bfloat16, scale=4.0)
     cuda_out = ops.topk_entropy(logits, 3)
     cpu_out = ops.topk_entropy(logits.cpu(), 3)
     assert torch.equal(cuda_out[0].cpu(), cpu_out[0])  # same total order (value, then lower index)
@@ -133,7 +131,7 @@ def test_cuda_matches_cpu_kernels_bitwise_on_ids():
 
 
 def test_opcheck():
-    logits = make_logits((3, 4, 1500), torch.float32)
+    logits = cuda_logits((3, 4, 1500), torch.float32)
     torch.library.opcheck(torch.ops.softmask_ext.topk_entropy, (logits, 3, None, 1.0))
     torch.library.opcheck(
         torch.ops.softmask_ext.topk_entropy, (logits.bfloat16(), 5, torch.tensor([0, 11, 4], device=CUDA), 0.7)
@@ -147,7 +145,7 @@ def test_opcheck():
 
 def test_cuda_graph_capture_of_both_ops():
     vocab, dim, k = 32768, 256, 3
-    logits = make_logits((2, 64, vocab), torch.bfloat16)
+    logits = cuda_logits((2, 64, vocab), torch.bfloat16)
     weight = torch.randn(vocab, dim, device=CUDA, dtype=torch.bfloat16)
     rows = torch.arange(0, 128, 2, device=CUDA)
 
@@ -166,7 +164,7 @@ def test_cuda_graph_capture_of_both_ops():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    logits.copy_(make_logits((2, 64, vocab), torch.bfloat16, seed=1))
+    logits.copy_(cuda_logits((2, 64, vocab), torch.bfloat16, generator=cuda_generator(1)))
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, step(), rtol=0, atol=0)
@@ -200,7 +198,7 @@ def test_cuda_graph_capture_of_backward():
 
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
-    logits = make_logits((2, 8, 3000), torch.bfloat16)
+    logits = cuda_logits((2, 8, 3000), torch.bfloat16)
     weight = torch.randn(3000, 64, device=CUDA, requires_grad=True)
 
     def soft(logits, weight):
