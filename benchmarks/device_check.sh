@@ -4,6 +4,9 @@
 # it builds the CPU extension, runs the same steps in their CPU modes with tiny budgets, and says what it skipped.
 #
 #   bash benchmarks/device_check.sh OUTDIR
+#
+# Environment: SKIP="decode train" leaves out steps by name (kernel_tests, kernel_bench, cuda_tests, decode, train);
+# DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those two benchmarks.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -16,6 +19,7 @@ py=${PYTHON:-python3}
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 run() { "$@" || { echo "!!! failed ($?): $*"; status=1; }; }
+wanted() { [[ " ${SKIP:-} " != *" $1 "* ]] || { echo "skipped: SKIP contains $1"; false; }; }
 
 step "environment"
 gpu=$($py -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
@@ -41,27 +45,29 @@ cd "$out"
 $py -c "import softmask_ext.ops as o; print('extension loaded:', o.EXTENSION_LOADED, '| cuda kernels:', o.CUDA_KERNELS)"
 
 step "CUDA kernel tests"
-if [ -n "$gpu" ]; then
-    run $py -m pytest -q -x -p no:cacheprovider "$repo/tests/test_ops_cuda.py" -m cuda
+if ! wanted kernel_tests; then :
+elif [ -n "$gpu" ]; then
+    run $py -m pytest -q --tb=short --maxfail=8 -p no:cacheprovider "$repo/tests/test_ops_cuda.py" -m cuda
 else
     run $py -m pytest -q -x -p no:cacheprovider "$repo/tests/test_ops.py"
 fi
 
 step "kernel benchmark"
-run $py "$repo/benchmarks/kernel_bench.py" $quick --out "$out/kernel_bench.json"
+wanted kernel_bench && run $py "$repo/benchmarks/kernel_bench.py" $quick --out "$out/kernel_bench.json"
 
-step "other CUDA tests (model, decoding with CUDA graphs on and off)"
-if [ -n "$gpu" ]; then
+step "other CUDA tests (model, decoding with CUDA graphs on and off, training)"
+if ! wanted cuda_tests; then :
+elif [ -n "$gpu" ]; then
     run $py -m pytest -q -p no:cacheprovider "$repo/tests" -m cuda --ignore "$repo/tests/test_ops_cuda.py"
 else
     echo "skipped: no GPU"
 fi
 
 step "decode benchmark"
-run $py "$repo/benchmarks/decode_bench.py" $quick --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench.json"
+wanted decode && run $py "$repo/benchmarks/decode_bench.py" $quick --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench.json"
 
 step "train benchmark"
-run $py "$repo/benchmarks/train_bench.py" $quick --budget-s "${TRAIN_BUDGET_S:-40}" --out "$out/train_bench.json"
+wanted train && run $py "$repo/benchmarks/train_bench.py" $quick --budget-s "${TRAIN_BUDGET_S:-40}" --out "$out/train_bench.json"
 
 step "done (status $status)"
 exit $status

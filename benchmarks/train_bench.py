@@ -61,22 +61,40 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process high-water mark
 
 
-def time_mode(trainer: Trainer, device: torch.device, warmup: int, steps: int, deadline: float) -> dict:
+MODES = {"binary": 0.0, "sm": 1.0, "mixed": 0.5}
+
+
+def timed_step(trainer: Trainer, device: torch.device) -> tuple[float, bool, float]:
+    """(seconds, whether the step used SM, peak memory of the step in GiB)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        trainer.train_step()
-    times, soft = [], []
-    while len(times) < steps and (len(times) < 2 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        record = trainer.train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        soft.append(record["sm_batches"] > 0)
-    return {"step_s_median": statistics.median(times), "step_s": times, "soft": soft,
-            "peak_memory_gb": peak_memory_gb(device)}
+    start = time.perf_counter()
+    record = trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, record["sm_batches"] > 0, peak_memory_gb(device)
+
+
+def time_modes(trainer: Trainer, device: torch.device, rounds: int, deadline: float) -> dict:
+    """Steps of the three modes interleaved round by round (one warm-up round first), so that drift in the
+    machine's speed and the random noise levels hit every mode alike."""
+    results = {mode: {"step_s": [], "soft": [], "peak_memory_gb": 0.0} for mode in MODES}
+    for round_ in range(rounds + 1):
+        if round_ > 2 and time.perf_counter() > deadline:
+            break
+        for mode, prob in MODES.items():
+            trainer.config.sm_prob = prob
+            seconds, soft, peak = timed_step(trainer, device)
+            if round_ == 0:
+                continue
+            r = results[mode]
+            r["step_s"].append(seconds)
+            r["soft"].append(soft)
+            r["peak_memory_gb"] = max(r["peak_memory_gb"], peak)
+    for r in results.values():
+        r["step_s_median"] = statistics.median(r["step_s"])
+    return results
 
 
 def main() -> None:
@@ -84,7 +102,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny budgets (dry run)")
     p.add_argument("--budget-s", type=float, default=120.0, help="time budget of the timed steps, all modes")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per mode (fewer when the budget runs out)")
+    p.add_argument("--steps", type=int, default=10, help="timed rounds of the three modes (fewer when the budget runs out)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -105,11 +123,9 @@ def main() -> None:
                              adapter=shape["adapter"], gradient_checkpointing=shape["checkpointing"],
                              bf16=shape["bf16"], sm_prob=0.5)
         trainer = Trainer(model, data, config, device=device)
-        for i, (mode, prob) in enumerate((("binary", 0.0), ("sm", 1.0), ("mixed", 0.5))):
-            trainer.config.sm_prob = prob
-            deadline = start + args.budget_s * (i + 1) / 3
-            results["modes"][mode] = time_mode(trainer, device, 1, steps * (2 if mode == "mixed" else 1), deadline)
-            print(mode, {k: v for k, v in results["modes"][mode].items() if k not in ("step_s", "soft")}, flush=True)
+        results["modes"] = time_modes(trainer, device, steps, start + args.budget_s)
+    for mode, r in results["modes"].items():
+        print(mode, {k: v for k, v in r.items() if k not in ("step_s", "soft")}, flush=True)
     binary = results["modes"]["binary"]["step_s_median"]
     sm = results["modes"]["sm"]["step_s_median"]
     results["sm_step_over_binary"] = sm / binary

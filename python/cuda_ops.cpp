@@ -22,10 +22,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_entropy_cuda(const at::Tenso
   if (call.num_rows > 0) {
     dispatch_float(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
+      const size_t workspace_bytes =
+          softmask::cuda::topk_entropy_workspace_bytes<T>(call.num_rows, call.vocab, static_cast<int>(k));
+      const at::Tensor workspace =
+          at::empty({static_cast<int64_t>(workspace_bytes)}, logits.options().dtype(at::kByte));
       C10_CUDA_CHECK(softmask::cuda::topk_entropy<T>(
           typed<const T>(call.flat), call.row_stride, call.vocab, call.flat.size(0), call.row_index(), call.num_rows,
           static_cast<int>(k), static_cast<float>(temperature), call.ids.data_ptr<int64_t>(),
-          call.probs.data_ptr<float>(), call.neg_entropy.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+          call.probs.data_ptr<float>(), call.neg_entropy.data_ptr<float>(), workspace.data_ptr(), workspace_bytes,
+          c10::cuda::getCurrentCUDAStream()));
     });
   }
   return {call.ids, call.probs, call.neg_entropy};

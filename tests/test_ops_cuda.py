@@ -75,6 +75,31 @@ def test_dream_vocabulary_with_rows(dtype, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_many_rows_and_adversarial_orders(dtype, k):
+    """Enough rows for one block per row; rows whose values rise (every value a new maximum: the worst case for the
+    running top-k and its shared threshold), fall, or are all equal (the lower index must win every tie)."""
+    vocab = 20000
+    logits = cuda_logits((2100, vocab), dtype, scale=4.0, tie_levels=50)
+    ramp = torch.linspace(-8, 8, vocab, device=CUDA)
+    logits[0], logits[1], logits[2] = ramp, ramp.flip(0), 1.5
+    logits[3, ::7] = float("-inf")
+    assert_topk_entropy_matches(logits, k)
+    assert_lower_index_wins_ties(logits[2:3], k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [2, 3, 130])
+@pytest.mark.parametrize("tie_levels", [0, 3])
+def test_long_rows_split_over_blocks(dtype, rows, tie_levels):
+    """Few long rows: each row is split over several blocks and merged by a second kernel (a NaN row included)."""
+    logits = cuda_logits((rows, 262144), dtype, scale=4.0, tie_levels=tie_levels)
+    logits[-1, 100_000] = float("nan")
+    for k in (1, 4, 32):
+        assert_topk_entropy_matches(logits, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_misaligned_rows_and_ties(dtype):
     logits = cuda_logits((9, 1001), dtype, tie_levels=4)  # odd row length: rows start off 16-byte boundaries
     assert_topk_entropy_matches(logits, 5)

@@ -18,16 +18,14 @@ constexpr size_t kAlignment = 256;
 
 size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
-// acc[:VEC] += c * src[:VEC]; VEC = 1 is the scalar path for shapes or pointers that are not 16-byte aligned.
+constexpr int kRowsInFlight = 4;  // table rows whose loads a thread issues before it accumulates them
+
 template <typename T, int VEC>
-__device__ __forceinline__ void accumulate(float (&acc)[VEC], float c, const T* src) {
+__device__ __forceinline__ void load(const T* src, float (&x)[VEC]) {
   if constexpr (VEC == 1) {
-    acc[0] += c * to_float(src[0]);
+    x[0] = to_float(src[0]);
   } else {
-    float x[VEC];
     load_vector(src, x);
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] += c * x[v];
   }
 }
 
@@ -40,19 +38,39 @@ __device__ __forceinline__ void store(T* dst, const float (&acc)[VEC]) {
   }
 }
 
-// out[row, :] for row = blockIdx.x.
+// out[row, :] for row = blockIdx.x. Each thread owns VEC columns at a time and takes the m table rows in groups of
+// kRowsInFlight: all loads of a group are issued before any is used, so a thread keeps several 16-byte loads in
+// flight (VEC = 1 is the scalar path for shapes or pointers that are not 16-byte aligned).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) blend_forward_kernel(const T* __restrict__ weight, int64_t vocab,
                                                                   int64_t dim, const int64_t* __restrict__ ids,
                                                                   const float* __restrict__ coeffs, int64_t m,
                                                                   T* __restrict__ out) {
   const int64_t row = blockIdx.x;
+  const int64_t* row_ids = ids + row * m;
+  const float* row_coeffs = coeffs + row * m;
   for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < dim; d += static_cast<int64_t>(kThreads) * VEC) {
     float acc[VEC] = {};
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t id = ids[row * m + j];
-      SOFTMASK_DEVICE_CHECK(id >= 0 && id < vocab, "blend_embeddings: ids must lie in [0, V)");
-      accumulate<T, VEC>(acc, coeffs[row * m + j], weight + id * dim + d);
+    for (int64_t j0 = 0; j0 < m; j0 += kRowsInFlight) {
+      float x[kRowsInFlight][VEC];
+      float c[kRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        c[u] = 0.0f;
+        if (j0 + u < m) {
+          const int64_t id = row_ids[j0 + u];
+          SOFTMASK_DEVICE_CHECK(id >= 0 && id < vocab, "blend_embeddings: ids must lie in [0, V)");
+          c[u] = row_coeffs[j0 + u];
+          load<T, VEC>(weight + id * dim + d, x[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        if (j0 + u < m) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[v] += c[u] * x[u][v];
+        }
+      }
     }
     store<T, VEC>(out + row * dim + d, acc);
   }

@@ -24,14 +24,19 @@ constexpr int kVectorBytes = 16;
 template <typename T>
 constexpr int kVectorWidth = kVectorBytes / static_cast<int>(sizeof(T));
 
-// One 16-byte load (p must be 16-byte aligned), converted to fp32.
+// The kVectorWidth<T> values of a 16-byte word, converted to fp32.
 template <typename T>
-__device__ __forceinline__ void load_vector(const T* p, float (&out)[kVectorWidth<T>]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ void unpack_vector(const uint4& raw, float (&out)[kVectorWidth<T>]) {
   T values[kVectorWidth<T>];
   memcpy(values, &raw, sizeof raw);
 #pragma unroll
   for (int j = 0; j < kVectorWidth<T>; ++j) out[j] = to_float(values[j]);
+}
+
+// One 16-byte load (p must be 16-byte aligned), converted to fp32.
+template <typename T>
+__device__ __forceinline__ void load_vector(const T* p, float (&out)[kVectorWidth<T>]) {
+  unpack_vector<T>(__ldg(reinterpret_cast<const uint4*>(p)), out);
 }
 
 template <typename T>

@@ -1,7 +1,16 @@
-// CUDA top-k + negative entropy: one thread block per row. Each thread streams its share of the row with 16-byte
-// loads, keeping a top-K list in registers (K a compile-time bucket >= k) and an online entropy state. The states
-// are merged with warp shuffles and shared memory using the same EntropyState::merge as the CPU; the lists are
-// merged by k rounds of "pick the best head" (first within each warp, then across the warps' lists).
+// CUDA top-k + negative entropy in one read of each row.
+//
+// A row is split over `splits` thread blocks when there are too few rows to fill the card (splits = 1 otherwise).
+// Each thread streams 16-byte vectors of its block's part of the row and keeps
+//   - an online entropy state in base 2 (one FFMA, one ex2, one FADD, one FMNMX and one FFMA per value), converted
+//     to the shared natural-log EntropyState before the merge, so threads, warps and blocks merge with the same
+//     EntropyState::merge as the CPU;
+//   - a top-K list in registers (K a compile-time bucket >= k), guarded by a threshold: a value enters only if it is
+//     >= the block's current lower bound on its k-th largest value (the best lane's k-th entry, published through
+//     shared memory every few rounds) and beats the lane's own K-th entry. After the first rounds almost no value
+//     passes, so the per-value work is the entropy update plus one max, whatever k is.
+// Lists are merged by k rounds of "pick the best head" (within each warp, then across the warps' lists); with
+// splits > 1 each block writes its state and list to a workspace and a second kernel merges the blocks of a row.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -16,11 +25,30 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kUnroll = 4;          // 16-byte loads in flight per thread and round
+constexpr int kMaxSplits = kWarpSize;  // the merge kernel gives one lane to each block's list
+constexpr int kMinVectorsPerThread = 2 * kUnroll;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kMinExponent2 = -126.0f;  // 2^-126: below it ex2.approx.ftz returns exactly 0
 
 struct Candidate {
   float value;
   int32_t index;
 };
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Order-preserving map of floats to ints (for atomicMax on a shared float bound); it is its own inverse.
+__device__ __forceinline__ int ordered_key(float f) {
+  const int i = __float_as_int(f);
+  return i >= 0 ? i : i ^ 0x7fffffff;
+}
+__device__ __forceinline__ float from_ordered_key(int key) { return __int_as_float(key >= 0 ? key : key ^ 0x7fffffff); }
 
 __device__ __forceinline__ Candidate shfl_xor(Candidate c, int mask) {
   return {__shfl_xor_sync(0xffffffffu, c.value, mask), __shfl_xor_sync(0xffffffffu, c.index, mask)};
@@ -35,6 +63,12 @@ __device__ __forceinline__ Candidate warp_best(Candidate c) {
   return c;
 }
 
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, mask));
+  return x;
+}
+
 __device__ __forceinline__ EntropyState warp_merge(EntropyState state) {
 #pragma unroll
   for (int mask = kWarpSize / 2; mask > 0; mask /= 2) {
@@ -47,51 +81,148 @@ __device__ __forceinline__ EntropyState warp_merge(EntropyState state) {
   return state;
 }
 
-template <int K>
-struct ThreadState {
-  TopK<K> top;
-  EntropyState entropy;
+// Entropy state of one thread in base 2: y = x * log2(e) / temperature, m = running max of y,
+// s = sum 2^(y - m), t = sum 2^(y - m) (y - m). Same edge cases as EntropyState (see online_entropy.h): -inf adds
+// nothing (ex2 gives 0 and the clamp keeps 0 * d finite), NaN or +inf poisons s through ex2.
+struct Base2Entropy {
+  float m = -FLT_MAX;
+  float s = 0.0f;
+  float t = 0.0f;
 
-  // One value at index i; indices reach a thread in increasing order.
-  __device__ __forceinline__ void consume(float x, int32_t i, float inv_temperature) {
-    const float y = x * inv_temperature;
-    if (y > entropy.m) entropy.rescale_to(y);
-    entropy.add(y);
-    top.push(x, i);
+  __device__ __forceinline__ void rescale_to(float new_m) {
+    const float d = fmaxf(m - new_m, kMinExponent2);
+    const float e = ex2(m - new_m);
+    t = (t + d * s) * e;
+    s *= e;
+    m = new_m;
   }
 
-  // W consecutive values starting at index i0: one rescale and one top-k test for the whole vector.
-  template <int W>
-  __device__ __forceinline__ void consume_vector(const float (&x)[W], int32_t i0, float inv_temperature) {
-    float vmax = x[0];
-#pragma unroll
-    for (int j = 1; j < W; ++j) vmax = x[j] > vmax ? x[j] : vmax;
-    const float scaled_max = vmax * inv_temperature;
-    if (scaled_max > entropy.m) entropy.rescale_to(scaled_max);
-#pragma unroll
-    for (int j = 0; j < W; ++j) entropy.add(x[j] * inv_temperature);
-    // A tie with the threshold cannot enter: every value here has a higher index than the list's entries.
-    if (vmax > top.threshold() || !top.full()) {
-#pragma unroll
-      for (int j = 0; j < W; ++j) top.push(x[j], i0 + j);
-    }
+  __device__ __forceinline__ void add(float y_minus_m) {
+    const float e = ex2(y_minus_m);
+    s += e;
+    t = fmaf(e, fmaxf(y_minus_m, kMinExponent2), t);
+  }
+
+  // The same softmax in natural-log units: e^(x - m ln2) = 2^(y - m), and (x - m ln2) = ln2 (y - m).
+  __device__ __forceinline__ EntropyState natural() const {
+    return {m == -FLT_MAX ? -FLT_MAX : m * kLn2, s, t * kLn2};
   }
 };
 
+// The k-th entry of a list sorted in descending order (k <= K, runtime k) as the minimum of its first k entries: a
+// select by index would be compiled into a runtime-indexed access, which moves the list to local memory.
+template <int K>
+__device__ __forceinline__ float kth_value(const TopK<K>& top, int k) {
+  float v = INFINITY;
+#pragma unroll
+  for (int j = 0; j < K; ++j) v = j < k ? fminf(v, top.value[j]) : v;
+  return v;
+}
+
+template <int K>
+struct RowScan {
+  TopK<K> top;
+  Base2Entropy entropy;
+  float scale;      // log2(e) / temperature
+  float bound;      // lower bound on the block's k-th largest value (only grows)
+  float threshold;  // max(bound, the lane's K-th entry): what a value must reach to be looked at
+
+  __device__ __forceinline__ RowScan(float scale_) : scale(scale_), bound(-INFINITY), threshold(-INFINITY) {
+    top.clear();
+  }
+
+  // N consecutive values starting at index i0 (N = W for the body, 1 for the unaligned head and tail).
+  template <int N>
+  __device__ __forceinline__ void consume(const float (&x)[N], int32_t i0) {
+    float vmax = x[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) vmax = fmaxf(vmax, x[j]);  // NaN is skipped here; it poisons s below
+    const float scaled_max = vmax * scale;
+    if (scaled_max > entropy.m) entropy.rescale_to(scaled_max);
+    const float neg_m = -entropy.m;
+#pragma unroll
+    for (int j = 0; j < N; ++j) entropy.add(fmaf(x[j], scale, neg_m));
+    if (vmax >= threshold) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        if (x[j] >= threshold && top.admits(x[j], i0 + j)) {
+          top.insert(x[j], i0 + j);
+          threshold = fmaxf(bound, top.threshold());
+        }
+      }
+    }
+  }
+
+  // Raise the bound: the best lane's k-th entry over the warp, then over the block through shared memory.
+  // Every lane of the warp must call this together.
+  __device__ __forceinline__ void refresh_bound(int k, int* shared_bound_key, int lane) {
+    const float warp_bound = warp_max(kth_value(top, k));
+    if (lane == 0) atomicMax(shared_bound_key, ordered_key(warp_bound));
+    __syncwarp();
+    bound = fmaxf(warp_bound, from_ordered_key(*reinterpret_cast<volatile int*>(shared_bound_key)));
+    threshold = fmaxf(bound, top.threshold());
+  }
+};
+
+// Merge n_lists sorted lists of k entries (list i at values/indices + i * stride, shared or global memory) into
+// their k best, written by lane 0 to out_values/out_indices. Run by one whole warp; n_lists <= 32.
+__device__ void warp_merge_lists(int lane, int n_lists, const float* values, const int32_t* indices, int stride,
+                                 int k, float* out_values, int32_t* out_indices) {
+  int position = 0;
+  for (int round = 0; round < k; ++round) {
+    Candidate head{-INFINITY, kEmptyIndex};
+    const bool owns_list = lane < n_lists && position < k;
+    if (owns_list) head = {values[lane * stride + position], indices[lane * stride + position]};
+    const Candidate best = warp_best(head);
+    if (owns_list && head.index == best.index && head.value == best.value) ++position;
+    if (lane == 0) {
+      out_values[round] = best.value;
+      out_indices[round] = best.index;
+    }
+  }
+}
+
+// Final outputs of row r from its merged list and entropy state (lane 0 only).
+__device__ void write_row(int64_t r, int k, const float* values, const int32_t* indices, EntropyState total,
+                          int64_t* ids, float* probs, float* neg_entropy) {
+  const float result = total.neg_entropy();
+  neg_entropy[r] = result;
+  for (int j = 0; j < k; ++j) ids[r * k + j] = indices[j] == kEmptyIndex ? 0 : indices[j];  // empty only in NaN rows
+  topk_probs(values, k, !isnan(result), probs + r * k);
+}
+
+// Per-block partial results when a row is split over several blocks.
+struct Partials {
+  EntropyState* states;  // [rows, splits]
+  float* values;         // [rows, splits, k]
+  int32_t* indices;      // [rows, splits, k]
+};
+
+struct Outputs {
+  int64_t* ids;
+  float* probs;
+  float* neg_entropy;
+};
+
+// grid = (rows, splits). Block (r, s) scans vectors [s * per_split, (s + 1) * per_split) of its row's 16-byte
+// aligned body; block s = 0 also takes the unaligned head and tail.
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads) topk_entropy_kernel(const T* __restrict__ logits, int64_t row_stride,
                                                                  int64_t vocab, int64_t rows_total,
                                                                  const int64_t* __restrict__ rows, int k,
-                                                                 float inv_temperature, int64_t* __restrict__ ids,
-                                                                 float* __restrict__ probs,
-                                                                 float* __restrict__ neg_entropy) {
+                                                                 float scale, int64_t vectors_per_split,
+                                                                 Outputs out, Partials partials) {
   constexpr int W = kVectorWidth<T>;
   __shared__ float list_value[kWarps][K];
   __shared__ int32_t list_index[kWarps][K];
-  __shared__ float final_value[K];
+  __shared__ float merged_value[K];
+  __shared__ int32_t merged_index[K];
   __shared__ EntropyState warp_state[kWarps];
+  __shared__ int bound_key;
 
   const int64_t r = blockIdx.x;
+  const int split = blockIdx.y;
+  const int splits = gridDim.y;
   int64_t source = r;
   if (rows != nullptr) {
     source = rows[r];
@@ -100,35 +231,54 @@ __global__ void __launch_bounds__(kThreads) topk_entropy_kernel(const T* __restr
   const T* row = logits + source * row_stride;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
+  if (threadIdx.x == 0) bound_key = ordered_key(-INFINITY);
+  __syncthreads();
 
-  ThreadState<K> state;
-  state.top.clear();
-  state.entropy = EntropyState::empty();
-
-  // Scalar head up to the first 16-byte boundary, vector body, scalar tail.
+  RowScan<K> scan(scale);
   const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % kVectorBytes) / sizeof(T);
   const int64_t head = misalignment == 0 ? 0 : (vocab < W - misalignment ? vocab : W - misalignment);
   const int64_t vectors = (vocab - head) / W;
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) state.consume(to_float(row[i]), i, inv_temperature);
-  const T* body = row + head;
-#pragma unroll 2
-  for (int64_t v = threadIdx.x; v < vectors; v += kThreads) {
-    float x[W];
-    load_vector(body + v * W, x);
-    state.consume_vector(x, static_cast<int32_t>(head + v * W), inv_temperature);
+  if (split == 0) {
+    for (int64_t i = threadIdx.x; i < head; i += kThreads) scan.template consume<1>({to_float(row[i])}, static_cast<int32_t>(i));
+    for (int64_t i = head + vectors * W + threadIdx.x; i < vocab; i += kThreads) {
+      scan.template consume<1>({to_float(row[i])}, static_cast<int32_t>(i));
+    }
   }
-  for (int64_t i = head + vectors * W + threadIdx.x; i < vocab; i += kThreads) {
-    state.consume(to_float(row[i]), static_cast<int32_t>(i), inv_temperature);
+
+  // Body: rounds of kUnroll vectors per thread, loads first. Rounds are uniform across the block, so every lane
+  // reaches refresh_bound; it runs after each of the first rounds (while the lists fill) and then every 4th.
+  const T* body = row + head;
+  const int64_t begin = split * vectors_per_split;
+  const int64_t end = begin + vectors_per_split < vectors ? begin + vectors_per_split : vectors;
+  const int64_t rounds = end > begin ? (end - begin + kThreads * kUnroll - 1) / (kThreads * kUnroll) : 0;
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t first = begin + round * kThreads * kUnroll + threadIdx.x;
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + u * kThreads;
+      if (v < end) raw[u] = __ldg(reinterpret_cast<const uint4*>(body + v * W));
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + u * kThreads;
+      if (v < end) {
+        float x[W];
+        unpack_vector<T>(raw[u], x);
+        scan.template consume<W>(x, static_cast<int32_t>(head + v * W));
+      }
+    }
+    if (round < 4 || round % 4 == 3) scan.refresh_bound(k, &bound_key, lane);
   }
 
   // Entropy state: warps, then the first warp over the warps' states.
-  const EntropyState warp_total = warp_merge(state.entropy);
+  const EntropyState warp_total = warp_merge(scan.entropy.natural());
   if (lane == 0) warp_state[warp] = warp_total;
 
   // Top-k, stage 1: each warp picks its k best by k rounds of "best head"; the owner of the winner pops it.
   for (int round = 0; round < k; ++round) {
-    const Candidate best = warp_best({state.top.value[0], state.top.index[0]});
-    if (state.top.index[0] == best.index && state.top.value[0] == best.value) state.top.pop_front();
+    const Candidate best = warp_best({scan.top.value[0], scan.top.index[0]});
+    if (scan.top.index[0] == best.index && scan.top.value[0] == best.value) scan.top.pop_front();
     if (lane == 0) {
       list_value[warp][round] = best.value;
       list_index[warp][round] = best.index;
@@ -136,62 +286,149 @@ __global__ void __launch_bounds__(kThreads) topk_entropy_kernel(const T* __restr
   }
   __syncthreads();
 
-  // Stage 2: the first warp merges the warps' lists the same way, each lane walking one list.
+  // Stage 2: the first warp merges the warps' lists, into the outputs or into this block's partial result.
   if (warp == 0) {
-    int position = 0;
-    EntropyState total = lane < kWarps ? warp_state[lane] : EntropyState::empty();
-    total = warp_merge(total);
-    for (int round = 0; round < k; ++round) {
-      Candidate head_candidate{-INFINITY, kEmptyIndex};
-      if (lane < kWarps && position < k) head_candidate = {list_value[lane][position], list_index[lane][position]};
-      const Candidate best = warp_best(head_candidate);
-      if (lane < kWarps && position < k && head_candidate.index == best.index && head_candidate.value == best.value) {
-        ++position;
-      }
-      if (lane == 0) {
-        final_value[round] = best.value;
-        ids[r * k + round] = best.index == kEmptyIndex ? 0 : best.index;  // empty only in NaN rows
-      }
-    }
-    if (lane == 0) {
-      const float result = total.neg_entropy();
-      neg_entropy[r] = result;
-      topk_probs(final_value, k, !isnan(result), probs + r * k);
+    const EntropyState total = warp_merge(lane < kWarps ? warp_state[lane] : EntropyState::empty());
+    if (splits == 1) {
+      warp_merge_lists(lane, kWarps, &list_value[0][0], &list_index[0][0], K, k, merged_value, merged_index);
+      __syncwarp();
+      if (lane == 0) write_row(r, k, merged_value, merged_index, total, out.ids, out.probs, out.neg_entropy);
+    } else {
+      const int64_t slot = r * splits + split;
+      warp_merge_lists(lane, kWarps, &list_value[0][0], &list_index[0][0], K, k, partials.values + slot * k,
+                       partials.indices + slot * k);
+      if (lane == 0) partials.states[slot] = total;
     }
   }
 }
 
+// One warp per row merges the row's `splits` partial results.
+__global__ void __launch_bounds__(kThreads) merge_splits_kernel(int64_t num_rows, int splits, int k,
+                                                                 Partials partials, Outputs out) {
+  extern __shared__ unsigned char scratch[];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (r >= num_rows) return;
+  auto* merged_value = reinterpret_cast<float*>(scratch) + warp * k;
+  auto* merged_index = reinterpret_cast<int32_t*>(scratch + kWarps * k * sizeof(float)) + warp * k;
+  const int64_t first = r * splits;
+  const EntropyState total = warp_merge(lane < splits ? partials.states[first + lane] : EntropyState::empty());
+  warp_merge_lists(lane, splits, partials.values + first * k, partials.indices + first * k, k, k, merged_value,
+                   merged_index);
+  __syncwarp();
+  if (lane == 0) write_row(r, k, merged_value, merged_index, total, out.ids, out.probs, out.neg_entropy);
+}
+
+size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+template <int K>
+struct Bucket {
+  static constexpr int value = K;
+};
+
+template <typename F>
+cudaError_t with_bucket(int k, F&& f) {
+  if (k <= 1) return f(Bucket<1>{});
+  if (k <= 2) return f(Bucket<2>{});
+  if (k <= 4) return f(Bucket<4>{});
+  if (k <= 8) return f(Bucket<8>{});
+  if (k <= 16) return f(Bucket<16>{});
+  return f(Bucket<kMaxK>{});
+}
+
+// Resident blocks per SM of one kernel instance (a property of the kernel and the card, computed once).
 template <typename T, int K>
-cudaError_t launch(const T* logits, int64_t row_stride, int64_t vocab, int64_t rows_total, const int64_t* rows,
-                   int64_t num_rows, int k, float temperature, int64_t* ids, float* probs, float* neg_entropy,
-                   cudaStream_t stream) {
-  topk_entropy_kernel<T, K><<<static_cast<unsigned int>(num_rows), kThreads, 0, stream>>>(
-      logits, row_stride, vocab, rows_total, rows, k, 1.0f / temperature, ids, probs, neg_entropy);
-  return cudaGetLastError();
+int blocks_per_sm() {
+  static const int cached = [] {
+    int n = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, topk_entropy_kernel<T, K>, kThreads, 0);
+    return err == cudaSuccess && n > 0 ? n : 1;
+  }();
+  return cached;
+}
+
+// Blocks per row, chosen so that the grid fills whole waves of resident blocks as evenly as it can (a last wave
+// that is nearly empty costs as much as a full one): among 1..max splits (each thread keeping at least
+// kMinVectorsPerThread vectors, at most kMaxSplits) the smallest one within 3% of the best wave efficiency.
+// Depends only on the shape, the dtype, k and the device.
+template <typename T>
+int splits_for(int64_t num_rows, int64_t vocab, int k) {
+  int device = 0, sms = 0;
+  if (num_rows < 1 || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 1;
+  }
+  int per_sm = 1;
+  with_bucket(k, [&](auto bucket) {
+    per_sm = blocks_per_sm<T, decltype(bucket)::value>();
+    return cudaSuccess;
+  });
+  const int64_t wave = static_cast<int64_t>(sms) * per_sm;
+  const int64_t by_length = vocab / kVectorWidth<T> / (int64_t{kThreads} * kMinVectorsPerThread);
+  const int64_t most = by_length < kMaxSplits ? (by_length > 1 ? by_length : 1) : kMaxSplits;
+  const auto efficiency = [&](int64_t splits) {
+    const int64_t blocks = num_rows * splits;
+    return static_cast<double>(blocks) / static_cast<double>((blocks + wave - 1) / wave * wave);
+  };
+  double best = 0.0;
+  for (int64_t splits = 1; splits <= most; ++splits) best = efficiency(splits) > best ? efficiency(splits) : best;
+  for (int64_t splits = 1; splits <= most; ++splits) {
+    if (efficiency(splits) >= 0.97 * best) return static_cast<int>(splits);
+  }
+  return 1;
+}
+
+Partials carve(void* workspace, int64_t num_rows, int splits, int k) {
+  const size_t slots = static_cast<size_t>(num_rows) * splits;
+  char* cursor = static_cast<char*>(workspace);
+  Partials p{};
+  p.states = reinterpret_cast<EntropyState*>(cursor);
+  cursor += align_up(slots * sizeof(EntropyState));
+  p.values = reinterpret_cast<float*>(cursor);
+  cursor += align_up(slots * k * sizeof(float));
+  p.indices = reinterpret_cast<int32_t*>(cursor);
+  return p;
 }
 
 }  // namespace
 
 template <typename T>
+size_t topk_entropy_workspace_bytes(int64_t num_rows, int64_t vocab, int k) {
+  const int splits = splits_for<T>(num_rows, vocab, k);
+  if (splits == 1) return 0;
+  const size_t slots = static_cast<size_t>(num_rows) * splits;
+  return align_up(slots * sizeof(EntropyState)) + align_up(slots * k * sizeof(float)) + slots * k * sizeof(int32_t);
+}
+
+template <typename T>
 cudaError_t topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, int64_t rows_total, const int64_t* rows,
                          int64_t num_rows, int k, float temperature, int64_t* ids, float* probs, float* neg_entropy,
-                         cudaStream_t stream) {
+                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (num_rows == 0) return cudaSuccess;
-  const auto run = [&](auto bucket) {
-    return launch<T, decltype(bucket)::value>(logits, row_stride, vocab, rows_total, rows, num_rows, k, temperature,
-                                              ids, probs, neg_entropy, stream);
-  };
-  if (k <= 1) return run(std::integral_constant<int, 1>{});
-  if (k <= 2) return run(std::integral_constant<int, 2>{});
-  if (k <= 4) return run(std::integral_constant<int, 4>{});
-  if (k <= 8) return run(std::integral_constant<int, 8>{});
-  if (k <= 16) return run(std::integral_constant<int, 16>{});
-  return run(std::integral_constant<int, kMaxK>{});
+  const int splits = splits_for<T>(num_rows, vocab, k);
+  if (workspace_bytes < topk_entropy_workspace_bytes<T>(num_rows, vocab, k)) return cudaErrorInvalidValue;
+  const Partials partials = splits > 1 ? carve(workspace, num_rows, splits, k) : Partials{};
+  const Outputs out{ids, probs, neg_entropy};
+  const int64_t vectors = vocab / kVectorWidth<T>;  // an upper bound on every row's aligned body
+  const int64_t per_split = (vectors + splits - 1) / splits;
+  const dim3 grid(static_cast<unsigned int>(num_rows), static_cast<unsigned int>(splits));
+  const float scale = kLog2e / temperature;
+  const cudaError_t launched = with_bucket(k, [&](auto bucket) {
+    topk_entropy_kernel<T, decltype(bucket)::value><<<grid, kThreads, 0, stream>>>(
+        logits, row_stride, vocab, rows_total, rows, k, scale, per_split, out, partials);
+    return cudaGetLastError();
+  });
+  if (launched != cudaSuccess || splits == 1) return launched;
+  const size_t scratch = kWarps * static_cast<size_t>(k) * (sizeof(float) + sizeof(int32_t));
+  merge_splits_kernel<<<blocks_for(num_rows, kWarps), kThreads, scratch, stream>>>(num_rows, splits, k, partials, out);
+  return cudaGetLastError();
 }
 
 #define SOFTMASK_INSTANTIATE(T)                                                                                  \
+  template size_t topk_entropy_workspace_bytes<T>(int64_t, int64_t, int);                                        \
   template cudaError_t topk_entropy<T>(const T*, int64_t, int64_t, int64_t, const int64_t*, int64_t, int, float, \
-                                       int64_t*, float*, float*, cudaStream_t);
+                                       int64_t*, float*, float*, void*, size_t, cudaStream_t);
 SOFTMASK_INSTANTIATE(float)
 SOFTMASK_INSTANTIATE(bf16_t)
 SOFTMASK_INSTANTIATE(f16_t)
