@@ -18,16 +18,34 @@ constexpr size_t kAlignment = 256;
 
 size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
-constexpr int kRowsInFlight = 4;  // table rows whose loads a thread issues before it accumulates them
+constexpr int kRowsInFlight = 8;  // table rows whose loads a thread issues before it accumulates them
 
+// VEC values of T: one 16-byte word (VEC = kVectorWidth<T>), or one value (VEC = 1, the scalar path for shapes or
+// pointers that are not 16-byte aligned).
 template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* src, float (&x)[VEC]) {
-  if constexpr (VEC == 1) {
-    x[0] = to_float(src[0]);
-  } else {
-    load_vector(src, x);
+struct Chunk {
+  static_assert(VEC == 1 || VEC == kVectorWidth<T>, "a chunk is one value or one 16-byte word");
+  std::conditional_t<VEC == 1, T, uint4> raw;
+
+  __device__ __forceinline__ void load(const T* src) {
+    if constexpr (VEC == 1) {
+      raw = src[0];
+    } else {
+      raw = __ldg(reinterpret_cast<const uint4*>(src));
+    }
   }
-}
+
+  __device__ __forceinline__ void accumulate(float c, float (&acc)[VEC]) const {
+    float x[VEC];
+    if constexpr (VEC == 1) {
+      x[0] = to_float(raw);
+    } else {
+      unpack_vector<T>(raw, x);
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] += c * x[v];
+  }
+};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* dst, const float (&acc)[VEC]) {
@@ -39,8 +57,8 @@ __device__ __forceinline__ void store(T* dst, const float (&acc)[VEC]) {
 }
 
 // out[row, :] for row = blockIdx.x. Each thread owns VEC columns at a time and takes the m table rows in groups of
-// kRowsInFlight: all loads of a group are issued before any is used, so a thread keeps several 16-byte loads in
-// flight (VEC = 1 is the scalar path for shapes or pointers that are not 16-byte aligned).
+// kRowsInFlight: the raw loads of a group are all issued before any is used, so a thread keeps up to
+// kRowsInFlight 16-byte loads in flight. Accumulation is in fp32, in the order j = 0..m-1.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) blend_forward_kernel(const T* __restrict__ weight, int64_t vocab,
                                                                   int64_t dim, const int64_t* __restrict__ ids,
@@ -52,24 +70,18 @@ __global__ void __launch_bounds__(kThreads) blend_forward_kernel(const T* __rest
   for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < dim; d += static_cast<int64_t>(kThreads) * VEC) {
     float acc[VEC] = {};
     for (int64_t j0 = 0; j0 < m; j0 += kRowsInFlight) {
-      float x[kRowsInFlight][VEC];
-      float c[kRowsInFlight];
+      Chunk<T, VEC> chunk[kRowsInFlight];
 #pragma unroll
       for (int u = 0; u < kRowsInFlight; ++u) {
-        c[u] = 0.0f;
         if (j0 + u < m) {
           const int64_t id = row_ids[j0 + u];
           SOFTMASK_DEVICE_CHECK(id >= 0 && id < vocab, "blend_embeddings: ids must lie in [0, V)");
-          c[u] = row_coeffs[j0 + u];
-          load<T, VEC>(weight + id * dim + d, x[u]);
+          chunk[u].load(weight + id * dim + d);
         }
       }
 #pragma unroll
       for (int u = 0; u < kRowsInFlight; ++u) {
-        if (j0 + u < m) {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[v] += c[u] * x[u][v];
-        }
+        if (j0 + u < m) chunk[u].accumulate(row_coeffs[j0 + u], acc);
       }
     }
     store<T, VEC>(out + row * dim + d, acc);

@@ -28,6 +28,10 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kUnroll = 4;          // 16-byte loads in flight per thread and round
 constexpr int kMaxSplits = kWarpSize;  // the merge kernel gives one lane to each block's list
 constexpr int kMinVectorsPerThread = 2 * kUnroll;
+// Resident blocks per SM the compiler must allow for (it caps registers accordingly, without spilling): k = 1 fits
+// in 48 registers per thread (5 blocks of 256 threads), lists up to 5 in 64 (4 blocks), 8 in 80 (3 blocks).
+template <int K>
+constexpr int kMinBlocksPerSm = K == 1 ? 5 : (K <= 5 ? 4 : (K <= 8 ? 3 : 1));
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kMinExponent2 = -126.0f;  // 2^-126: below it ex2.approx.ftz returns exactly 0
@@ -67,6 +71,20 @@ __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int mask = kWarpSize / 2; mask > 0; mask /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, mask));
   return x;
+}
+
+// The k-th largest of the warp's 32 values (k <= 32), by a bitonic sort across the lanes (descending).
+__device__ __forceinline__ float warp_kth_largest(float v, int k, int lane) {
+#pragma unroll
+  for (int size = 2; size <= kWarpSize; size *= 2) {
+#pragma unroll
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      const float other = __shfl_xor_sync(0xffffffffu, v, stride);
+      const bool keep_max = ((lane & stride) == 0) == ((lane & size) == 0);
+      v = keep_max ? fmaxf(v, other) : fminf(v, other);
+    }
+  }
+  return __shfl_sync(0xffffffffu, v, k - 1);
 }
 
 __device__ __forceinline__ EntropyState warp_merge(EntropyState state) {
@@ -153,10 +171,12 @@ struct RowScan {
     }
   }
 
-  // Raise the bound: the best lane's k-th entry over the warp, then over the block through shared memory.
-  // Every lane of the warp must call this together.
+  // Raise the bound to what the warp can prove: k of its values reach both the best lane's k-th entry and the k-th
+  // largest of the lanes' maxima (k different lanes). The latter is the sharper one while lists are short; for
+  // k = 1 both are the warp's maximum. Then over the block through shared memory. The whole warp calls this.
   __device__ __forceinline__ void refresh_bound(int k, int* shared_bound_key, int lane) {
-    const float warp_bound = warp_max(kth_value(top, k));
+    float warp_bound = warp_max(kth_value(top, k));
+    if (k > 1) warp_bound = fmaxf(warp_bound, warp_kth_largest(top.value[0], k, lane));
     if (lane == 0) atomicMax(shared_bound_key, ordered_key(warp_bound));
     __syncwarp();
     bound = fmaxf(warp_bound, from_ordered_key(*reinterpret_cast<volatile int*>(shared_bound_key)));
@@ -207,7 +227,7 @@ struct Outputs {
 // grid = (rows, splits). Block (r, s) scans vectors [s * per_split, (s + 1) * per_split) of its row's 16-byte
 // aligned body; block s = 0 also takes the unaligned head and tail.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) topk_entropy_kernel(const T* __restrict__ logits, int64_t row_stride,
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K>) topk_entropy_kernel(const T* __restrict__ logits, int64_t row_stride,
                                                                  int64_t vocab, int64_t rows_total,
                                                                  const int64_t* __restrict__ rows, int k,
                                                                  float scale, int64_t vectors_per_split,
@@ -246,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) topk_entropy_kernel(const T* __restr
   }
 
   // Body: rounds of kUnroll vectors per thread, loads first. Rounds are uniform across the block, so every lane
-  // reaches refresh_bound; it runs after each of the first rounds (while the lists fill) and then every 4th.
+  // reaches refresh_bound; it runs after rounds 0, 1, 3 and 7 (while the bound is still rising fast), then every 8th.
   const T* body = row + head;
   const int64_t begin = split * vectors_per_split;
   const int64_t end = begin + vectors_per_split < vectors ? begin + vectors_per_split : vectors;
@@ -268,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) topk_entropy_kernel(const T* __restr
         scan.template consume<W>(x, static_cast<int32_t>(head + v * W));
       }
     }
-    if (round < 4 || round % 4 == 3) scan.refresh_bound(k, &bound_key, lane);
+    if (round < 2 || round == 3 || round % 8 == 7) scan.refresh_bound(k, &bound_key, lane);
   }
 
   // Entropy state: warps, then the first warp over the warps' states.
@@ -331,7 +351,9 @@ template <typename F>
 cudaError_t with_bucket(int k, F&& f) {
   if (k <= 1) return f(Bucket<1>{});
   if (k <= 2) return f(Bucket<2>{});
+  if (k <= 3) return f(Bucket<3>{});
   if (k <= 4) return f(Bucket<4>{});
+  if (k <= 5) return f(Bucket<5>{});
   if (k <= 8) return f(Bucket<8>{});
   if (k <= 16) return f(Bucket<16>{});
   return f(Bucket<kMaxK>{});
@@ -348,10 +370,10 @@ int blocks_per_sm() {
   return cached;
 }
 
-// Blocks per row, chosen so that the grid fills whole waves of resident blocks as evenly as it can (a last wave
-// that is nearly empty costs as much as a full one): among 1..max splits (each thread keeping at least
-// kMinVectorsPerThread vectors, at most kMaxSplits) the smallest one within 3% of the best wave efficiency.
-// Depends only on the shape, the dtype, k and the device.
+// Blocks per row, chosen so that the grid fills whole waves of resident blocks (a last wave that is nearly empty
+// costs as much as a full one) while each block stays long enough to amortise its merge: among 1..max splits (each
+// thread keeping at least kMinVectorsPerThread vectors, at most kMaxSplits), the smallest that uses at least 90% of
+// the slots of its waves, else the one that uses the most. Depends only on the shape, the dtype, k and the device.
 template <typename T>
 int splits_for(int64_t num_rows, int64_t vocab, int k) {
   int device = 0, sms = 0;
@@ -371,12 +393,12 @@ int splits_for(int64_t num_rows, int64_t vocab, int k) {
     const int64_t blocks = num_rows * splits;
     return static_cast<double>(blocks) / static_cast<double>((blocks + wave - 1) / wave * wave);
   };
-  double best = 0.0;
-  for (int64_t splits = 1; splits <= most; ++splits) best = efficiency(splits) > best ? efficiency(splits) : best;
+  int64_t best = 1;
   for (int64_t splits = 1; splits <= most; ++splits) {
-    if (efficiency(splits) >= 0.97 * best) return static_cast<int>(splits);
+    if (efficiency(splits) >= 0.9) return static_cast<int>(splits);
+    if (efficiency(splits) > efficiency(best)) best = splits;
   }
-  return 1;
+  return static_cast<int>(best);
 }
 
 Partials carve(void* workspace, int64_t num_rows, int splits, int k) {
