@@ -40,7 +40,7 @@ import torch
 
 from softmask_ext.data import collate, heldout_functions, stdlib_dataset
 from softmask_ext.evaluation import estimate_elbo, evaluate_infill, make_infill_examples, paired_difference, plot_infill
-from softmask_ext.finetune import FALLBACKS, PRESETS
+from softmask_ext.finetune import FALLBACKS, PRESETS, gate_centre, initial_soft_mask
 from softmask_ext.model import DreamModel, load_tokenizer
 from softmask_ext.pretrain import ASSET_DIR
 from softmask_ext.soft_mask import SoftMask
@@ -74,9 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-min", type=float, default=TINY["t_min"], help="training noise range")
     p.add_argument("--t-max", type=float, default=TINY["t_max"])
     p.add_argument("--k", type=int, default=TINY["k"], help="top-k tokens blended by SM")
-    p.add_argument("--sm-init-scale", type=float, default=0.0,
+    p.add_argument("--sm-init-scale", type=float, default=TINY["sm_init_scale"],
                    help="initial transparency_scale (the paper's 0 is stored as 1e-6)")
-    p.add_argument("--sm-init-centre", type=float, default=-0.75, help="initial transparency_centre (paper: -0.75)")
+    p.add_argument("--sm-init-centre", type=gate_centre, default=TINY["sm_init_centre"],
+                   help="initial transparency_centre: a number < 0 (paper: -0.75) or 'auto' (the base model's median "
+                        "pass-1 confidence at masked positions)")
     p.add_argument("--max-chars", type=int, default=None, help="cap on the training corpus (characters)")
     p.add_argument("--elbo-blocks", type=int, default=128, help="validation blocks for the ELBO")
     p.add_argument("--elbo-samples", type=int, default=8, help="noise draws per validation batch (stratified in t)")
@@ -122,7 +124,9 @@ def train_one(args: argparse.Namespace, train_data: Any, condition: str, seed: i
         clip=TINY["clip"], sm_prob=sm_prob, noise=NoiseSchedule(args.t_min, args.t_max), seed=seed,
         adapter=AdapterConfig(kind="full"),
     )
-    soft_mask = SoftMask(k=args.k, scale=args.sm_init_scale, centre=args.sm_init_centre)
+    soft_mask = initial_soft_mask(model, train_data, {
+        **TINY, "k": args.k, "sm_init_scale": args.sm_init_scale, "sm_init_centre": args.sm_init_centre,
+        "batch_size": args.batch_size, "t_min": args.t_min, "t_max": args.t_max, "seed": seed}, verbose=False)
     trainer = Trainer(model, train_data, config, soft_mask=soft_mask, device=args.device)
     trainer.train()
     return trainer.model.eval(), trainer.soft_mask.eval()

@@ -8,12 +8,19 @@ with and without SM and where everything was written.
 For a real model: ``--model DIR`` (a Dream checkpoint) and ``--data FILE`` (JSONL / JSON / Parquet chat
 ``messages``, ``prompt``/``response``, or text). Hyper-parameters come from a preset, then from explicit flags:
 
-* ``tiny`` (default for models under 1B parameters): full fine-tuning, the settings of the 10-minute CPU demo;
+* ``tiny`` (default for models under 1B parameters): full fine-tuning, the settings of the 10-minute CPU demo; the
+  SM gate is centred on the model's own median confidence and the scale starts at 0.2 (see ``PRESETS``);
 * ``dream-paper`` (default for larger models): the authors' Dream recipe: DoRA r=16, alpha=16, dropout 0 on
   q/k/v/o, lr 1e-5 cosine with 3% warmup, grad-norm clip 7, bf16, gradient checkpointing, batch 1 x accumulation
-  8, max length 2048, sm_prob 0.5, SM parameters at lr 1e-2, one epoch.
+  8, max length 2048, sm_prob 0.5, SM parameters at lr 1e-2 from the paper's initialisation, one epoch.
 
-Several GPUs: ``torchrun --nproc_per_node N -m softmask_ext.finetune ...`` (DDP; ``--batch-size`` is per process).
+Several GPUs: ``torchrun --nproc_per_node N -m softmask_ext.finetune ...``; ``--batch-size`` is per process, and the
+run equals one process with N times the gradient accumulation. The model is replicated (DDP), or sharded with FSDP2
+(each decoder layer, then the rest; the SM parameters stay replicated) when ``--fsdp`` is given or when its training
+memory (weights, plus a gradient and two AdamW moments per trained weight) would exceed 80% of one GPU. Under FSDP,
+checkpoints and the final model still hold full weights or PEFT adapters (written by rank 0) and ``--resume``
+continues exactly; ``--fsdp`` in a single process is an error. With several processes the model is loaded on the CPU
+and the trainer moves it, or its shards, to the GPUs.
 """
 
 from __future__ import annotations
@@ -29,20 +36,34 @@ import torch
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import DreamConfig, DreamModel, load_tokenizer
 from .soft_mask import SoftMask
-from .training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer, init_distributed
+from .training import (AdapterConfig, NoiseSchedule, TrainConfig, Trainer, confidence_centre, init_distributed,
+                       masked_neg_entropy)
+from .training.fsdp import check_fsdp_request
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "tiny-coder"
 LARGE_MODEL_PARAMS = 10**9
 
-# `tiny` is the CPU demo on the shipped 1.4M-parameter model (~1-2 minutes on 2 idle cores); the SM parameters use
-# the paper's optimizer settings. `dream-paper` is the authors' Dream recipe.
+# `tiny` is the CPU demo on the shipped 1.4M-parameter model (~1-2 minutes on 2 idle cores). Its SM settings differ
+# from the paper's, for three measured reasons (README, fine-tuning):
+# * gate centre: the tiny model's pass-1 predictions at masked positions have a negative entropy around -4.8 nats,
+#   where the paper's gate (centre -0.75) is closed (sigmoid ~ 1e-9) and passes no gradient; "auto" centres it on
+#   the median confidence of the model itself (softmask_ext.training.gate_init).
+# * initial scale 0.2, not the paper's ~0: at scale -> 0 the model has never seen a soft input, so the gradient of
+#   the loss w.r.t. the scale is zero within its noise (measured over 200 batches, gate centres from the median to
+#   above the 95th percentile of the confidence), and from 1e-6 the scale only random-walks, even at sm_lr 1.0;
+#   0.2 keeps the first SM batches close to plain masks (from 0.5 the runs ended far apart and SM hurt the ELBO).
+# * sm_lr 0.1: Adam moves a raw (logit) parameter by at most ~lr per update; this run makes ~100 SM updates under a
+#   cosine schedule (mean factor ~0.5), so at 1e-2 the scale could travel only ~0.5 logit units and would end near
+#   where it started. At 0.1 it can travel ~5 units and settles where the loss puts it.
+# `dream-paper` is the authors' Dream recipe, with the paper's initialisation (scale ~0, centre -0.75).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(adapter="full", lr=3e-4, sm_lr=1e-2, warmup_ratio=0.03, clip=1.0, bf16=False,
-                 gradient_checkpointing=False, batch_size=8, grad_accum=1, max_length=128, sm_prob=0.5, k=1,
-                 max_steps=200, eval_batches=16),
+    "tiny": dict(adapter="full", lr=3e-4, sm_lr=0.1, sm_init_scale=0.2, sm_init_centre="auto", warmup_ratio=0.03,
+                 clip=1.0, bf16=False, gradient_checkpointing=False, batch_size=8, grad_accum=1, max_length=128,
+                 sm_prob=0.5, k=1, max_steps=200, eval_batches=16),
     "dream-paper": dict(adapter="dora", rank=16, alpha=16.0, lora_dropout=0.0, lr=1e-5, sm_lr=1e-2,
-                        warmup_ratio=0.03, clip=7.0, bf16=True, gradient_checkpointing=True, batch_size=1,
-                        grad_accum=8, max_length=2048, sm_prob=0.5, k=1, max_steps=None, eval_batches=64),
+                        sm_init_scale=0.0, sm_init_centre=-0.75, warmup_ratio=0.03, clip=7.0, bf16=True,
+                        gradient_checkpointing=True, batch_size=1, grad_accum=8, max_length=2048, sm_prob=0.5, k=1,
+                        max_steps=None, eval_batches=64),
 }
 FALLBACKS: dict[str, Any] = dict(sm_eps=1e-8, rank=16, alpha=16.0, lora_dropout=0.0, weight_decay=0.0, t_min=0.2,
                                  t_max=0.8, seed=0, save_every=0, eval_every=0, keep_checkpoints=2, val_fraction=0.02)
@@ -76,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float)
     p.add_argument("--sm-lr", type=float, help="learning rate of the SM parameters")
     p.add_argument("--sm-eps", type=float, help="AdamW epsilon of the SM parameters")
+    p.add_argument("--sm-init-scale", type=float,
+                   help="initial transparency_scale (the paper's 0 is stored as 1e-6; tiny preset: 0.2)")
+    p.add_argument("--sm-init-centre", type=gate_centre,
+                   help="initial transparency_centre: a number < 0 (paper: -0.75) or 'auto', the median pass-1 "
+                        "negative entropy of the base model at masked positions of the first training batches "
+                        "(tiny preset)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-ratio", type=float)
     p.add_argument("--clip", type=float, help="gradient-norm clip")
@@ -84,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-max", type=float)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over the torchrun processes (FSDP2); chosen automatically when training "
+                        "would not fit one GPU")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--eval-every", type=int, help="validate every N steps (0: at the end only)")
     p.add_argument("--eval-batches", type=int)
@@ -93,6 +123,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     return p.parse_args(argv)
+
+
+def gate_centre(text: str) -> float | str:
+    """``--sm-init-centre``: ``auto`` or a negative number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a negative number, got {text!r}") from None
+    if not value < 0:
+        raise argparse.ArgumentTypeError(f"the gate centre is a negative entropy and must be < 0, got {value}")
+    return value
+
+
+def initial_soft_mask(model: DreamModel, train: Any, settings: dict[str, Any], verbose: bool) -> SoftMask:
+    """The SM parameters to start from; an ``auto`` centre is measured on the base model (rank-independent: every
+    process sees the same first batches and noise)."""
+    centre = settings["sm_init_centre"]
+    if centre == "auto":
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad,
+                                         NoiseSchedule(settings["t_min"], settings["t_max"]),
+                                         batch_size=settings["batch_size"], seed=settings["seed"])
+        centre = confidence_centre(neg_entropy)
+        if verbose:
+            q10, q90 = neg_entropy.quantile(torch.tensor([0.1, 0.9])).tolist()
+            print(f"soft-mask gate centre {centre:.3f}: the median confidence (negative entropy, nats) of the base "
+                  f"model at {neg_entropy.numel()} masked positions (10-90% range {q10:.2f} to {q90:.2f})")
+    return SoftMask(k=settings["k"], scale=settings["sm_init_scale"], centre=centre)
 
 
 def estimate_parameters(config: DreamConfig) -> int:
@@ -148,13 +208,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--model {args.model}: no config.json there (expected a Dream checkpoint directory)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = init_distributed(device)
+    check_fsdp_request(args.fsdp, env)
     if device.type == "cuda" and env.distributed:
         device = torch.device("cuda", env.local_rank)
     model_config = DreamConfig.from_pretrained(args.model)
     s = resolve_settings(args, model_config)
     # Frozen bases are kept in bf16 (the adapters train in fp32 under autocast); trained weights stay fp32.
     dtype = torch.bfloat16 if s["bf16"] and device.type == "cuda" and s["adapter"] != "full" else torch.float32
-    model = DreamModel.from_pretrained(args.model, dtype=dtype, device=device)
+    # Several processes: load on the CPU, so that a model FSDP will shard never has to fit one GPU whole.
+    model = DreamModel.from_pretrained(args.model, dtype=dtype, device="cpu" if env.distributed else device)
     tokenizer = load_tokenizer(args.model)
     train, val = load_data(args, tokenizer, s)
     world = env.world_size
@@ -167,12 +229,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         adapter=AdapterConfig(kind=s["adapter"], rank=s["rank"], alpha=s["alpha"], dropout=s["lora_dropout"]),
         gradient_checkpointing=s["gradient_checkpointing"], bf16=s["bf16"], save_every=s["save_every"],
         keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"], eval_batches=s["eval_batches"],
+        fsdp=args.fsdp,
     )
-    trainer = Trainer(model, train, config, val_data=val, soft_mask=SoftMask(k=s["k"]), tokenizer=tokenizer,
+    soft_mask = initial_soft_mask(model, train, s, verbose=env.is_main)
+    trainer = Trainer(model, train, config, val_data=val, soft_mask=soft_mask, tokenizer=tokenizer,
                       device=device, env=env)
     if env.is_main:
-        print(f"fine-tuning {args.model} ({s['preset']} preset, {s['adapter']}) on {len(train)} sequences for "
-              f"{steps} steps; run directory {config.run_dir}")
+        parallel = f", {'FSDP' if trainer.sharded else 'DDP'} over {world} processes" if env.distributed else ""
+        print(f"fine-tuning {args.model} ({s['preset']} preset, {s['adapter']}{parallel}) on {len(train)} sequences "
+              f"for {steps} steps; run directory {config.run_dir}")
     if args.resume and trainer.resume() and env.is_main:
         print(f"resumed from step {trainer.step}")
     summary = trainer.train()

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from _training_helpers import CODE, make_model_dir
 from softmask_ext import SoftMask
-from softmask_ext.finetune import SHIPPED_MODEL, main, parse_args, resolve_settings
+from softmask_ext.finetune import PRESETS, SHIPPED_MODEL, main, parse_args, resolve_settings
 from softmask_ext.model import DreamConfig
 
 
@@ -36,12 +36,16 @@ def test_dream_paper_preset_is_the_default_for_7b_models_and_flags_override_it()
     assert (s["lr"], s["sm_lr"], s["warmup_ratio"], s["clip"]) == (1e-5, 1e-2, 0.03, 7.0)
     assert (s["batch_size"], s["grad_accum"], s["max_length"], s["sm_prob"]) == (1, 8, 2048, 0.5)
     assert s["bf16"] and s["gradient_checkpointing"] and s["max_steps"] is None
+    assert (s["sm_init_scale"], s["sm_init_centre"]) == (0.0, -0.75)  # the paper's initialisation
     s = resolve_settings(parse_args(["--lora", "--rank", "8", "--lr", "2e-5", "--no-bf16"]), seven_b)
     assert (s["adapter"], s["rank"], s["lr"], s["bf16"], s["alpha"]) == ("lora", 8, 2e-5, False, 16.0)
     small = DreamConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, mask_token_id=1, pad_token_id=0,
                         eos_token_id=0, bos_token_id=0)
-    assert resolve_settings(parse_args([]), small)["preset"] == "tiny"
+    tiny = resolve_settings(parse_args([]), small)
+    assert tiny["preset"] == "tiny"
+    assert (tiny["sm_init_scale"], tiny["sm_init_centre"], tiny["sm_lr"]) == (0.2, "auto", 0.1)
+    assert resolve_settings(parse_args(["--sm-init-centre", "-1.5"]), small)["sm_init_centre"] == -1.5
     assert resolve_settings(parse_args(["--preset", "dream-paper"]), small)["adapter"] == "dora"
 
 
@@ -60,9 +64,13 @@ def test_malformed_data_is_a_clear_error_naming_file_and_line(model_dir, tmp_pat
         main(["--model", str(model_dir), "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path)])
 
 
-def test_bad_settings_are_a_clear_error(model_dir, data_file, tmp_path):
+def test_bad_settings_are_a_clear_error(model_dir, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit, match="sm_prob"):
         main(["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(tmp_path), "--sm-prob", "2"])
+    for centre, message in (("0.5", "must be < 0"), ("high", "'auto' or a negative number")):
+        with pytest.raises(SystemExit):
+            parse_args(["--sm-init-centre", centre])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
@@ -92,3 +100,17 @@ def test_default_run_shortened(tmp_path, capsys):
     assert len(records) == 3 and records[-1]["val_binary"] == summary["val_binary"]
     out = capsys.readouterr().out
     assert "binary masks" in out and "soft masks" in out and "transparency_config" in out
+    # The gate is centred on the model's own confidence (far below the paper's -0.75) and the scale was learned.
+    centre = float(out.split("soft-mask gate centre ")[1].split(":")[0])
+    assert centre < -2.0 and records[0]["centre"] < -2.0
+    assert abs(summary["soft_mask"]["transparency_scale"] - PRESETS["tiny"]["sm_init_scale"]) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the tiny model has not been built yet")
+def test_default_run_learns_an_active_soft_mask_without_hurting_the_elbo(tmp_path):
+    """The full no-argument run (~30 s on 2 cores): the scale ends well away from zero (measured 0.097-0.112 over
+    seeds 0-2) and SM costs nothing on the held-out ELBO (measured within 0.0014 nats of binary)."""
+    summary = main(["--output-dir", str(tmp_path)])
+    assert summary["soft_mask"]["transparency_scale"] >= 0.05
+    assert summary["val_soft_mask"] <= summary["val_binary"] + 0.005

@@ -1,14 +1,15 @@
-"""Process-group setup for ``torchrun`` (DDP): gloo on CPU, nccl on GPU; a no-op for a single process."""
+"""Process-group setup for ``torchrun`` (DDP or FSDP): gloo on CPU, nccl on GPU; a no-op for a single process."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "all_reduce_sum", "barrier"]
+__all__ = ["DistEnv", "init_distributed", "all_reduce_sum", "average_gradients", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,18 @@ def all_reduce_sum(value: float, env: DistEnv, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], env: DistEnv) -> None:
+    """Average the gradients of replicated parameters over all processes, as DDP does (a process where a parameter
+    got no gradient contributes zeros). Collective: call it in every process, and only when some process has a
+    gradient, so that parameters no process used keep ``grad=None`` (as under DDP)."""
+    if not env.distributed:
+        return
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad)
+        p.grad = grad.div_(env.world_size)
 
 
 def barrier(env: DistEnv) -> None:

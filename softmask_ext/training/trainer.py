@@ -5,6 +5,9 @@ For every micro-batch a coin with probability ``sm_prob`` picks the two-pass SM 
 (:mod:`.two_pass`); the loss is :func:`.objective.masked_token_loss` normalised by the response tokens of the
 whole step, so splitting a step into micro-batches or processes does not change the gradient.
 
+Several processes (``torchrun``): DDP, or FSDP (:mod:`.fsdp`) when ``config.fsdp`` asks for it or the model would not
+fit one GPU for training. Both give the result of one process with the same global batch.
+
 Reproducibility. Randomness never comes from a shared, advancing RNG: the SM coin and the noise of micro-batch
 ``g`` are drawn from generators seeded by ``(seed, stream, g)`` (:func:`.noise.stream_generator`), the global torch
 RNG (dropout) is reseeded from ``(seed, step, rank)`` at every step, and the data order is a function of
@@ -38,13 +41,25 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data import BatchStream, Example, collate
 from ..soft_mask import SoftMask
 from .adapters import AdapterConfig, apply_adapters, load_trainable
 from .checkpoint import latest_checkpoint, write_checkpoint
-from .distributed import DistEnv, all_reduce_sum, barrier
+from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
+from .fsdp import (
+    FULL_STATE,
+    ShardedTrainingForward,
+    clip_grad_norm,
+    gather_trainable_state,
+    load_trainable_sharded,
+    save_trainable_state,
+    shard,
+    use_fsdp,
+)
 from .noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
 from .objective import masked_token_loss
 from .plots import plot_training
@@ -68,7 +83,8 @@ def micro_batch_index(step: int, accum_index: int, grad_accum: int, rank: int, w
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of a run. ``batch_size`` is per process and per micro-batch."""
+    """Hyper-parameters of a run. ``batch_size`` is per process and per micro-batch; ``fsdp`` shards the model over
+    the processes (needs several; see :mod:`.fsdp` for when it is chosen without being asked)."""
 
     run_dir: str
     max_steps: int
@@ -90,6 +106,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0
     eval_batches: int = 16
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.noise, dict):
@@ -169,17 +186,25 @@ class Trainer:
             raise ValueError("the model config names neither a pad nor an eos token id; one is needed for padding")
         self.pad_token_id = int(pad)
 
-        model.to(self.device)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.model = apply_adapters(model, config.adapter)
+        # Adapters start the same in every process (FSDP keeps each process's own shard of them).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = apply_adapters(model, config.adapter)
+        # Decided before the model moves: a model sharded by FSDP goes to the device shard by shard.
+        self.sharded = use_fsdp(config.fsdp, self.env, self.model, self.device)
         self.soft_mask = (soft_mask if soft_mask is not None else SoftMask(k=1)).to(self.device)
         self.soft_mask.requires_grad_(config.sm_prob > 0)
-        self.forward = DiffusionTrainingForward(self.model, self.soft_mask, self.mask_token_id)
+        if self.sharded:
+            self.forward: DiffusionTrainingForward = ShardedTrainingForward(
+                self.model, self.soft_mask, self.mask_token_id)
+            shard(self.forward, self.env, self.device, bf16=self._bf16)
+        else:
+            self.model.to(self.device)
+            self.forward = DiffusionTrainingForward(self.model, self.soft_mask, self.mask_token_id)
         self.ddp: nn.Module = self.forward
-        if self.env.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
+        if self.env.distributed and not self.sharded:
             device_ids = [self.device] if self.device.type == "cuda" else None
             # SM parameters get no gradient on plain-pass micro-batches: DDP must not wait for them.
             self.ddp = DistributedDataParallel(self.forward, device_ids=device_ids, find_unused_parameters=True)
@@ -206,21 +231,25 @@ class Trainer:
             (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------------------ the loss
+    @property
+    def _bf16(self) -> bool:
+        return self.config.bf16 and self.device.type == "cuda"
+
     def _autocast(self):
-        if self.config.bf16 and self.device.type == "cuda":
+        if self._bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _batch_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, soft: bool,
-        num_tokens: float,
+        num_tokens: float, **forward_options: bool,
     ) -> torch.Tensor:
         ids = batch["input_ids"].to(self.device)
         response = ~batch["prompt_mask"].to(self.device)
         attention = batch["attention_mask"].to(self.device)
         noised = sample_noise(ids, response, self.mask_token_id, self.config.noise, generator)
         with self._autocast():
-            logits = module(noised.x_t, None if bool(attention.all()) else attention, soft)
+            logits = module(noised.x_t, None if bool(attention.all()) else attention, soft, **forward_options)
             return masked_token_loss(logits, ids, noised.masked, noised.t, num_tokens)
 
     def _sm_coin(self, index: int) -> bool:
@@ -238,21 +267,29 @@ class Trainer:
             cfg.seed, _TORCH_RNG_STREAM, self.step * env.world_size + env.rank))))
         batches = [next(self.stream) for _ in range(cfg.grad_accum)]
         num_tokens = all_reduce_sum(sum(float((~b["prompt_mask"]).sum()) for b in batches), env, self.device)
+        # The SM coin of every micro-batch of every process (FSDP keeps processes in lockstep with it).
+        coins = [[self._sm_coin(micro_batch_index(self.step, a, cfg.grad_accum, r, env.world_size))
+                  for r in range(env.world_size)] for a in range(cfg.grad_accum)]
         loss_sum, soft_here = 0.0, 0
         for a, batch in enumerate(batches):
             index = micro_batch_index(self.step, a, cfg.grad_accum, env.rank, env.world_size)
-            soft = self._sm_coin(index)
+            soft = coins[a][env.rank]
             soft_here += soft
             last = a == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not env.distributed else self.ddp.no_sync()
+            ddp = isinstance(self.ddp, DistributedDataParallel)
+            sync = self.ddp.no_sync() if ddp and not last else contextlib.nullcontext()
+            options = {"lockstep_pass1": any(coins[a])} if self.sharded else {}
             with sync:
                 loss = self._batch_loss(self.ddp, batch, stream_generator(cfg.seed, _NOISE_STREAM, index), soft,
-                                        num_tokens)
-                # DDP averages gradients over processes; the loss is already normalised over all of them.
+                                        num_tokens, **options)
+                # DDP and FSDP average gradients over processes; the loss is already normalised over all of them.
                 (loss * env.world_size).backward()
             loss_sum += loss.item()
+        if self.sharded and any(map(any, coins)):  # the replicated SM parameters, as DDP would
+            average_gradients(self.soft_mask.parameters(), env)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        clip = clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,12 +323,18 @@ class Trainer:
         modes = {"binary": False, "soft_mask": True} if self.config.sm_prob > 0 else {"binary": False}
         totals = dict.fromkeys(modes, 0.0)
         tokens = 0.0
-        for j in starts[env.rank::env.world_size]:
+        mine = starts[env.rank::env.world_size]
+        # Under FSDP every process runs as many forwards as the others (each all-gathers weights): a process with
+        # fewer batches evaluates its first one again and discards the result.
+        rounds = math.ceil(len(starts) / env.world_size) if self.sharded else len(mine)
+        for r in range(rounds):
+            counted = r < len(mine)
+            j = mine[r] if counted else starts[0]
             batch = collate([self.val_data[i] for i in range(j, min(j + b, len(self.val_data)))], self.pad_token_id)
-            tokens += float((~batch["prompt_mask"]).sum())
+            tokens += float((~batch["prompt_mask"]).sum()) * counted
             for name, soft in modes.items():
                 generator = stream_generator(_EVAL_SEED, _EVAL_STREAM, j)
-                totals[name] += self._batch_loss(self.forward, batch, generator, soft, 1.0).item()
+                totals[name] += self._batch_loss(self.forward, batch, generator, soft, 1.0).item() * counted
         self.forward.train()
         tokens = all_reduce_sum(tokens, env, self.device)
         return {f"val_{name}": all_reduce_sum(total, env, self.device) / tokens for name, total in totals.items()}
@@ -339,9 +382,10 @@ class Trainer:
     def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write the final model, the SM config, the figure and the summary (rank 0)."""
         paths: dict[str, str] = {}
+        model_state = gather_trainable_state(self.model) if self.sharded else None
         if self.env.is_main:
             final = self.run_dir / "final"
-            self.model.save_pretrained(final)
+            self._save_model(final, model_state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(final)
             self.soft_mask.save_transparency_config(final)
@@ -360,17 +404,34 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        """Atomically write the state needed to continue exactly (rank 0 writes, all ranks wait)."""
+        """Atomically write the state needed to continue exactly (all ranks gather, rank 0 writes, all ranks wait).
+
+        Weights are written whole in the usual formats, and the optimizer state is keyed by parameter name
+        (``torch.distributed.checkpoint.state_dict``), full and unsharded under FSDP.
+        """
+        model_state = gather_trainable_state(self.model) if self.sharded else None
+        optimizer_state = get_optimizer_state_dict(self.forward, self.optimizer,
+                                                   options=FULL_STATE if self.sharded else None)
         if self.env.is_main:
-            write_checkpoint(self.checkpoint_root, self.step, self._write_state, keep=self.config.keep_checkpoints)
+            write_checkpoint(self.checkpoint_root, self.step,
+                             lambda directory: self._write_state(directory, model_state, optimizer_state),
+                             keep=self.config.keep_checkpoints)
         barrier(self.env)
 
-    def _write_state(self, directory: Path) -> None:
-        self.model.save_pretrained(directory / "model")
+    def _save_model(self, directory: Path, model_state: dict[str, torch.Tensor] | None) -> None:
+        """The trained model in the usual formats; under FSDP from the gathered full state (rank 0)."""
+        if model_state is None:
+            self.model.save_pretrained(directory)
+        else:
+            save_trainable_state(self.model, model_state, directory)
+
+    def _write_state(self, directory: Path, model_state: dict[str, torch.Tensor] | None,
+                     optimizer_state: dict[str, Any]) -> None:
+        self._save_model(directory / "model", model_state)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
                   str(directory / "soft_mask.safetensors"))
         self.soft_mask.save_transparency_config(directory / "transparency_config.json")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+        torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
                    directory / "optimizer.pt")
         state = {"step": self.step, "data": self.stream.state_dict(), "soft_batches": self.soft_batches,
                  "micro_batches": self.micro_batches, "config": self.config.to_dict()}
@@ -387,10 +448,13 @@ class Trainer:
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has "
                                  f"{key}={getattr(self.config, key)}")
-        load_trainable(self.model, self.config.adapter, path / "model")
+        (load_trainable_sharded if self.sharded else load_trainable)(self.model, self.config.adapter, path / "model")
         self.soft_mask.load_state_dict(load_file(str(path / "soft_mask.safetensors"), device=str(self.device)))
-        opt = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
+        # Under FSDP every process reads the full state on the CPU and keeps its shard. Parameters that never had a
+        # gradient (an SM parameter before the first SM batch) have no state, and must stay without.
+        opt = torch.load(path / "optimizer.pt", map_location="cpu" if self.sharded else self.device, weights_only=True)
+        set_optimizer_state_dict(self.forward, self.optimizer, opt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=self.sharded, strict=False))
         self.scheduler.load_state_dict(opt["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
