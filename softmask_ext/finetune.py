@@ -43,7 +43,7 @@ from .training.fsdp import check_fsdp_request
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "tiny-coder"
 LARGE_MODEL_PARAMS = 10**9
 
-# `tiny` is the CPU demo on the shipped 1.4M-parameter model (~1-2 minutes on 2 idle cores). Its SM settings differ
+# `tiny` is the CPU demo on the shipped 1.4M-parameter model (about 20 s on 2 idle cores). Its SM settings differ
 # from the paper's, for three measured reasons (README, fine-tuning):
 # * gate centre: the tiny model's pass-1 predictions at masked positions have a negative entropy around -4.8 nats,
 #   where the paper's gate (centre -0.75) is closed (sigmoid ~ 1e-9) and passes no gradient; "auto" centres it on
