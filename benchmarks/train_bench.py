@@ -102,7 +102,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny budgets (dry run)")
     p.add_argument("--budget-s", type=float, default=120.0, help="time budget of the timed steps, all modes")
-    p.add_argument("--steps", type=int, default=10, help="timed rounds of the three modes (fewer when the budget runs out)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed rounds of the three modes (fewer when the budget runs out)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     device = torch.device(args.device)

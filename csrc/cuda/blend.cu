@@ -14,10 +14,6 @@ namespace softmask::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr size_t kAlignment = 256;
-
-size_t align_up(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
-
 constexpr int kRowsInFlight = 8;  // table rows whose loads a thread issues before it accumulates them
 
 // VEC values of T: one 16-byte word (VEC = kVectorWidth<T>), or one value (VEC = 1, the scalar path for shapes or

@@ -49,6 +49,12 @@ __device__ __forceinline__ void store_vector(T* p, const float (&in)[kVectorWidt
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// Workspace carving: each array starts on a 256-byte boundary.
+constexpr size_t kWorkspaceAlignment = 256;
+inline size_t align_up(size_t bytes) {
+  return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+}
+
 inline bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 inline unsigned int blocks_for(int64_t work, int per_block) {

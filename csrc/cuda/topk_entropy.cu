@@ -227,11 +227,10 @@ struct Outputs {
 // grid = (rows, splits). Block (r, s) scans vectors [s * per_split, (s + 1) * per_split) of its row's 16-byte
 // aligned body; block s = 0 also takes the unaligned head and tail.
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K>) topk_entropy_kernel(const T* __restrict__ logits, int64_t row_stride,
-                                                                 int64_t vocab, int64_t rows_total,
-                                                                 const int64_t* __restrict__ rows, int k,
-                                                                 float scale, int64_t vectors_per_split,
-                                                                 Outputs out, Partials partials) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K>)
+    topk_entropy_kernel(const T* __restrict__ logits, int64_t row_stride, int64_t vocab, int64_t rows_total,
+                        const int64_t* __restrict__ rows, int k, float scale, int64_t vectors_per_split, Outputs out,
+                        Partials partials) {
   constexpr int W = kVectorWidth<T>;
   __shared__ float list_value[kWarps][K];
   __shared__ int32_t list_index[kWarps][K];
@@ -259,7 +258,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K>) topk_entropy_ker
   const int64_t head = misalignment == 0 ? 0 : (vocab < W - misalignment ? vocab : W - misalignment);
   const int64_t vectors = (vocab - head) / W;
   if (split == 0) {
-    for (int64_t i = threadIdx.x; i < head; i += kThreads) scan.template consume<1>({to_float(row[i])}, static_cast<int32_t>(i));
+    for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+      scan.template consume<1>({to_float(row[i])}, static_cast<int32_t>(i));
+    }
     for (int64_t i = head + vectors * W + threadIdx.x; i < vocab; i += kThreads) {
       scan.template consume<1>({to_float(row[i])}, static_cast<int32_t>(i));
     }
@@ -340,8 +341,6 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(int64_t num_rows
   if (lane == 0) write_row(r, k, merged_value, merged_index, total, out.ids, out.probs, out.neg_entropy);
 }
 
-size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
 template <int K>
 struct Bucket {
   static constexpr int value = K;
@@ -401,26 +400,30 @@ int splits_for(int64_t num_rows, int64_t vocab, int k) {
   return static_cast<int>(best);
 }
 
-Partials carve(void* workspace, int64_t num_rows, int splits, int k) {
-  const size_t slots = static_cast<size_t>(num_rows) * splits;
-  char* cursor = static_cast<char*>(workspace);
-  Partials p{};
-  p.states = reinterpret_cast<EntropyState*>(cursor);
-  cursor += align_up(slots * sizeof(EntropyState));
-  p.values = reinterpret_cast<float*>(cursor);
-  cursor += align_up(slots * k * sizeof(float));
-  p.indices = reinterpret_cast<int32_t*>(cursor);
-  return p;
-}
+// Where the partial results of num_rows * splits blocks lie in the workspace (byte offsets), and its size.
+struct WorkspaceLayout {
+  size_t values, indices, bytes;
+
+  WorkspaceLayout(int64_t num_rows, int splits, int k) {
+    const size_t slots = static_cast<size_t>(num_rows) * splits;
+    values = align_up(slots * sizeof(EntropyState));
+    indices = values + align_up(slots * k * sizeof(float));
+    bytes = indices + slots * k * sizeof(int32_t);
+  }
+
+  Partials carve(void* workspace) const {
+    char* base = static_cast<char*>(workspace);
+    return {reinterpret_cast<EntropyState*>(base), reinterpret_cast<float*>(base + values),
+            reinterpret_cast<int32_t*>(base + indices)};
+  }
+};
 
 }  // namespace
 
 template <typename T>
 size_t topk_entropy_workspace_bytes(int64_t num_rows, int64_t vocab, int k) {
   const int splits = splits_for<T>(num_rows, vocab, k);
-  if (splits == 1) return 0;
-  const size_t slots = static_cast<size_t>(num_rows) * splits;
-  return align_up(slots * sizeof(EntropyState)) + align_up(slots * k * sizeof(float)) + slots * k * sizeof(int32_t);
+  return splits == 1 ? 0 : WorkspaceLayout(num_rows, splits, k).bytes;
 }
 
 template <typename T>
@@ -429,8 +432,12 @@ cudaError_t topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, int
                          void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (num_rows == 0) return cudaSuccess;
   const int splits = splits_for<T>(num_rows, vocab, k);
-  if (workspace_bytes < topk_entropy_workspace_bytes<T>(num_rows, vocab, k)) return cudaErrorInvalidValue;
-  const Partials partials = splits > 1 ? carve(workspace, num_rows, splits, k) : Partials{};
+  Partials partials{};
+  if (splits > 1) {
+    const WorkspaceLayout layout(num_rows, splits, k);
+    if (workspace_bytes < layout.bytes) return cudaErrorInvalidValue;
+    partials = layout.carve(workspace);
+  }
   const Outputs out{ids, probs, neg_entropy};
   const int64_t vectors = vocab / kVectorWidth<T>;  // an upper bound on every row's aligned body
   const int64_t per_split = (vectors + splits - 1) / splits;
