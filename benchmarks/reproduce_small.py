@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=ASSET_DIR, help="the base model (binary MDLM)")
     p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4),
                    help="comma-separated training seeds (>= 3 for a std)")
-    p.add_argument("--steps", type=int, default=400, help="S: updates of the binary and same-updates runs")
+    p.add_argument("--steps", type=int, default=TINY["max_steps"], help="S: updates of the binary and same-updates runs")
     p.add_argument("--sm-prob", type=float, default=TINY["sm_prob"])
     p.add_argument("--batch-size", type=int, default=TINY["batch_size"])
     p.add_argument("--seq-len", type=int, default=TINY["max_length"], help="tokens per training/validation block")

@@ -52,15 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-positions", type=int, default=2048, help="max_position_embeddings in config.json")
     p.add_argument("--seq-len", type=int, default=128, help="length of the packed training blocks")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-steps", type=int, default=4000)
+    # Held-out loss after 400 steps: lr 3e-3 4.96, 1e-3 4.73, 5e-4 4.52, 2e-4 4.91 nats (the first shipped model was
+    # trained at 3e-3 and ended at 4.50 after 1000 steps; at 5e-4 and 4000 steps it reaches 2.57).
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warmup then cosine)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--max-chars", type=int, default=None, help="cap on the corpus size (tests)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its latest checkpoint")
     return p.parse_args(argv)
 

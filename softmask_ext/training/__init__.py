@@ -3,7 +3,7 @@
 from .adapters import ADAPTER_KINDS, AdapterConfig, apply_adapters
 from .checkpoint import CorruptCheckpointError, latest_checkpoint, verify_checkpoint, write_checkpoint
 from .distributed import DistEnv, init_distributed
-from .gate_init import confidence_centre, masked_neg_entropy
+from .gate_init import confidence_centre, masked_neg_entropy, scale_gradient
 from .noise import (
     FINETUNE_NOISE,
     PRETRAIN_NOISE,
@@ -21,7 +21,7 @@ __all__ = [
     "ADAPTER_KINDS", "AdapterConfig", "apply_adapters",
     "CorruptCheckpointError", "latest_checkpoint", "verify_checkpoint", "write_checkpoint",
     "DistEnv", "init_distributed",
-    "confidence_centre", "masked_neg_entropy",
+    "confidence_centre", "masked_neg_entropy", "scale_gradient",
     "FINETUNE_NOISE", "PRETRAIN_NOISE", "NoisedBatch", "NoiseSchedule", "apply_noise", "sample_noise",
     "stream_generator",
     "masked_token_loss", "prediction_rows", "shift_logits",

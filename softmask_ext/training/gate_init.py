@@ -2,9 +2,13 @@
 
 ``lam = scale * sigmoid(steepness * (negH - centre))`` only passes a gradient to ``scale`` at positions whose
 confidence ``negH`` is not far below ``centre``. The paper's centre (-0.75 nats) suits Dream-7B, whose predictions
-are confident; a small model's predictions at masked positions sit several nats lower (the shipped tiny model: median
-about -4.8), where the paper's gate is closed (``sigmoid`` ~ 1e-9) and SM can neither act nor be learned. Centring the
-gate on a quantile of the base model's own pass-1 confidence opens it for that share of the masked positions.
+are confident; a weak model's predictions at masked positions can sit several nats lower (the shipped tiny model's
+median is about -3.4), where the paper's gate passes little and SM is slow to start. Centring the gate on a quantile
+of the base model's own pass-1 confidence (``--sm-init-centre auto``) opens it for that share of the masked positions.
+
+Whether SM can start at all from the paper's scale of ~1e-6 is decided by the sign of the loss gradient with respect to
+the scale there (the model has never seen a soft input, so nothing else moves it): :func:`scale_gradient` measures it
+per training batch.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..soft_mask import SoftMask
 from ..data import BatchStream, Example
 from .noise import NoiseSchedule, sample_noise, stream_generator
-from .two_pass import model_logits
+from .objective import masked_token_loss
+from .two_pass import model_logits, soft_mask_forward
 
-__all__ = ["masked_neg_entropy", "confidence_centre"]
+__all__ = ["masked_neg_entropy", "confidence_centre", "scale_gradient"]
 
 _CALIBRATION_STREAM = 5  # a random stream of its own (the trainer's streams are 1-4): training noise is unchanged
 
@@ -71,3 +77,48 @@ def confidence_centre(neg_entropy: Tensor, quantile: float = 0.5) -> float:
     if finite.numel() == 0:
         raise ValueError("no finite confidence values to place the soft-mask gate centre on")
     return min(float(finite.quantile(quantile)), -1e-3)
+
+
+def scale_gradient(
+    model: nn.Module,
+    soft_mask: SoftMask,
+    data: Sequence[Example],
+    mask_token_id: int,
+    pad_token_id: int,
+    noise: NoiseSchedule,
+    *,
+    batch_size: int,
+    batches: int = 8,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Per batch, the gradient of the SM training loss with respect to ``transparency_scale``, and the top-1 accuracy
+    of pass 1 at the masked positions: (fp64 ``[batches]``, fp64 ``[batches]``).
+
+    The batches and noise are those of :func:`masked_neg_entropy`; the loss is the trainer's for an SM batch
+    (two-pass forward, ``1/t`` weight, normalised by the batch's response tokens). Negative values mean that a larger
+    scale lowers the loss. Neither the model nor ``soft_mask`` keeps a gradient.
+    """
+    if batches < 1:
+        raise ValueError(f"need at least one batch, got {batches}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    stream = BatchStream(data, batch_size, pad_token_id, seed=seed)
+    grads, accuracy = [], []
+    for index in range(batches):
+        batch = next(stream)
+        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        response = ~batch["prompt_mask"].to(device)
+        noised = sample_noise(ids, response, mask_token_id, noise, stream_generator(seed, _CALIBRATION_STREAM, index))
+        attention = None if bool(attention.all()) else attention
+        with torch.no_grad():
+            rows = model_logits(model, input_ids=noised.x_t, attention_mask=attention)
+            predicted = torch.cat([rows[:, :1], rows[:, :-1]], dim=1).argmax(-1)  # Dream's shift
+        accuracy.append(float((predicted == ids)[noised.masked].double().mean()))
+        logits = soft_mask_forward(model, soft_mask, noised.x_t, attention, mask_token_id)
+        loss = masked_token_loss(logits, ids, noised.masked, noised.t, int(response.sum()))
+        (grad,) = torch.autograd.grad(loss, soft_mask.raw_scale)
+        scale = float(soft_mask.scale.detach())
+        grads.append(float(grad) / (scale * (1.0 - scale)))  # d sigmoid(raw) / d raw = s (1 - s)
+    model.train(was_training)
+    return torch.tensor(grads, dtype=torch.float64), torch.tensor(accuracy, dtype=torch.float64)
