@@ -13,7 +13,8 @@ per training batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,13 +22,49 @@ from torch import Tensor, nn
 from .. import ops
 from ..soft_mask import SoftMask
 from ..data import BatchStream, Example
-from .noise import NoiseSchedule, sample_noise, stream_generator
+from .noise import NoisedBatch, NoiseSchedule, sample_noise, stream_generator
 from .objective import masked_token_loss
 from .two_pass import model_logits, soft_mask_forward
 
 __all__ = ["masked_neg_entropy", "confidence_centre", "scale_gradient"]
 
 _CALIBRATION_STREAM = 5  # a random stream of its own (the trainer's streams are 1-4): training noise is unchanged
+
+
+class _CalibrationBatch(NamedTuple):
+    ids: Tensor  # int64 [B, T], the clean tokens
+    attention: Tensor | None  # [B, T], or None when nothing is padded
+    response_tokens: int  # tokens that could have been masked (the loss normaliser)
+    noised: NoisedBatch
+    first: Tensor  # pass-1 logits [N, V] of the rows that predict the N masked positions (Dream's shift)
+
+
+def _calibration_batches(model: nn.Module, data: Sequence[Example], mask_token_id: int, pad_token_id: int,
+                         noise: NoiseSchedule, batch_size: int, batches: int,
+                         seed: int) -> Iterator[_CalibrationBatch]:
+    """The first ``batches`` training batches (same data order as training for ``seed``), noised as in training but
+    from a random stream of their own, with their pass-1 logits (no gradient); the model is in eval mode meanwhile."""
+    if batches < 1:
+        raise ValueError(f"need at least one batch, got {batches} calibration batches")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        stream = BatchStream(data, batch_size, pad_token_id, seed=seed)
+        for index in range(batches):
+            batch = next(stream)
+            ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            response = ~batch["prompt_mask"].to(device)
+            noised = sample_noise(ids, response, mask_token_id, noise,
+                                  stream_generator(seed, _CALIBRATION_STREAM, index))
+            attention = None if bool(attention.all()) else attention
+            batch_idx, pos_idx = noised.masked.nonzero(as_tuple=True)
+            rows = batch_idx * ids.shape[1] + (pos_idx - 1).clamp_min(0)
+            with torch.no_grad():
+                first = model_logits(model, input_ids=noised.x_t, attention_mask=attention, logits_rows=rows)
+            yield _CalibrationBatch(ids, attention, int(response.sum()), noised, first)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -47,25 +84,8 @@ def masked_neg_entropy(
     The batches are the ones training starts with (same data order for ``seed``), noised as in training but from a
     random stream of their own; the prediction for position ``i`` is logits row ``i - 1`` (Dream's shift).
     """
-    if batches < 1:
-        raise ValueError(f"need at least one calibration batch, got {batches}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    stream = BatchStream(data, batch_size, pad_token_id, seed=seed)
-    values = []
-    for index in range(batches):
-        batch = next(stream)
-        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        noised = sample_noise(ids, ~batch["prompt_mask"].to(device), mask_token_id, noise,
-                              stream_generator(seed, _CALIBRATION_STREAM, index))
-        batch_idx, pos_idx = noised.masked.nonzero(as_tuple=True)
-        rows = batch_idx * ids.shape[1] + (pos_idx - 1).clamp_min(0)
-        logits = model_logits(model, input_ids=noised.x_t, attention_mask=None if bool(attention.all()) else attention,
-                              logits_rows=rows)
-        values.append(ops.topk_entropy(logits, 1)[2].float().cpu())
-    model.train(was_training)
-    return torch.cat(values)
+    return torch.cat([ops.topk_entropy(b.first, 1)[2].float().cpu() for b in _calibration_batches(
+        model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed)])
 
 
 def confidence_centre(neg_entropy: Tensor, quantile: float = 0.5) -> float:
@@ -98,27 +118,12 @@ def scale_gradient(
     (two-pass forward, ``1/t`` weight, normalised by the batch's response tokens). Negative values mean that a larger
     scale lowers the loss. Neither the model nor ``soft_mask`` keeps a gradient.
     """
-    if batches < 1:
-        raise ValueError(f"need at least one batch, got {batches}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    stream = BatchStream(data, batch_size, pad_token_id, seed=seed)
     grads, accuracy = [], []
-    for index in range(batches):
-        batch = next(stream)
-        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        response = ~batch["prompt_mask"].to(device)
-        noised = sample_noise(ids, response, mask_token_id, noise, stream_generator(seed, _CALIBRATION_STREAM, index))
-        attention = None if bool(attention.all()) else attention
-        with torch.no_grad():
-            rows = model_logits(model, input_ids=noised.x_t, attention_mask=attention)
-            predicted = torch.cat([rows[:, :1], rows[:, :-1]], dim=1).argmax(-1)  # Dream's shift
-        accuracy.append(float((predicted == ids)[noised.masked].double().mean()))
-        logits = soft_mask_forward(model, soft_mask, noised.x_t, attention, mask_token_id)
-        loss = masked_token_loss(logits, ids, noised.masked, noised.t, int(response.sum()))
+    for b in _calibration_batches(model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed):
+        accuracy.append(float((b.first.argmax(-1) == b.ids[b.noised.masked]).double().mean()))
+        logits = soft_mask_forward(model, soft_mask, b.noised.x_t, b.attention, mask_token_id)
+        loss = masked_token_loss(logits, b.ids, b.noised.masked, b.noised.t, b.response_tokens)
         (grad,) = torch.autograd.grad(loss, soft_mask.raw_scale)
         scale = float(soft_mask.scale.detach())
         grads.append(float(grad) / (scale * (1.0 - scale)))  # d sigmoid(raw) / d raw = s (1 - s)
-    model.train(was_training)
     return torch.tensor(grads, dtype=torch.float64), torch.tensor(accuracy, dtype=torch.float64)
