@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/device_check.sh OUTDIR
 #
-# Environment: SKIP="decode train" leaves out steps by name (kernel_tests, kernel_bench, cuda_tests, decode, train);
+# Environment: SKIP="decode train" leaves out steps by name (kernel_tests, kernel_bench, cuda_tests, decode,
+# decode_sampling, train);
 # DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those two benchmarks.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
@@ -65,6 +66,10 @@ fi
 
 step "decode benchmark"
 wanted decode && run $py "$repo/benchmarks/decode_bench.py" $quick --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench.json"
+
+step "decode benchmark, the paper's sampling (temperature 0.1, top-p 0.9)"
+wanted decode_sampling && run $py "$repo/benchmarks/decode_bench.py" $quick --temperature 0.1 --top-p 0.9 \
+    --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench_sampling.json"
 
 step "train benchmark"
 wanted train && run $py "$repo/benchmarks/train_bench.py" $quick --budget-s "${TRAIN_BUDGET_S:-40}" --out "$out/train_bench.json"

@@ -7,10 +7,13 @@ positions, and soft-masking as the paper writes it, a dense vocabulary mixture t
 Where Dream leaves a choice open or ties results to its own random calls, the oracle follows the engine's documented
 rules, so that tests can compare token for token:
 
-- randomness: each step draws, from one generator and in this order, ``Exp(1)`` noise ``[B, N, V]`` (when
+- randomness: each step draws, from one generator and in this order, an fp64 uniform ``u`` ``[B, N]`` (when
   temperature > 0) and a ``[B, N]`` uniform (``origin``) or Gumbel (``alg_temp`` > 0) draw over the generated region;
-  sampling is ``argmax(p / E)`` (an exact draw from ``p``, like Dream's ``Categorical``) and ``alg_temp`` selection is
-  Gumbel-top-k (an exact draw without replacement from ``softmax(conf / alg_temp)``, like Dream's ``multinomial``);
+  sampling inverts the CDF (the first token whose cumulative probability, summed in fp64, exceeds ``u`` times the
+  total: a draw from ``p``, like Dream's ``Categorical``) and ``alg_temp`` selection is Gumbel-top-k (an exact draw
+  without replacement from ``softmax(conf / alg_temp)``, like Dream's ``multinomial``);
+- top-p also keeps the tokens whose logit equals the last kept one (Dream's sort leaves the order of equal logits
+  open);
 - the number to unmask comes from each row's own mask count (Dream takes the batch mean; they differ only once the
   model predicts the mask token itself), and equal confidences go to the earlier position.
 """
@@ -34,8 +37,8 @@ def _filtered_probs(logits, temperature, top_p, top_k):
         remove = cum > top_p
         remove[1:] = remove[:-1].clone()
         remove[0] = False
-        z = z.clone()
-        z[order[remove]] = torch.finfo(z.dtype).min
+        last_kept = sorted_z[~remove].min()
+        z = torch.where(z < last_kept, torch.full_like(z, torch.finfo(z.dtype).min), z)
     if top_k is not None:
         kth = torch.topk(z, min(top_k, z.numel())).values[-1]
         z = torch.where(z < kth, torch.full_like(z, torch.finfo(z.dtype).min), z)
@@ -44,7 +47,8 @@ def _filtered_probs(logits, temperature, top_p, top_k):
 
 def _token_and_confidence(probs, alg, temperature, noise):
     if temperature > 0:
-        token = int(torch.argmax(probs / noise))
+        cdf = probs.double().cumsum(0)
+        token = min(int((cdf <= float(noise) * float(cdf[-1])).sum()), probs.numel() - 1)
     else:
         token = int(torch.argmax(probs))
     if alg == "topk_margin":
@@ -112,7 +116,6 @@ def oracle_generate(
     """Returns ``(sequences, history)`` as Dream's ``diffusion_generate`` (history: canvas after each step)."""
     batch, prompt_len = input_ids.shape
     length = max_new_tokens
-    vocab = model.config.vocab_size
     x = F.pad(input_ids, (0, length), value=mask_token_id)
     mask_arg, position_ids = None, None
     if attention_mask is not None and bool((attention_mask == 0).any()):
@@ -127,8 +130,7 @@ def oracle_generate(
     for i in range(steps):
         token_noise = None
         if temperature > 0:
-            token_noise = torch.empty(batch, length, vocab).exponential_(generator=generator)
-            token_noise.clamp_min_(torch.finfo(torch.float32).tiny)
+            token_noise = torch.empty(batch, length, dtype=torch.float64).uniform_(generator=generator)
         select_noise = None
         if alg == "origin":
             select_noise = torch.empty(batch, length).uniform_(generator=generator)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import requires_cuda
 from softmask_ext import SoftMask
 from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
+from softmask_ext.decoding import sampling
 from softmask_ext.decoding.sampling import StepNoise, filter_logits, propose, select_transfers
 from softmask_ext.decoding.schedule import step_ratios
 from test_decoding import SOFT_MASKS, padded_batch, prompts, tiny_model
@@ -138,15 +141,70 @@ def test_filters_follow_dream():
     assert torch.allclose(z, logits / 0.5)
 
 
-def test_exponential_race_samples_the_distribution():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+def test_top_p_keeps_ties_with_the_last_kept_token():
+    # probs ~ [.47, .17, .17, .17, .02]: token 0 alone is below 0.5, and tokens 1-3 tie, so all of them stay
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, -1.5]])
+    assert (filter_logits(logits, 0.0, 0.5, None) > -1e30).tolist() == [[True, True, True, True, False]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    vocab=st.sampled_from([sampling.TOP_P_CANDIDATES + 1, 300, 5000]),
+    spread=st.sampled_from([0.1, 1.0, 5.0, 30.0]),
+    top_p=st.floats(0.05, 0.999),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_top_p_candidates_match_a_full_sort(rows, vocab, spread, top_p, ties, seed):
+    """The CPU's candidate search (with the sort only for the rows whose nucleus is wider) keeps exactly the tokens
+    that sorting every row keeps; flat rows (small spread) exercise the fallback, peaked ones the candidates."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * spread
+    if ties:
+        logits = logits.round()  # many equal logits, also across the nucleus boundary
+    logits[:, ::7] = float("-inf")
+    logits[:, 1] = logits[:, 1].clamp_min(0.0)  # no row without a finite logit
+    z = sampling._top_p_filter(logits, top_p)
+    floor, _ = sampling._nucleus_floor(torch.sort(logits, dim=-1, descending=True).values,
+                                       torch.logsumexp(logits, -1, keepdim=True), top_p)
+    assert torch.equal(z > torch.finfo(torch.float32).min, logits >= floor)
+
+
+def test_top_p_uses_both_paths():
+    """Guards the test above: at these spreads some rows are decided by the candidates and some are not."""
+    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0)) * torch.tensor([[30.0], [0.1]])
+    descending = torch.topk(logits, sampling.TOP_P_CANDIDATES, dim=-1).values
+    _, decided = sampling._nucleus_floor(descending, torch.logsumexp(logits, -1, keepdim=True), 0.9)
+    assert decided.squeeze(-1).tolist() == [True, False]
+
+
+def test_inverse_cdf_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
     n = 20000
-    noise = torch.empty(n, 4).exponential_(generator=torch.Generator().manual_seed(0))
-    tokens, conf = propose(probs.log().expand(n, 4), alg="maskgit_plus", temperature=1.0, top_p=None, top_k=None,
-                           token_noise=noise)
-    freq = torch.bincount(tokens, minlength=4).float() / n
+    uniform = torch.empty(n, dtype=torch.float64).uniform_(generator=torch.Generator().manual_seed(0))
+    tokens, conf = propose(probs.log().expand(n, 5), alg="maskgit_plus", temperature=1.0, top_p=None, top_k=None,
+                           token_noise=uniform)
+    freq = torch.bincount(tokens, minlength=5).float() / n
+    assert freq[2] == 0
     assert torch.allclose(freq, probs, atol=0.015)
     assert torch.allclose(conf, probs[tokens], atol=1e-6)
+
+
+def test_inverse_cdf_resolves_tiny_probabilities():
+    """Every token owns exactly its share of [0, total): at both ends of each interval of a 1e-9 token after a token
+    of mass 1, and never a token of probability 0 (an fp32 running sum would have swallowed the 1e-9 tokens)."""
+    probs = torch.full((150_000,), 1e-9)
+    probs[0] = 1.0
+    probs[1::2] = 0.0
+    cdf = probs.double().cumsum(0)
+    total = float(cdf[-1])
+    for j in (2, 1000, 99_998, 149_998):
+        for inside in (cdf[j - 1] + 1e-13, cdf[j] - 1e-13):
+            u = torch.tensor([float(inside) / total], dtype=torch.float64)
+            assert sampling._inverse_cdf(probs[None], u).item() == j
+    grid = torch.linspace(0, 1, 10_001, dtype=torch.float64)[:-1]
+    drawn = sampling._inverse_cdf(probs.expand(grid.numel(), -1), grid)
+    assert (probs[drawn] > 0).all()
 
 
 def test_confidences():
@@ -182,10 +240,11 @@ def test_gumbel_top_k_follows_softmax_of_confidence():
 
 def test_noise_buffers_only_when_needed():
     kw = dict(device=torch.device("cpu"), generator=None)
-    assert StepNoise((2, 3), 5, alg="entropy", temperature=0.0, alg_temp=None, **kw).token is None
-    noise = StepNoise((2, 3), 5, alg="origin", temperature=0.5, alg_temp=None, **kw)
+    assert StepNoise((2, 3), alg="entropy", temperature=0.0, alg_temp=None, **kw).token is None
+    noise = StepNoise((2, 3), alg="origin", temperature=0.5, alg_temp=None, **kw)
     noise.draw()
-    assert noise.token.shape == (2, 3, 5) and (noise.token > 0).all()
+    assert noise.token.shape == (2, 3) and noise.token.dtype == torch.float64
+    assert ((noise.token >= 0) & (noise.token < 1)).all()
     assert ((noise.select >= 0) & (noise.select < 1)).all()
 
 

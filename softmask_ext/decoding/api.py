@@ -91,8 +91,10 @@ def diffusion_generate(
           position (Dream ranks in the logits' dtype with ``torch.topk``, whose order of ties is unspecified);
         - the number to unmask comes from each row's own mask count, not the batch mean: the same whenever rows hold
           equally many masks, so a prompt's tokens never depend on its batch;
-        - samples are drawn by exponential races and Gumbel-top-k (same distributions as Dream's ``Categorical`` and
-          ``multinomial``; see :mod:`.sampling`);
+        - samples are drawn by inverting the CDF (fp64 sums) and by Gumbel-top-k (same distributions as Dream's
+          ``Categorical`` and ``multinomial``; see :mod:`.sampling`);
+        - top-p keeps every token tied with the last one in the nucleus (Dream's sort leaves their order, and so which
+          of them stay, unspecified);
         - prompts may not contain the mask token (Dream would fill it in as well); only the generated region is
           decoded, and hooks may edit it.
     """

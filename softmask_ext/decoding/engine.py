@@ -90,7 +90,6 @@ class DiffusionDecoder:
             self.embeds = torch.empty(batch, total, embedding.shape[1], dtype=embedding.dtype, device=device)
         self.noise = StepNoise(
             (batch, self.length),
-            model.config.vocab_size,
             alg=options.alg,
             temperature=options.temperature,
             alg_temp=options.alg_temp,

@@ -1,10 +1,12 @@
-"""Token proposals, confidences and the choice of positions to unmask, on fixed shapes and without host syncs.
+"""Token proposals, confidences and the choice of positions to unmask, on fixed shapes and without host syncs
+(except the CPU's eager top-p, which sorts only the rows that need it; see :func:`_top_p_filter`).
 
 Semantics are those of Dream's reference decoding (filters, ``sample_tokens``, the four algorithms); randomness
 comes from noise buffers filled before each step (:class:`StepNoise`), so a step is a pure function of its inputs
 and can be captured in a CUDA graph:
 
-- categorical sampling is an exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)``, which draws from ``p``;
+- categorical sampling inverts the CDF: with one uniform ``u`` per row, the first token whose cumulative probability
+  (summed in fp64) exceeds ``u`` times the total, which draws from ``p`` with one random number per row;
 - ``alg_temp`` sampling of ``k`` positions without replacement from ``softmax(conf / alg_temp)`` is Gumbel-top-k,
   ``topk(conf / alg_temp + G)`` with ``G = -log E``;
 - ``origin`` unmasks each still-masked position when its uniform draw is below ``1 - s/t``.
@@ -13,6 +15,7 @@ and can be captured in a CUDA graph:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["ALGS", "StepNoise", "filter_logits", "propose", "select_transfers"]
@@ -23,15 +26,49 @@ ALGS: tuple[str, ...] = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _LOG_EPS = 1e-10
 
 
+# Top-p looks for the nucleus among this many largest logits first (a partial selection instead of a sort).
+TOP_P_CANDIDATES = 64
+
+
+def _nucleus_floor(descending: Tensor, log_total: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """The smallest logit top-p keeps, from the ``K`` largest logits of each row.
+
+    Args:
+        descending: fp32 ``[R, K]``, each row's ``K`` largest logits in descending order.
+        log_total: fp32 ``[R, 1]``, each row's logsumexp over its whole vocabulary.
+
+    Returns:
+        ``floor`` fp32 ``[R, 1]`` and ``decided`` bool ``[R, 1]``. A token is kept when the tokens ranked above it
+        hold at most ``top_p`` of the probability (Dream's rule; the first token always stays). The kept ranks are a
+        prefix; ``floor`` is the logit of the last one, and tokens tied with it are kept too. ``decided``: the prefix
+        ends inside the ``K`` (some candidate is dropped), so ``floor`` holds for the whole row.
+    """
+    mass = (descending - log_total).exp()
+    above = F.pad(mass.cumsum(-1)[:, :-1], (1, 0))
+    kept = above <= top_p
+    floor = descending.gather(-1, kept.sum(-1, keepdim=True) - 1)
+    return floor, ~kept[:, -1:]
+
+
 def _top_p_filter(z: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of tokens whose probability reaches ``top_p`` (always the most likely one)."""
-    sorted_z, order = torch.sort(z, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_z, dim=-1).cumsum(dim=-1)
-    # A token is dropped when the tokens ranked above it already reach top_p.
-    drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
-    drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return z.masked_fill(drop, torch.finfo(z.dtype).min)
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``; the rest get fp32's min.
+
+    On CUDA, and whenever the step is being compiled, every row is sorted (a radix sort on the GPU; no host sync and
+    no data-dependent shape, so the step stays capturable). Otherwise, on the CPU, where sorting a 152k vocabulary
+    costs ~10 ms per row, the nucleus is sought among the :data:`TOP_P_CANDIDATES` largest logits, and only the rows
+    whose nucleus reaches beyond them are sorted. Both give the same result.
+    """
+    rows = z.reshape(-1, z.shape[-1])
+    log_total = torch.logsumexp(rows, dim=-1, keepdim=True)
+    if rows.is_cuda or torch.compiler.is_compiling() or rows.shape[-1] <= TOP_P_CANDIDATES:
+        floor, _ = _nucleus_floor(torch.sort(rows, dim=-1, descending=True).values, log_total, top_p)
+    else:
+        floor, decided = _nucleus_floor(torch.topk(rows, TOP_P_CANDIDATES, dim=-1).values, log_total, top_p)
+        wide = (~decided).squeeze(-1).nonzero().squeeze(-1)
+        if wide.numel():
+            descending = torch.sort(rows.index_select(0, wide), dim=-1, descending=True).values
+            floor[wide] = _nucleus_floor(descending, log_total.index_select(0, wide), top_p)[0]
+    return z.masked_fill(z < floor.view(*z.shape[:-1], 1), torch.finfo(z.dtype).min)
 
 
 def _top_k_filter(z: Tensor, top_k: int) -> Tensor:
@@ -56,6 +93,19 @@ def filter_logits(logits: Tensor, temperature: float, top_p: float | None, top_k
     return z
 
 
+def _inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
+    """One draw from each row of ``probs`` (fp32 ``[..., V]``, unnormalised is fine) given ``uniform`` (fp64 ``[...]``
+    in ``[0, 1)``): the first token whose cumulative probability exceeds ``uniform`` times the row's total.
+
+    The sums are fp64, so every token's share is exact to ~1e-16 of the total (an fp32 running sum over 152k tokens
+    would swallow tokens below ~3e-8 once it nears 1), and a token of probability 0 is never drawn. A NaN row gives
+    an unspecified token in range.
+    """
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = uniform.unsqueeze(-1) * cdf[..., -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max_(probs.shape[-1] - 1)
+
+
 def propose(
     logits: Tensor,
     *,
@@ -69,7 +119,8 @@ def propose(
 
     Args:
         logits: ``[..., V]`` logits of the positions to decide (any float dtype; processed in fp32).
-        token_noise: fp32 ``[..., V]`` ``Exp(1)`` draws, required when ``temperature > 0``, ignored otherwise.
+        token_noise: fp64 ``[...]`` uniform draws in ``[0, 1)``, one per row, required when ``temperature > 0``,
+            ignored otherwise.
 
     Returns:
         ``tokens`` int64 ``[...]`` (argmax at temperature 0, a sample otherwise) and ``confidence`` fp32 ``[...]``:
@@ -78,7 +129,7 @@ def propose(
     """
     probs = torch.softmax(filter_logits(logits, temperature, top_p, top_k), dim=-1, dtype=torch.float32)
     if temperature > 0:
-        tokens = torch.argmax(probs / token_noise, dim=-1)
+        tokens = _inverse_cdf(probs, token_noise)
         top1 = None
     else:
         top1, tokens = probs.max(dim=-1)
@@ -134,14 +185,13 @@ def select_transfers(
 class StepNoise:
     """Noise buffers of one decoding run, refilled from ``generator`` before every step.
 
-    Draw order per step (tests replay it): ``token`` (``Exp(1)``, ``[B, N, V]``) when ``temperature > 0``, then
+    Draw order per step (tests replay it): ``token`` (fp64 uniform, ``[B, N]``) when ``temperature > 0``, then
     ``select``: uniform ``[B, N]`` for ``origin``, ``-log Exp(1)`` (Gumbel) ``[B, N]`` when ``alg_temp`` > 0.
     """
 
     def __init__(
         self,
         shape: tuple[int, int],
-        vocab: int,
         *,
         alg: str,
         temperature: float,
@@ -150,16 +200,15 @@ class StepNoise:
         generator: torch.Generator | None,
     ) -> None:
         self.generator = generator
-        self.token = torch.empty(*shape, vocab, device=device) if temperature > 0 else None
-        self.uniform = alg == "origin"
-        self.select = torch.empty(*shape, device=device) if self.uniform or alg_temp else None
+        self.token = torch.empty(*shape, dtype=torch.float64, device=device) if temperature > 0 else None
+        self.select_uniform = alg == "origin"
+        self.select = torch.empty(*shape, device=device) if self.select_uniform or alg_temp else None
 
     def draw(self) -> None:
         if self.token is not None:
-            # A zero draw would turn p / E into 0 / 0 for filtered-out tokens.
-            self.token.exponential_(generator=self.generator).clamp_min_(torch.finfo(torch.float32).tiny)
+            self.token.uniform_(generator=self.generator)
         if self.select is not None:
-            if self.uniform:
+            if self.select_uniform:
                 self.select.uniform_(generator=self.generator)
             else:
                 self.select.exponential_(generator=self.generator).log_().neg_()
