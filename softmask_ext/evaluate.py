@@ -53,7 +53,10 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=ASSET_DIR, help="checkpoint directory (default: the tiny model)")
+    p.add_argument("--model", type=Path, default=ASSET_DIR,
+                   help="checkpoint directory, or a fine-tuning run's adapter folder (default: the tiny model)")
+    p.add_argument("--base-model", type=Path, default=None,
+                   help="the base checkpoint of an adapter folder given as --model (default: the one it recorded)")
     p.add_argument("--soft-mask", default=None,
                    help="transparency_config.json to evaluate with ('none': binary masks only)")
     p.add_argument("--task", choices=TASKS, required=True)
@@ -164,9 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = DreamModel.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
-    tokenizer = load_tokenizer(args.model)
-    soft_mask = resolve_soft_mask(args.model, args.soft_mask)
+    try:
+        model = DreamModel.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=args.device,
+                                           base_model=args.base_model)
+        tokenizer = load_tokenizer(args.model)
+        soft_mask = resolve_soft_mask(args.model, args.soft_mask)
+    except (OSError, ValueError) as e:  # a bad checkpoint or config: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
     if soft_mask is not None:
         soft_mask = soft_mask.to(args.device)
     out = args.out or Path("runs") / "eval" / args.model.resolve().name

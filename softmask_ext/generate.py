@@ -21,6 +21,7 @@ import torch
 
 from .decoding import ALGS, diffusion_generate
 from .model import DreamModel, load_tokenizer
+from .model.loading import ADAPTER_CONFIG
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
 TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-coder"
@@ -30,7 +31,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help=f"checkpoint directory (default: the shipped tiny model, {TINY_MODEL})")
+    p.add_argument("--model", help=f"checkpoint directory, or a fine-tuning run's adapter folder (default: the shipped "
+                                   f"tiny model, {TINY_MODEL})")
+    p.add_argument("--base-model", help="the base checkpoint of an adapter folder given as --model (default: the one "
+                                        "the adapters recorded)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
@@ -100,9 +104,9 @@ class LiveView:
 
 def _resolve_model_dir(arg: str | None) -> Path:
     path = Path(arg) if arg else TINY_MODEL
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         if arg:
-            raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json)")
+            raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json or {ADAPTER_CONFIG})")
         raise SystemExit(
             f"error: the shipped tiny model is missing ({TINY_MODEL}); pass --model DIR with a Dream checkpoint"
         )
@@ -141,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)
-        model = DreamModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+        model = DreamModel.from_pretrained(model_dir, dtype=dtype, device=device, base_model=args.base_model).eval()
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -194,7 +194,7 @@ class DreamModel(nn.Module):
         if not isinstance(config, DreamConfig):
             raise TypeError(f"config must be a DreamConfig, got {type(config).__name__}")
         self.config = config
-        self.name_or_path: str | None = None  # set by from_pretrained; PEFT records it in adapter configs
+        self.name_or_path: str | None = None  # absolute, set by from_pretrained; PEFT records it in adapter configs
         self.model = DreamBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -344,10 +344,12 @@ class DreamModel(nn.Module):
     # ------------------------------------------------------------------ loading, saving, decoding
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "DreamModel":
-        """Load a Dream/Qwen2 checkpoint directory (safetensors only); see `softmask_ext.model.loading`."""
+                        device: str | torch.device | None = None,
+                        base_model: str | os.PathLike | None = None) -> "DreamModel":
+        """Load a Dream/Qwen2 checkpoint directory (safetensors only), or a folder of LoRA/DoRA adapters merged into
+        their base model; see `softmask_ext.model.loading`."""
         from .loading import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, base_model=base_model)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write config.json and safetensors (sharded with an index when larger than `max_shard_size`)."""

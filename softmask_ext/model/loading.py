@@ -4,6 +4,9 @@ Only safetensors are read; pickle-based weights (`*.bin`, `*.pt`, `*.pth`) are r
 arbitrary code. Tensor names are Qwen2's (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`, ...,
 `model.norm.weight`, `lm_head.weight`), which are also our module names.
 
+A folder of PEFT LoRA/DoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``, what fine-tuning writes
+for an adapter run) loads as its base model with the adapters merged into the weights.
+
 Loading builds the model on the meta device (no memory), checks every tensor's name and shape from the file headers
 before reading any data, then reads each tensor straight onto the target device and assigns it, so weights are
 materialised once (plus a transient per-tensor cast when the requested dtype differs from the stored one).
@@ -25,6 +28,8 @@ from .config import DreamConfig
 from .dream import DreamModel
 
 SINGLE_FILE = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,19 +40,27 @@ SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> DreamModel:
+                    device: str | torch.device | None = None,
+                    base_model: str | os.PathLike | None = None) -> DreamModel:
     """Load a checkpoint directory into a `DreamModel` in eval mode.
 
     Args:
-        path: directory with config.json and model.safetensors, or model.safetensors.index.json and its shards.
+        path: directory with config.json and model.safetensors, or model.safetensors.index.json and its shards; or
+            a folder of PEFT adapters, loaded onto their base model and merged into its weights.
         dtype: torch.float32 / bfloat16 / float16; None keeps the dtype the embeddings are stored in.
         device: where the weights go (default CPU); tensors are read directly onto it.
+        base_model: for an adapter folder, the base checkpoint (default: the ``base_model_name_or_path`` the adapters
+            recorded, i.e. where the fine-tuned model was loaded from).
     """
     path = os.fspath(path)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if os.path.exists(os.path.join(path, ADAPTER_CONFIG)) and not os.path.exists(os.path.join(path, "config.json")):
+        return _load_merged_adapters(path, dtype, device, base_model)
+    if base_model is not None:
+        raise ValueError(f"base_model is for adapter folders; {path!r} is a full checkpoint")
     config = DreamConfig.from_pretrained(path)
     device = torch.device(device if device is not None else "cpu")
     weight_map = _weight_map(path)
@@ -71,8 +84,35 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.name_or_path = path
+    model.name_or_path = os.path.abspath(path)  # PEFT records it as the adapters' base: valid from any directory
     return model.eval()
+
+
+def _load_merged_adapters(path: str, dtype: torch.dtype | None, device: str | torch.device | None,
+                          base_model: str | os.PathLike | None) -> DreamModel:
+    """The base model of the adapters in ``path`` with every adapter tensor checked and merged into its weights."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{path!r} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (only safetensors are read)")
+    lora = LoraConfig.from_pretrained(path)
+    base = os.fspath(base_model) if base_model is not None else lora.base_model_name_or_path
+    if not base or not os.path.isdir(base):
+        raise FileNotFoundError(
+            f"the adapters in {path!r} belong to the base model {base!r}, which is not a directory here; "
+            f"pass the base checkpoint as base_model= (--base-model on the command line)")
+    lora.base_model_name_or_path = os.path.abspath(base)
+    model = get_peft_model(load_pretrained(base, dtype=dtype, device=device), lora)
+    result = set_peft_model_state_dict(model, load_file(weights, device=str(model.device)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{path!r}: the adapters do not match the base model {base!r} "
+                         f"(unexpected {result.unexpected_keys}, missing {missing})")
+    merged = model.merge_and_unload()
+    merged.name_or_path = os.path.abspath(path)
+    return merged.eval()
 
 
 def _weight_map(path: str) -> dict[str, str]:
