@@ -14,6 +14,10 @@ rules, so that tests can compare token for token:
   without replacement from ``softmax(conf / alg_temp)``, like Dream's ``multinomial``);
 - top-p also keeps the tokens whose logit equals the last kept one (Dream's sort leaves the order of equal logits
   open);
+- mask tokens in the prompts are decoded too (as Dream does); the noise covers the columns from the first one that
+  holds a mask in any row to the end;
+- the soft-masking schedules' progress is a row's masks left over its masks at the start (after the tokens hook's
+  first edit);
 - the number to unmask comes from each row's own mask count (Dream takes the batch mean; they differ only once the
   model predicts the mask token itself), and equal confidences go to the earlier position.
 """
@@ -68,14 +72,13 @@ def _lam(soft_mask, neg_entropy, progress):
     return scale * torch.sigmoid(soft_mask.steepness * (neg_entropy - soft_mask.centre))
 
 
-def _soft_embeddings(model, x, logits, prompt_len, mask_token_id, soft_mask):
-    """Plain embeddings, except the still-masked generated positions: the paper's dense blend."""
+def _soft_embeddings(model, x, logits, initial_masks, mask_token_id, soft_mask):
+    """Plain embeddings, except the still-masked positions: the paper's dense blend."""
     weight = model.get_input_embeddings().weight
     embeds = weight[x].clone()
     batch, total = x.shape
-    length = total - prompt_len
     for b in range(batch):
-        positions = [j for j in range(prompt_len, total) if int(x[b, j]) == mask_token_id]
+        positions = [j for j in range(total) if int(x[b, j]) == mask_token_id]
         if not positions:
             continue
         rows = logits[b, positions].float()
@@ -83,7 +86,7 @@ def _soft_embeddings(model, x, logits, prompt_len, mask_token_id, soft_mask):
         log_p = torch.log_softmax(rows / tau, -1)
         p = log_p.exp()
         neg_entropy = (p * log_p).sum(-1)
-        lam = _lam(soft_mask, neg_entropy, len(positions) / length)
+        lam = _lam(soft_mask, neg_entropy, len(positions) / initial_masks[b])
         if soft_mask.alg == "mixinputs_with_temp":
             mixture = lam[:, None] * p
             mixture[:, mask_token_id] += 1 - lam
@@ -123,19 +126,22 @@ def oracle_generate(
         position_ids = mask_arg.long().cumsum(-1) - 1
         position_ids.masked_fill_(mask_arg == 0, 1)
     timesteps = torch.linspace(1, eps, steps + 1)
+    prompt_mask_columns = [j for j in range(prompt_len) if bool((input_ids[:, j] == mask_token_id).any())]
+    start = prompt_mask_columns[0] if prompt_mask_columns else prompt_len
     if tokens_hook is not None:
         x = tokens_hook(None, x, None)
+    initial_masks = [int((x[b] == mask_token_id).sum()) for b in range(batch)]
     embeds = None
     history = []
     for i in range(steps):
         token_noise = None
         if temperature > 0:
-            token_noise = torch.empty(batch, length, dtype=torch.float64).uniform_(generator=generator)
+            token_noise = torch.empty(batch, x.shape[1] - start, dtype=torch.float64).uniform_(generator=generator)
         select_noise = None
         if alg == "origin":
-            select_noise = torch.empty(batch, length).uniform_(generator=generator)
+            select_noise = torch.empty(batch, x.shape[1] - start).uniform_(generator=generator)
         elif alg_temp:
-            select_noise = -torch.empty(batch, length).exponential_(generator=generator).log()
+            select_noise = -torch.empty(batch, x.shape[1] - start).exponential_(generator=generator).log()
 
         mask_index = x == mask_token_id
         if embeds is None:
@@ -155,15 +161,15 @@ def oracle_generate(
             proposals = {}
             for j in positions:
                 probs = _filtered_probs(logits[b, j], temperature, top_p, top_k)
-                noise = None if token_noise is None else token_noise[b, j - prompt_len]
+                noise = None if token_noise is None else token_noise[b, j - start]
                 proposals[j] = _token_and_confidence(probs, alg, temperature, noise)
             if alg == "origin":
                 p_transfer = float(1 - s / t) if i < steps - 1 else 1.0
-                chosen = [j for j in positions if float(select_noise[b, j - prompt_len]) < p_transfer]
+                chosen = [j for j in positions if float(select_noise[b, j - start]) < p_transfer]
             else:
                 score = {j: proposals[j][1] for j in positions}
                 if alg_temp:
-                    score = {j: float(torch.tensor(c) / alg_temp + select_noise[b, j - prompt_len])
+                    score = {j: float(torch.tensor(c) / alg_temp + select_noise[b, j - start])
                              for j, c in score.items()}
                 # Most confident first; equal confidences (common after top-p at low temperature) go to the earlier
                 # position, the engine's documented rule (Dream's torch.topk leaves their order unspecified).
@@ -173,6 +179,6 @@ def oracle_generate(
         if tokens_hook is not None:
             x = tokens_hook(i, x, logits)
         if soft_mask is not None:
-            embeds = _soft_embeddings(model, x, logits, prompt_len, mask_token_id, soft_mask)
+            embeds = _soft_embeddings(model, x, logits, initial_masks, mask_token_id, soft_mask)
         history.append(x.clone())
     return x, history

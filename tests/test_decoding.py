@@ -118,12 +118,20 @@ def test_soft_masking_with_sampling_matches_reference(model):
     top_p=st.sampled_from([None, 0.8, 1.0]),
     top_k=st.sampled_from([None, 5]),
     sm=st.sampled_from([None, *SOFT_MASKS]),
+    prompt_masks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5)), max_size=4),
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference_property(model, alg, batch, prompt_len, length, steps_frac, temperature, top_p, top_k,
-                                     sm, seed):
-    steps = max(1, round(steps_frac * length))
+                                     sm, prompt_masks, seed):
     ids = prompts(batch, prompt_len, seed=seed)
+    # Mask tokens inside the prompts are decoded too (position 0 included). The last prompt token stays real: a
+    # canvas of masks only makes near-equal predictions at every position, whose order fp rounding decides.
+    for row, column in prompt_masks if prompt_len > 1 else ():
+        ids[row % batch, column % (prompt_len - 1)] = MASK
+    fewest = int((ids == MASK).sum(-1).min()) + length
+    if fewest == 0:
+        length = fewest = 1
+    steps = max(1, round(steps_frac * fewest))
     ours, theirs = both(model, ids, max_new_tokens=length, steps=steps, alg=alg, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, soft_mask=sm)
     assert torch.equal(ours, theirs)
@@ -146,6 +154,47 @@ def test_batch_equals_each_prompt_alone(model, alg, sm):
         real = mask[b].bool()
         alone = diffusion_generate(model, ids[b : b + 1, real], **kw)
         assert torch.equal(batched[b, ids.shape[1]:], alone[0, int(real.sum()):])
+
+
+def infill_prompts() -> torch.Tensor:
+    """Left-padded prompts with a span of 4 masks between a prefix and a suffix of 3 tokens, and a lone mask at the
+    start of the unpadded row (its prediction comes from row 0, as in Dream's shift)."""
+    ids, mask = padded_batch()
+    ids = torch.cat([ids, torch.full((3, 4), MASK), prompts(3, 3, seed=8)], dim=1)
+    ids[0, 0] = MASK
+    return ids, torch.cat([mask, torch.ones(3, 7, dtype=mask.dtype)], dim=1)
+
+
+@pytest.mark.parametrize("new_tokens", [0, 3])
+@pytest.mark.parametrize("sm", [None, SOFT_MASKS[1], SOFT_MASKS[2]])
+@pytest.mark.parametrize("alg", ALGS)
+def test_prompt_masks_match_reference(model, alg, sm, new_tokens):
+    ids, mask = infill_prompts()
+    ours, theirs = both(model, ids, mask, max_new_tokens=new_tokens, steps=2, alg=alg, seed=6, soft_mask=sm,
+                        temperature=0.5)
+    assert torch.equal(ours, theirs)
+    known = ids != MASK
+    assert torch.equal(ours[:, :ids.shape[1]][known], ids[known])
+
+
+@pytest.mark.parametrize("sm", [None, SOFT_MASKS[0]])
+def test_prompt_masks_decode_as_a_suffix_placed_by_a_tokens_hook(model, sm):
+    """Infilling two ways: masks in the prompt, or masks generated after the prefix with a hook writing the suffix
+    behind them before the first step (Dream's mechanism for fixed tokens). Same noise columns, same result."""
+    ids, mask = infill_prompts()
+    ids[0, 0] = 1
+    prefix, suffix = ids[:, :-7], ids[:, -3:]
+
+    def place_suffix(step, x, logits):
+        if step is None:
+            x[:, -3:] = suffix
+        return x
+
+    kw = dict(steps=4, alg="entropy", temperature=0.7, seed=3, soft_mask=sm)
+    native = diffusion_generate(model, ids, mask, max_new_tokens=0, **kw)
+    hooked = diffusion_generate(model, prefix, mask[:, :-7], max_new_tokens=7, generation_tokens_hook_func=place_suffix,
+                                **kw)
+    assert torch.equal(native, hooked)
 
 
 def test_output_keeps_prompt_and_padding(model):

@@ -13,7 +13,7 @@ from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt,
 from softmask_ext.decoding import sampling
 from softmask_ext.decoding.sampling import StepNoise, filter_logits, propose, select_transfers
 from softmask_ext.decoding.schedule import step_ratios
-from test_decoding import SOFT_MASKS, padded_batch, prompts, tiny_model
+from test_decoding import SOFT_MASKS, infill_prompts, padded_batch, prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def decoder_for(model, ids, mask=None, soft_mask=None, generator=None, cuda_grap
     prompt = check_prompt(ids, mask, options, vocab_size=model.config.vocab_size, max_positions=None,
                           device=model.device)
     decoder = DiffusionDecoder(model, options, batch=prompt.batch, prompt_len=prompt.length,
-                               padded=prompt.attention_mask is not None, soft_mask=soft_mask,
-                               generator=generator, cuda_graph=cuda_graph)
+                               padded=prompt.attention_mask is not None, decode_from=prompt.first_mask,
+                               soft_mask=soft_mask, generator=generator, cuda_graph=cuda_graph)
     return decoder, prompt
 
 
@@ -39,11 +39,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("infill", [False, True], ids=["new-tokens", "prompt-masks"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["alg"])
-def test_step_compiles_without_graph_breaks(model, case):
+def test_step_compiles_without_graph_breaks(model, case, infill):
     """The step must trace whole: any host sync or data-dependent shape would break a CUDA graph capture."""
-    ids, mask = padded_batch()
-    kw = dict(max_new_tokens=6, steps=3, **case)
+    ids, mask = infill_prompts() if infill else padded_batch()
+    kw = dict(max_new_tokens=0 if infill else 6, steps=3, **case)
     eager, prompt = decoder_for(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
     compiled, _ = decoder_for(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
     step = torch.compile(compiled.step, fullgraph=True, backend="eager")
@@ -82,7 +83,7 @@ def test_decoder_is_reusable(model):
     second, _ = decoder.run(prompt)
     assert torch.equal(first, second)
     assert torch.equal(first, diffusion_generate(model, prompts(), max_new_tokens=8, steps=4, alg="maskgit_plus"))
-    other, _ = decoder_for(model, prompts(3), max_new_tokens=8, steps=4, alg="maskgit_plus")
+    _, other = decoder_for(model, prompts(3), max_new_tokens=8, steps=4, alg="maskgit_plus")
     with pytest.raises(ValueError, match="another batch size"):
         decoder.run(other)
 
@@ -253,16 +254,17 @@ def test_noise_buffers_only_when_needed():
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("infill", [False, True], ids=["new-tokens", "prompt-masks"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["alg"])
-def test_cuda_graph_matches_eager(case):
+def test_cuda_graph_matches_eager(case, infill):
     model = tiny_model().cuda()
-    ids, mask = padded_batch()
+    ids, mask = infill_prompts() if infill else padded_batch()
     sm = case["soft_mask"]
     kw = dict(case, soft_mask=None if sm is None else SoftMask.from_any(sm.to_transparency_config()).cuda())
-    outs = [
-        diffusion_generate(model, ids.cuda(), mask.cuda(), max_new_tokens=9, steps=4, seed=0, cuda_graph=graph, **kw)
-        for graph in (False, True)
-    ]
+    new_tokens = 0 if infill else 9
+    outs = [diffusion_generate(model, ids.cuda(), mask.cuda(), max_new_tokens=new_tokens, steps=4, seed=0,
+                               cuda_graph=graph, **kw)
+            for graph in (False, True)]
     assert torch.equal(outs[0], outs[1])
 
 

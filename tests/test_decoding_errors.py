@@ -24,7 +24,8 @@ OK = dict(max_new_tokens=6, steps=3, alg="entropy")
         (dict(steps=-2), ValueError, "steps must be an int >= 1"),
         (dict(steps=2.5), ValueError, "steps must be an int"),
         (dict(steps=7), ValueError, r"steps \(7\) must not exceed max_new_tokens \(6\)"),
-        (dict(max_new_tokens=0, steps=1), ValueError, "max_new_tokens must be a positive int"),
+        (dict(max_new_tokens=0, steps=1), ValueError, "nothing to decode: max_new_tokens is 0"),
+        (dict(max_new_tokens=-1, steps=1), ValueError, "max_new_tokens must be an int >= 0"),
         (dict(alg="greedy"), ValueError, "unknown alg 'greedy'"),
         (dict(temperature=-0.1), ValueError, "temperature must be"),
         (dict(temperature=float("nan")), ValueError, "temperature must be"),
@@ -35,7 +36,6 @@ OK = dict(max_new_tokens=6, steps=3, alg="entropy")
         (dict(eps=0.0), ValueError, "eps must be in"),
         (dict(mask_token_id=97), ValueError, r"mask_token_id 97 is outside the vocabulary \[0, 97\)"),
         (dict(mask_token_id=-1), ValueError, "mask_token_id must be a non-negative int"),
-        (dict(mask_token_id=5), ValueError, "the prompt contains the mask token id 5"),
         (dict(max_new_tokens=60, steps=3), ValueError, r"exceeds the model's maximum of 64 positions"),
         (dict(soft_mask={"transparency_scael": 0.5}), ValueError, "unknown transparency config keys"),
         (dict(soft_mask={"transparency_scale": 1.5}), ValueError, r"scale must lie in \[0, 1\]"),
@@ -68,7 +68,6 @@ def test_bad_settings(model, change, error, match):
         (torch.ones(2, 0, dtype=torch.int64), None, ValueError, "at least one prompt"),
         (torch.tensor([[1, 2, 300]]), None, ValueError, r"input_ids must lie in \[0, 97\)"),
         (torch.tensor([[1, 2, -1]]), None, ValueError, r"input_ids must lie in \[0, 97\)"),
-        (torch.tensor([[1, 2, 96]]), None, ValueError, "the prompt contains the mask token id 96"),
         (torch.tensor([[1, 2, 3]]), torch.ones(1, 2), ValueError, "attention_mask must have the shape"),
         (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 1]]), ValueError, "only 0/1"),
         (torch.tensor([[1, 2, 0]]), torch.tensor([[1, 1, 0]]), ValueError, "pad prompts on the left"),
@@ -97,3 +96,15 @@ def test_missing_mask_token_id(model):
 
     with pytest.raises(ValueError, match="no mask_token_id"):
         diffusion_generate(Wrapper(), prompts(), **OK)
+
+
+def test_bad_prompt_masks(model):
+    ids = prompts()
+    ids[0, 1] = ids[1, 3] = 96  # one mask token in each prompt: 2 + 1 masks per row
+    with pytest.raises(ValueError, match=r"steps \(4\) must not exceed the masks of the row with the fewest \(3: "
+                                         r"max_new_tokens 2 \+ 1 in its prompt\)"):
+        diffusion_generate(model, ids, max_new_tokens=2, steps=4)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="the left padding holds the mask token id 96"):
+        diffusion_generate(model, ids, mask, max_new_tokens=2, steps=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,10 +64,12 @@ def diffusion_generate(
     Args:
         model: a :class:`softmask_ext.DreamModel` (or a module with its forward signature, ``config`` and
             ``get_input_embeddings()``).
-        input_ids: int64 ``[B, P]`` prompts, left-padded when their lengths differ.
+        input_ids: int64 ``[B, P]`` prompts, left-padded when their lengths differ. Mask tokens in them are decoded
+            too, as Dream does (infilling: prefix, masks, suffix, and ``max_new_tokens=0``).
         attention_mask: ``[B, P]`` 1 for tokens, 0 for left padding (positions are ``cumsum(mask) - 1``).
-        max_new_tokens: ``N``, tokens generated after each prompt.
-        steps: denoising steps, ``1 <= steps <= N`` (default ``N``: one token per step).
+        max_new_tokens: ``N >= 0``, tokens generated after each prompt.
+        steps: denoising steps, at least 1 and at most the masks of any row (its prompt's plus ``N``); default: that
+            number for the row with the fewest, one token per step.
         temperature, top_p, top_k: Dream's filters and sampling (``temperature == 0``: argmax).
         alg: ``"origin"`` (each mask unmasks with probability ``1 - s/t``), ``"maskgit_plus"`` (most probable
             first), ``"topk_margin"`` (largest top-1 minus top-2 first), ``"entropy"`` (lowest entropy first).
@@ -74,7 +77,7 @@ def diffusion_generate(
         eps: final time of ``timesteps = linspace(1, eps, steps + 1)``.
         output_history, return_dict_in_generate: as in Dream; history needs both.
         generation_tokens_hook_func: ``f(step, x, logits) -> x``, called before the first step (``step=None``) and
-            after each step's unmasking; it may edit the generated region.
+            after each step's unmasking; it may edit the decoded region (from the first mask token of any prompt on).
         generation_logits_hook_func: ``f(step, x, logits) -> logits`` on the full shifted logits ``[B, P + N, V]``.
             Either hook makes the loop compute logits for every position and run eagerly.
         soft_mask: a :class:`SoftMask`, a ``transparency_config`` dict or a path to one; the authors' keywords
@@ -95,8 +98,6 @@ def diffusion_generate(
           ``Categorical`` and ``multinomial``; see :mod:`.sampling`);
         - top-p keeps every token tied with the last one in the nucleus (Dream's sort leaves their order, and so which
           of them stay, unspecified);
-        - prompts may not contain the mask token (Dream would fill it in as well); only the generated region is
-          decoded, and hooks may edit it.
     """
     unknown = sorted(k for k in soft_mask_kwargs if not k.startswith(_SOFT_MASK_PREFIXES))
     if unknown:
@@ -108,7 +109,7 @@ def diffusion_generate(
             raise ValueError("the model's config has no mask_token_id; pass mask_token_id=")
     options = DecodeOptions(
         max_new_tokens=max_new_tokens,
-        steps=max_new_tokens if steps is None else steps,
+        steps=1 if steps is None else steps,  # None: one token per step, once the prompts' masks are counted
         mask_token_id=mask_token_id,
         temperature=temperature,
         top_p=top_p,
@@ -126,12 +127,16 @@ def diffusion_generate(
         max_positions=getattr(config, "max_position_embeddings", None),
         device=device,
     )
+    if steps is None:
+        prompt_masks = (prompt.input_ids == mask_token_id).sum(-1).min()
+        options = dataclasses.replace(options, steps=int(prompt_masks) + max_new_tokens)
     decoder = DiffusionDecoder(
         model,
         options,
         batch=prompt.batch,
         prompt_len=prompt.length,
         padded=prompt.attention_mask is not None,
+        decode_from=prompt.first_mask,
         soft_mask=_soft_mask_on(SoftMask.from_any(soft_mask, **soft_mask_kwargs), device),
         generator=_generator(generator, seed, device),
         cuda_graph=cuda_graph,

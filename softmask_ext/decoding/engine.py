@@ -1,15 +1,16 @@
 """The decoding engine: static buffers, one fixed-shape step, CUDA-graph capture and replay.
 
-A run over ``B`` prompts of (left-padded) length ``P`` with ``N`` new tokens keeps a canvas ``[B, P + N]`` and
-repeats :meth:`DiffusionDecoder.step`:
+A run over ``B`` prompts of (left-padded) length ``P`` with ``N`` new tokens keeps a canvas ``[B, P + N]``. Its
+decoded region starts at ``S``: the first mask token in any prompt (Dream decodes those too), else ``P``; the region
+``S .. P+N-1`` has ``L = P + N - S`` positions. A run repeats :meth:`DiffusionDecoder.step`:
 
-1. forward pass, projecting through the LM head only the hidden rows ``P-1 .. P+N-2``, which predict the generated
-   positions ``P .. P+N-1`` (Dream's one-position shift) -> logits ``[B, N, V]``;
-2. propose a token and a confidence for each generated position, and unmask the positions the algorithm chooses
-   (time ratios precomputed on the host, counts and selection on the device on fixed shapes, noise drawn before
-   the step);
-3. with soft-masking, rebuild the input embeddings of the generated positions from this step's logits: still-masked
-   positions get the SM blend, the others their plain embedding (one fixed-shape kernel call).
+1. forward pass, projecting through the LM head only the hidden rows ``S-1 .. P+N-2``, which predict the region's
+   positions (Dream's one-position shift; position 0 takes row 0) -> logits ``[B, L, V]``;
+2. propose a token and a confidence for each position of the region, and unmask the masked positions the algorithm
+   chooses (time ratios precomputed on the host, counts and selection on the device on fixed shapes, noise drawn
+   before the step);
+3. with soft-masking, rebuild the input embeddings of the region from this step's logits: still-masked positions
+   get the SM blend, the others their plain embedding (one fixed-shape kernel call).
 
 Nothing in a step reads a value back to the host, so on CUDA the step is captured once as a graph and replayed.
 User hooks need the full logits and run Python between the parts of a step; with hooks the loop runs eagerly.
@@ -44,6 +45,7 @@ class DiffusionDecoder:
             (e.g. :class:`softmask_ext.DreamModel`).
         options: validated decoding settings.
         padded: whether prompts carry an attention mask (some row is left-padded).
+        decode_from: ``S``, the first position decoded (default ``prompt_len``: prompts without mask tokens).
         soft_mask: the SM module (on the model's device), or ``None`` for binary masks.
         generator: source of the sampling noise (``None``: torch's default generator of the device).
         cuda_graph: capture the step in a CUDA graph (``None``: when the model is on CUDA).
@@ -62,6 +64,7 @@ class DiffusionDecoder:
         batch: int,
         prompt_len: int,
         padded: bool,
+        decode_from: int | None = None,
         soft_mask: SoftMask | None = None,
         generator: torch.Generator | None = None,
         cuda_graph: bool | None = None,
@@ -75,8 +78,13 @@ class DiffusionDecoder:
         self.model, self.options, self.soft_mask, self.cuda_graph = model, options, soft_mask, cuda_graph
         self._graph: torch.cuda.CUDAGraph | bool | None = None  # captured on the first graphed run, then replayed
         self.embedding = embedding
-        self.batch, self.prompt_len, self.length = batch, prompt_len, options.max_new_tokens
-        total = prompt_len + self.length
+        total = prompt_len + options.max_new_tokens
+        decode_from = prompt_len if decode_from is None else decode_from
+        if not 0 <= decode_from <= prompt_len or decode_from == total:
+            raise ValueError(f"decode_from must lie in [0, {prompt_len}] and leave a position to decode, "
+                             f"got {decode_from}")
+        self.batch, self.prompt_len, self.decode_from = batch, prompt_len, decode_from
+        self.length = total - decode_from
 
         self.ratios = step_ratios(options.steps, options.eps).to(device)
         self.step_index = torch.zeros(1, dtype=torch.int64, device=device)
@@ -84,8 +92,11 @@ class DiffusionDecoder:
         self.canvas = torch.empty(batch, total, dtype=torch.int64, device=device)
         self.attention_mask = torch.ones(batch, total, dtype=torch.bool, device=device) if padded else None
         self.position_ids = torch.arange(total, device=device).expand(batch, total).contiguous()
-        # Hidden row i predicts position i + 1: rows P-1 .. P+N-2 feed the generated positions.
-        self.logits_rows = torch.arange(prompt_len - 1, total - 1, device=device).expand(batch, -1).contiguous()
+        # Hidden row i predicts position i + 1 (position 0 takes row 0): rows S-1 .. P+N-2 feed the region.
+        self.logits_rows = (torch.arange(decode_from - 1, total - 1, device=device).clamp_min(0)
+                            .expand(batch, -1).contiguous())
+        # Masks per row when the run starts (after the tokens hook's first edit): the SM schedules' denominator.
+        self.initial_masks = torch.ones(batch, 1, device=device)
         if soft_mask is not None:
             self.embeds = torch.empty(batch, total, embedding.shape[1], dtype=embedding.dtype, device=device)
         self.noise = StepNoise(
@@ -98,9 +109,9 @@ class DiffusionDecoder:
         )
 
     @property
-    def generated(self) -> Tensor:
-        """View ``[B, N]`` of the canvas's generated region."""
-        return self.canvas[:, self.prompt_len:]
+    def region(self) -> Tensor:
+        """View ``[B, L]`` of the canvas's decoded region."""
+        return self.canvas[:, self.decode_from:]
 
     # ------------------------------------------------------------------ the step
     def step(self) -> None:
@@ -117,10 +128,10 @@ class DiffusionDecoder:
         return out.logits
 
     def _unmask(self, logits: Tensor) -> None:
-        """Choose and write this step's tokens, from the logits ``[B, N, V]`` of the generated positions."""
+        """Choose and write this step's tokens, from the logits ``[B, L, V]`` of the region."""
         opts = self.options
-        generated = self.generated
-        masked = generated == opts.mask_token_id
+        region = self.region
+        masked = region == opts.mask_token_id
         tokens, confidence = propose(
             logits, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
             token_noise=self.noise.token,
@@ -133,31 +144,31 @@ class DiffusionDecoder:
             alg_temp=opts.alg_temp,
             select_noise=self.noise.select,
         )
-        generated.copy_(torch.where(transfer, tokens, generated))
+        region.copy_(torch.where(transfer, tokens, region))
         self.step_index += 1
 
     def _soft_embeddings(self, logits: Tensor) -> None:
-        """Next inputs of the generated positions: SM blend where still masked, plain embedding elsewhere."""
-        generated = self.generated
+        """Next inputs of the region: SM blend where still masked, plain embedding elsewhere."""
+        region = self.region
         progress = None
         if self.soft_mask.schedule != "none":
-            left = (generated == self.options.mask_token_id).sum(-1, keepdim=True)
-            progress = (left.float() / self.length).expand_as(generated).reshape(-1)
+            left = (region == self.options.mask_token_id).sum(-1, keepdim=True)
+            progress = (left / self.initial_masks).expand_as(region).reshape(-1)
         rows = self.soft_mask.soft_rows(
-            logits, None, generated.reshape(-1), self.embedding, self.options.mask_token_id, progress
+            logits, None, region.reshape(-1), self.embedding, self.options.mask_token_id, progress
         )
-        self.embeds[:, self.prompt_len:] = rows.view(self.batch, self.length, -1)
+        self.embeds[:, self.decode_from:] = rows.view(self.batch, self.length, -1)
 
     # ------------------------------------------------------------------ runs
     def load(self, prompt: Prompt, tokens_hook: TokensHook | None = None) -> None:
         """Reset the buffers for a new run: prompt + masks, Dream's positions for left padding, step 0, the
         tokens hook's edit of the initial canvas (Dream calls it once before the first step), plain embeddings."""
-        if (prompt.batch, prompt.length, prompt.attention_mask is not None) != (
-            self.batch, self.prompt_len, self.attention_mask is not None
+        if (prompt.batch, prompt.length, prompt.attention_mask is not None, prompt.first_mask) != (
+            self.batch, self.prompt_len, self.attention_mask is not None, self.decode_from
         ):
-            raise ValueError("this decoder was built for another batch size, prompt length or padding")
+            raise ValueError("this decoder was built for another batch size, prompt length, padding or first mask")
         self.canvas[:, : self.prompt_len] = prompt.input_ids
-        self.generated.fill_(self.options.mask_token_id)
+        self.canvas[:, self.prompt_len:] = self.options.mask_token_id
         if prompt.attention_mask is not None:
             self.attention_mask[:, : self.prompt_len] = prompt.attention_mask
             positions = self.attention_mask.long().cumsum(-1) - 1
@@ -165,6 +176,7 @@ class DiffusionDecoder:
         self.step_index.zero_()
         if tokens_hook is not None:
             self._apply_tokens_hook(tokens_hook, None, None)
+        self.initial_masks.copy_((self.region == self.options.mask_token_id).sum(-1, keepdim=True).clamp_min(1))
         if self.soft_mask is not None:
             # The first step has no previous prediction: plain embeddings everywhere.
             self.embeds.copy_(self.model.get_input_embeddings()(self.canvas))
@@ -238,12 +250,12 @@ class DiffusionDecoder:
             logits = logits_hook(i, self.canvas, logits)
             if not isinstance(logits, Tensor) or logits.shape[:2] != self.canvas.shape:
                 raise TypeError("generation_logits_hook_func must return logits of shape [B, T, V]")
-        generated_logits = logits[:, self.prompt_len:]
-        self._unmask(generated_logits)
+        region_logits = logits[:, self.decode_from:]
+        self._unmask(region_logits)
         if tokens_hook is not None:
             self._apply_tokens_hook(tokens_hook, i, logits)
         if self.soft_mask is not None:
-            self._soft_embeddings(generated_logits)
+            self._soft_embeddings(region_logits)
 
     def _apply_tokens_hook(self, hook: TokensHook, i: int | None, logits: Tensor | None) -> None:
         out = hook(i, self.canvas, logits)
@@ -252,8 +264,9 @@ class DiffusionDecoder:
         if out is not self.canvas:
             self.canvas.copy_(out)
         if self.soft_mask is not None and i is not None:
-            # The hook may have edited the prompt too: keep its embeddings in step with the canvas.
-            self.embeds[:, : self.prompt_len] = self.model.get_input_embeddings()(self.canvas[:, : self.prompt_len])
+            # The hook may have edited the prompt too: keep its embeddings in step with the canvas (the region's
+            # are rebuilt after the hook).
+            self.embeds[:, : self.decode_from] = self.model.get_input_embeddings()(self.canvas[:, : self.decode_from])
 
 
 def _record(history: list[Tensor] | None, canvas: Tensor) -> None:

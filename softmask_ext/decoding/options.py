@@ -36,15 +36,10 @@ class DecodeOptions:
     eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
         if not _is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        if self.steps > self.max_new_tokens:
-            raise ValueError(
-                f"steps ({self.steps}) must not exceed max_new_tokens ({self.max_new_tokens}): "
-                "every step unmasks at least one token"
-            )
         if not _is_int(self.mask_token_id) or self.mask_token_id < 0:
             raise ValueError(f"mask_token_id must be a non-negative int, got {self.mask_token_id!r}")
         if not _is_number(self.temperature) or self.temperature < 0:
@@ -70,12 +65,14 @@ class Prompt:
     """A validated batch of prompts on the model's device.
 
     Attributes:
-        input_ids: int64 ``[B, P]``, left-padded.
+        input_ids: int64 ``[B, P]``, left-padded; mask tokens in it are decoded along with the new tokens.
         attention_mask: bool ``[B, P]``, or ``None`` when no row is padded (Dream then attends to everything).
+        first_mask: the first column holding a mask token in any row (``P`` when none does): decoding starts there.
     """
 
     input_ids: Tensor
     attention_mask: Tensor | None
+    first_mask: int
 
     @property
     def batch(self) -> int:
@@ -114,13 +111,12 @@ def check_prompt(
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
-    if bool((input_ids == options.mask_token_id).any()):
-        raise ValueError(
-            f"the prompt contains the mask token id {options.mask_token_id}; prompts must be fully known "
-            "(check mask_token_id, or remove mask tokens from the prompt)"
-        )
+    masks = input_ids == options.mask_token_id
+    _check_mask_count(masks.sum(-1), options)
+    columns = masks.any(0).nonzero()
+    first_mask = int(columns[0]) if columns.numel() else length
     if attention_mask is None:
-        return Prompt(input_ids, None)
+        return Prompt(input_ids, None, first_mask)
     if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must have the shape of input_ids {[batch, length]}, got {_describe(attention_mask)}")
     mask = attention_mask.to(device)
@@ -132,7 +128,21 @@ def check_prompt(
     # Left padding: once a row's real tokens start, they do not stop.
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
         raise ValueError("attention_mask has padding after real tokens; pad prompts on the left")
-    return Prompt(input_ids, mask if not bool(mask.all()) else None)
+    if bool((masks & ~mask).any()):
+        raise ValueError(f"the left padding holds the mask token id {options.mask_token_id}; pad with another token")
+    return Prompt(input_ids, mask if not bool(mask.all()) else None, first_mask)
+
+
+def _check_mask_count(prompt_masks: Tensor, options: DecodeOptions) -> None:
+    """Every row needs at least ``steps`` masks (its prompt's plus the new tokens): each step unmasks at least one."""
+    fewest = int(prompt_masks.min()) + options.max_new_tokens
+    if fewest == 0:
+        raise ValueError("nothing to decode: max_new_tokens is 0 and a prompt holds no mask token")
+    if options.steps > fewest:
+        source = (f"max_new_tokens ({options.max_new_tokens})" if fewest == options.max_new_tokens else
+                  f"the masks of the row with the fewest ({fewest}: max_new_tokens {options.max_new_tokens} + "
+                  f"{fewest - options.max_new_tokens} in its prompt)")
+        raise ValueError(f"steps ({options.steps}) must not exceed {source}: every step unmasks at least one token")
 
 
 def _describe(x: object) -> str:

@@ -34,14 +34,14 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tens
 
 
 def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int, **kwargs: Any) -> Tensor:
-    """Run the engine on left-padded prompts; returns the generated region ``[B, N]`` (on the CPU)."""
+    """Run the engine on left-padded prompts; returns the final canvas ``[B, P + N]`` (on the CPU)."""
     input_ids, attention_mask = _left_pad(prompts, pad_token_id)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = diffusion_generate(model, input_ids.to(device),
                                  attention_mask=None if attention_mask is None else attention_mask.to(device), **kwargs)
     sequences = out if isinstance(out, Tensor) else out.sequences
-    return sequences[:, input_ids.shape[1]:].cpu()
+    return sequences.cpu()
 
 
 def generate_tokens(
@@ -60,9 +60,9 @@ def generate_tokens(
     decode:  further `diffusion_generate` settings (temperature, top_p, top_k, alg, alg_temp, eps, seed)
     returns: per prompt, its ``max_new_tokens`` generated token ids
     """
-    generated = _decode(model, prompts, pad_token_id, max_new_tokens=max_new_tokens, steps=steps,
-                        soft_mask=soft_mask, **decode)
-    return generated.tolist()
+    canvas = _decode(model, prompts, pad_token_id, max_new_tokens=max_new_tokens, steps=steps,
+                     soft_mask=soft_mask, **decode)
+    return canvas[:, canvas.shape[1] - max_new_tokens:].tolist()
 
 
 def infill_tokens(
@@ -79,26 +79,21 @@ def infill_tokens(
 ) -> list[list[int]]:
     """Decode a span of ``span_length`` masks between each prefix and its suffix, in ``steps`` steps.
 
-    The generated region is ``span_length`` masks followed by the suffix; a tokens hook writes the suffixes (and,
-    after shorter ones, ``fill_token_id``: Dream ends a generation with eos) into the canvas before the first step,
-    which is Dream's own mechanism for fixed tokens in the generated region. The engine counts the masks left in
-    each row at every step, so only the span is decoded, ``span_length / steps`` tokens per step. Hooks make the
-    engine run eagerly with logits for every position.
+    Each prompt is its prefix, the span's masks, its suffix and, after shorter suffixes, ``fill_token_id`` (Dream ends
+    a generation with eos), so that the spans line up; the engine decodes the masks in the prompts
+    (``max_new_tokens=0``), ``span_length / steps`` tokens per step, without hooks (a CUDA graph on the GPU).
 
     returns: per example, the ``span_length`` decoded token ids
     """
     if len(prefixes) != len(suffixes):
         raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
+    mask_token_id = decode.pop("mask_token_id", None)
+    if mask_token_id is None:
+        mask_token_id = model.config.mask_token_id
     width = max(len(s) for s in suffixes)
-    tail = torch.full((len(suffixes), width), fill_token_id, dtype=torch.long)
-    for row, suffix in enumerate(suffixes):
-        tail[row, :len(suffix)] = torch.as_tensor(list(suffix), dtype=torch.long)
-
-    def place_suffixes(step: int | None, canvas: Tensor, logits: Tensor | None) -> Tensor:
-        if step is None and width:
-            canvas[:, canvas.shape[1] - width:] = tail.to(canvas.device)
-        return canvas
-
-    generated = _decode(model, prefixes, pad_token_id, max_new_tokens=span_length + width, steps=steps,
-                        soft_mask=soft_mask, generation_tokens_hook_func=place_suffixes, **decode)
-    return generated[:, :span_length].tolist()
+    prompts = [[*prefix, *[mask_token_id] * span_length, *suffix, *[fill_token_id] * (width - len(suffix))]
+               for prefix, suffix in zip(prefixes, suffixes)]
+    canvas = _decode(model, prompts, pad_token_id, max_new_tokens=0, steps=steps, soft_mask=soft_mask,
+                     mask_token_id=mask_token_id, **decode)
+    end = canvas.shape[1] - width
+    return canvas[:, end - span_length:end].tolist()
