@@ -4,7 +4,8 @@
     python -m softmask_ext.generate --prompt-file task.txt --soft-mask DIR/transparency_config.json --live
 
 Instruct checkpoints (a ``chat_template`` in their tokenizer config) get the prompt as a user turn of the chat
-template. The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
+template. Mask tokens written in the prompt (``<|mask|>``) are filled in too, and the text from the first of them on
+is printed (infilling: ``--no-chat-template --max-new-tokens 0``). The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
 as a shaded block. Without ``--model`` the tiny model shipped in ``softmask_ext/assets/tiny-coder`` is used.
 Without ``--soft-mask``, a ``transparency_config.json`` beside the weights is used (``--binary`` ignores it).
 """
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--soft-mask", metavar="JSON", help="transparency_config.json to decode with soft-masking")
     sm.add_argument("--binary", action="store_true", help="plain masks even if the checkpoint has a soft-mask config")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, help="denoising steps (default: max-new-tokens, one token per step)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: one token per step)")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int)
@@ -85,15 +86,15 @@ def final_text(tokenizer, ids: Sequence[int]) -> str:
 
 
 class LiveView:
-    """A tokens hook that redraws the generated region after every step."""
+    """A tokens hook that redraws the decoded region (from position ``start`` on) after every step."""
 
-    def __init__(self, tokenizer, prompt_len: int, steps: int, mask_token_id: int, stream: TextIO) -> None:
-        self.tokenizer, self.prompt_len, self.steps = tokenizer, prompt_len, steps
+    def __init__(self, tokenizer, start: int, steps: int, mask_token_id: int, stream: TextIO) -> None:
+        self.tokenizer, self.start, self.steps = tokenizer, start, steps
         self.mask_token_id, self.stream = mask_token_id, stream
         self.redraw = stream.isatty()
 
     def __call__(self, step: int | None, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        text = render(self.tokenizer, x[0, self.prompt_len:].tolist(), self.mask_token_id)
+        text = render(self.tokenizer, x[0, self.start:].tolist(), self.mask_token_id)
         header = f"step {0 if step is None else step + 1}/{self.steps}"
         if self.redraw:
             self.stream.write("\x1b[2J\x1b[H")  # clear the screen, cursor home
@@ -157,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids = tokenizer(text)["input_ids"]
     input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
 
-    steps = args.steps or args.max_new_tokens
     mask_token_id = model.config.mask_token_id
-    hook = LiveView(tokenizer, input_ids.shape[1], steps, mask_token_id, sys.stderr) if args.live else None
+    prompt_masks = ids.count(mask_token_id)
+    start = ids.index(mask_token_id) if prompt_masks else len(ids)  # the first position decoded
+    steps = args.steps or args.max_new_tokens + prompt_masks
+    hook = LiveView(tokenizer, start, steps, mask_token_id, sys.stderr) if args.live else None
     try:
         out = diffusion_generate(
             model, input_ids, max_new_tokens=args.max_new_tokens, steps=steps, temperature=args.temperature,
@@ -168,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(final_text(tokenizer, out[0, input_ids.shape[1]:].tolist()))
+    print(final_text(tokenizer, out[0, start:].tolist()))
     return 0
 
 

@@ -69,6 +69,23 @@ def test_live_view_shows_every_step(model_dir, capsys):
     assert generate.MASK_GLYPH not in frames[-1]
 
 
+def test_mask_tokens_in_the_prompt_are_filled_in(model_dir, capsys):
+    """Infilling from the command line: the text from the first mask on, as the library decodes it."""
+    prompt = "def add(a, b):\n    <|mask|><|mask|><|mask|><|mask|>\n"
+    argv = ["--model", str(model_dir), "--prompt", prompt, "--no-chat-template", "--max-new-tokens", "0",
+            "--temperature", "0", "--device", "cpu"]
+    generate.main([*argv, "--live"])
+    tokenizer, model = load_tokenizer(model_dir), DreamModel.from_pretrained(model_dir)
+    ids = tokenizer(prompt)["input_ids"]
+    start = ids.index(model.config.mask_token_id)
+    out = diffusion_generate(model, torch.tensor([ids]), max_new_tokens=0, temperature=0.0, top_p=0.95,
+                             alg="entropy")
+    captured = capsys.readouterr()
+    assert captured.out == generate.final_text(tokenizer, out[0, start:].tolist()) + "\n"
+    frames = captured.err.split("--- step ")[1:]
+    assert len(frames) == 5 and frames[0].split("---\n")[1].startswith(generate.MASK_GLYPH * 4)
+
+
 def test_render_marks_masks():
     class Chars:
         def decode(self, ids, **kw):
