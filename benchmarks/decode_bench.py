@@ -117,7 +117,8 @@ class Provider:
             self.prompt = check_prompt(ids, None, options, vocab_size=model.config.vocab_size, max_positions=None,
                                        device=ids.device)
             self.decoder = DiffusionDecoder(model, options, batch=ids.shape[0], prompt_len=ids.shape[1],
-                                            padded=False, soft_mask=self.soft_mask, cuda_graph=self.graph,
+                                            padded=False, decode_from=self.prompt.first_mask,
+                                            soft_mask=self.soft_mask, cuda_graph=self.graph,
                                             generator=torch.Generator(ids.device).manual_seed(args.seed))
 
     def run(self) -> torch.Tensor:
