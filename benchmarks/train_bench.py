@@ -132,6 +132,7 @@ def main() -> None:
     results["sm_step_over_binary"] = sm / binary
     results["mixed_expected_over_binary"] = 0.5 * (binary + sm) / binary
     results["mixed_measured_over_binary"] = statistics.mean(results["modes"]["mixed"]["step_s"]) / binary
+    results["mixed_sm_share"] = statistics.mean(results["modes"]["mixed"]["soft"])  # SM steps among the measured
     results["peak_memory_gb"] = max(m["peak_memory_gb"] for m in results["modes"].values())
     if device.type == "cuda":
         results["targets"] = {"peak_memory_le_40gb": results["peak_memory_gb"] <= 40.0,

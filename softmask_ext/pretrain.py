@@ -3,10 +3,11 @@
 Binary masked-diffusion (MDLM) pretraining on the Python standard library's own source (the fixed module split of
 :mod:`softmask_ext.data.stdlib_corpus`): a byte-level BPE tokenizer is trained on the train split, the corpus is
 packed into fixed-length blocks, and a small Dream model (Qwen2 with bidirectional attention) learns with
-``t ~ U[1e-3, 1]``, loss weight ``1/t``, all weights trained, no soft-masking. The result goes to
-``softmask_ext/assets/tiny-coder/`` (``config.json`` with ``model_type`` Dream, ``model.safetensors``, tokenizer
-files with a chat template, ``metadata.json`` and ``README.md`` with the held-out loss against a unigram baseline and
-the time it took), and the training run to ``--work-dir``.
+``t ~ U[1e-3, 1]``, loss weight ``1/t``, all weights trained, no soft-masking. The result goes to ``--output``
+(default ``runs/tiny-coder``; the shipped model is ``--output softmask_ext/assets/tiny-coder``): ``config.json`` with
+``model_type`` Dream, ``model.safetensors``, tokenizer files with a chat template, ``metadata.json`` and
+``README.md`` with the held-out loss against a unigram baseline and the time it took; the training run goes to
+``--work-dir``.
 
 The held-out number is the negative ELBO per token (nats) on the validation modules, averaged over a fixed set of
 noise draws; a model that ignores context and predicts the training unigram distribution at every masked position
@@ -41,7 +42,8 @@ def unigram_cross_entropy(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", type=Path, default=ASSET_DIR, help="where the finished model is written")
+    p.add_argument("--output", type=Path, default=Path("runs/tiny-coder"),
+                   help=f"where the finished model is written (the shipped one: {ASSET_DIR})")
     p.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny-coder"), help="training run folder")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--hidden-size", type=int, default=192)

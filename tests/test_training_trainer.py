@@ -42,6 +42,15 @@ def test_sm_probability_extremes(tmp_path, sm_prob):
     assert moved == (sm_prob > 0), "SM parameters must train exactly when SM batches happen"
 
 
+def test_each_step_draws_its_own_sm_coins(tmp_path):
+    """Steps taken one by one (as the training benchmark does) advance ``step`` like ``train()``: fresh coins, so a
+    run at sm_prob 0.5 mixes binary and SM micro-batches."""
+    trainer = _trainer(tmp_path, eval_every=0, grad_accum=1)
+    soft = [trainer.train_step()["sm_batches"] for _ in range(12)]
+    assert trainer.step == 12
+    assert 0 < sum(soft) < 12
+
+
 def test_run_directory_metrics_and_transparency_config(tmp_path):
     trainer = _trainer(tmp_path)
     summary = trainer.train()

@@ -260,7 +260,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (all micro-batches of this process); returns its log record."""
+        """One optimizer step (all micro-batches of this process), which advances ``step`` (and with it the SM coins
+        and the noise); returns its log record."""
         cfg, env = self.config, self.env
         self.ddp.train()
         torch.manual_seed(int(torch.randint(2**62, (), generator=stream_generator(
@@ -295,6 +296,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.soft_batches += int(all_reduce_sum(soft_here, env, self.device))
         self.micro_batches += cfg.grad_accum * env.world_size
+        self.step += 1
         return {
             "loss": all_reduce_sum(loss_sum, env, self.device),
             "lr": self.scheduler.get_last_lr()[0],
@@ -353,7 +355,6 @@ class Trainer:
         last_eval: dict[str, float] = {}
         while self.step < end:
             record = self.train_step()
-            self.step += 1
             record = {"step": self.step, **record, "elapsed_s": round(time.perf_counter() - started, 3)}
             if self.val_data and (self.step == cfg.max_steps or cfg.eval_every and self.step % cfg.eval_every == 0):
                 last_eval = self.evaluate()
