@@ -7,15 +7,15 @@ positions, and soft-masking as the paper writes it, a dense vocabulary mixture t
 Where Dream leaves a choice open or ties results to its own random calls, the oracle follows the engine's documented
 rules, so that tests can compare token for token:
 
-- randomness: each step draws, from one generator and in this order, an fp64 uniform ``u`` ``[B, N]`` (when
-  temperature > 0) and a ``[B, N]`` uniform (``origin``) or Gumbel (``alg_temp`` > 0) draw over the generated region;
+- randomness: each step draws, from one generator and in this order, an fp64 uniform ``u`` ``[B, L]`` (when
+  temperature > 0) and a ``[B, L]`` uniform (``origin``) or Gumbel (``alg_temp`` > 0) draw over the decoded columns
+  (the ``L`` columns from the first mask token of any prompt, else from the first new token, to the end);
   sampling inverts the CDF (the first token whose cumulative probability, summed in fp64, exceeds ``u`` times the
   total: a draw from ``p``, like Dream's ``Categorical``) and ``alg_temp`` selection is Gumbel-top-k (an exact draw
   without replacement from ``softmax(conf / alg_temp)``, like Dream's ``multinomial``);
 - top-p also keeps the tokens whose logit equals the last kept one (Dream's sort leaves the order of equal logits
   open);
-- mask tokens in the prompts are decoded too (as Dream does); the noise covers the columns from the first one that
-  holds a mask in any row to the end;
+- mask tokens in the prompts are decoded too, as Dream does;
 - the soft-masking schedules' progress is a row's masks left over its masks at the start (after the tokens hook's
   first edit);
 - the number to unmask comes from each row's own mask count (Dream takes the batch mean; they differ only once the
