@@ -25,7 +25,6 @@ ALGS: tuple[str, ...] = ("origin", "maskgit_plus", "topk_margin", "entropy")
 # Dream's entropy confidence adds this inside the log.
 _LOG_EPS = 1e-10
 
-
 # Top-p looks for the nucleus among this many largest logits first (a partial selection instead of a sort).
 TOP_P_CANDIDATES = 64
 
