@@ -11,8 +11,9 @@ Providers, all decoding the same prompts with the same settings:
     engine_sm_*       softmask_ext's engine with soft-masking, eager / CUDA graph
 
 Reported per provider, batch and step count: tokens/s (generated tokens per second of decoding, after one warm-up
-run on a GPU, which also captures the engine's CUDA graph; its time is reported as warmup_s), ms per step, the share of step time spent building soft-mask inputs (timed apart on
-this step's real logits), and whether the tokens agree with the matching reference provider. ms/step does not depend
+run on a GPU, which also captures the engine's CUDA graph; its time is reported as warmup_s), ms per step, the share of
+step time spent building soft-mask inputs and (binary engine) proposing tokens (filters such as top-p, sampling,
+confidences), each timed apart on real logits, and whether the tokens agree with the matching reference provider. ms/step does not depend
 on the step count (every step has the same shapes), so when the time budget runs out a larger step count is
 extrapolated from the measured ms/step and marked so. Token agreement with the reference providers is meaningful in
 fp32 (CPU preset); in bf16 Dream's loop ranks bf16-rounded confidences, full of ties, while the engine ranks fp32 ones.
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from dream_reference import authors_soft_embeddings, reference_generate
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt
+from softmask_ext.decoding.sampling import propose
 
 PRESETS = {
     # A shallow model with Dream's vocabulary: the vocabulary-sized work (LM head, softmax, SM) dominates.
@@ -127,6 +129,28 @@ class Provider:
                                       **self.settings)
         return self.decoder.run(self.prompt)[0]
 
+    def propose_ms(self, reps: int) -> float:
+        """Milliseconds of one step's token proposals (filters such as top-p, sampling, confidences) on the first
+        step's logits (the engine proposes for every position of the region at every step)."""
+        decoder = self.decoder
+        decoder.load(self.prompt)
+        decoder.noise.draw()
+        logits = decoder._logits(decoder.logits_rows)
+        opts = decoder.options
+        return self._time_ms(lambda: propose(logits, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
+                                             top_k=opts.top_k, token_noise=decoder.noise.token), reps)
+
+    def _time_ms(self, work, reps: int) -> float:
+        """Milliseconds per call of ``work`` (captured in a CUDA graph first when this provider replays graphs)."""
+        work()
+        if self.graph:  # the engine runs it inside its step's graph: time it the same way
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                work()
+            work = graph.replay
+        seconds, _ = timed(lambda: [work() for _ in range(reps)], self.ids.device)
+        return 1000 * seconds / reps
+
     def sm_ms(self, reps: int) -> float:
         """Milliseconds to build one step's SM inputs, on this step's logits with half the positions masked."""
         model, ids = self.model, self.ids
@@ -143,14 +167,7 @@ class Provider:
             decoder.embeds.copy_(model.get_input_embeddings()(x))
             logits = decoder._logits(decoder.logits_rows)
             work = lambda: decoder._soft_embeddings(logits)  # noqa: E731
-        work()
-        if self.graph:  # the engine runs it inside its step's graph: time it the same way
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                work()
-            work = graph.replay
-        seconds, _ = timed(lambda: [work() for _ in range(reps)], ids.device)
-        return 1000 * seconds / reps
+        return self._time_ms(work, reps)
 
 
 def providers(soft_mask: SoftMask, cuda: bool) -> list[Provider]:
@@ -217,10 +234,13 @@ def main(argv=None) -> int:
                 outputs[(provider.name, batch, steps)] = out
                 row.update(ms_per_step=ms, tokens_per_s=batch * new_tokens / seconds, seconds=seconds,
                            extrapolated=False)
-                if provider.uses_sm and (provider.name, batch) not in {(r["provider"], r["batch"]) for r in results
-                                                                       if "sm_ms" in r}:
-                    row["sm_ms"] = provider.sm_ms(reps=5 if device.type == "cuda" else 2)
-                    row["sm_share"] = row["sm_ms"] / ms
+                # The parts of a step, timed once per provider and batch (they do not depend on the step count).
+                parts = {"sm": provider.uses_sm, "propose": provider.name.startswith("engine_binary")}
+                for part, wanted in parts.items():
+                    if wanted and not any(r["provider"] == provider.name and r["batch"] == batch and f"{part}_ms" in r
+                                          for r in results):
+                        part_ms = getattr(provider, f"{part}_ms")(reps=5 if device.type == "cuda" else 2)
+                        row.update({f"{part}_ms": part_ms, f"{part}_share": part_ms / ms})
             results.append(row)
             progress.update()
     progress.close()
@@ -270,13 +290,14 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']} | {report['preset']} preset, {report['dtype']}, prompt {report['prompt']}, "
           f"{report['new_tokens']} new tokens, vocab {report['vocab']}, alg {report['settings']['alg']}, "
           f"temperature {report['settings']['temperature']}")
-    print(f"{'provider':<22}{'batch':>6}{'steps':>6}{'tokens/s':>11}{'ms/step':>10}{'SM ms':>8}{'SM share':>10}")
+    print(f"{'provider':<22}{'batch':>6}{'steps':>6}{'tokens/s':>11}{'ms/step':>10}{'SM ms':>8}{'SM share':>10}"
+          f"{'propose ms':>12}{'share':>8}")
     for r in report["results"]:
-        sm_ms = f"{r['sm_ms']:.2f}" if "sm_ms" in r else ""
-        share = f"{100 * r['sm_share']:.1f}%" if "sm_share" in r else ""
+        ms = {k: f"{r[k]:.2f}" if k in r else "" for k in ("sm_ms", "propose_ms")}
+        share = {k: f"{100 * r[k]:.1f}%" if k in r else "" for k in ("sm_share", "propose_share")}
         mark = " (extrapolated)" if r["extrapolated"] else ""
         print(f"{r['provider']:<22}{r['batch']:>6}{r['steps']:>6}{r['tokens_per_s']:>11.1f}{r['ms_per_step']:>10.2f}"
-              f"{sm_ms:>8}{share:>10}{mark}")
+              f"{ms['sm_ms']:>8}{share['sm_share']:>10}{ms['propose_ms']:>12}{share['propose_share']:>8}{mark}")
     for s in report["summary"]:
         extras = "".join(f", {k} {v:.2f}x" for k, v in s.items() if k.startswith("graph"))
         print(f"batch {s['batch']} steps {s['steps']}: {s['sm_engine']} = {s['sm_vs_authors']:.2f}x authors_sm, "
