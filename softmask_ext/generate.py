@@ -5,7 +5,8 @@
 
 Instruct checkpoints (a ``chat_template`` in their tokenizer config) get the prompt as a user turn of the chat
 template. Mask tokens written in the prompt (``<|mask|>``) are filled in too, and the text from the first of them on
-is printed (infilling: ``--no-chat-template --max-new-tokens 0``). The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
+is printed (infilling: ``--no-chat-template --max-new-tokens 0``; with a chat template the rest of the template
+would be printed too). The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
 as a shaded block. Without ``--model`` the tiny model shipped in ``softmask_ext/assets/tiny-coder`` is used.
 Without ``--soft-mask``, a ``transparency_config.json`` beside the weights is used (``--binary`` ignores it).
 """
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mask_token_id = model.config.mask_token_id
     prompt_masks = ids.count(mask_token_id)
     start = ids.index(mask_token_id) if prompt_masks else len(ids)  # the first position decoded
-    steps = args.steps or args.max_new_tokens + prompt_masks
+    steps = args.steps or max(args.max_new_tokens + prompt_masks, 1)  # 0: the library says there is nothing to do
     hook = LiveView(tokenizer, start, steps, mask_token_id, sys.stderr) if args.live else None
     try:
         out = diffusion_generate(

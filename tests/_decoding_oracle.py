@@ -18,8 +18,9 @@ rules, so that tests can compare token for token:
 - mask tokens in the prompts are decoded too, as Dream does;
 - the soft-masking schedules' progress is a row's masks left over its masks at the start (after the tokens hook's
   first edit);
-- the number to unmask comes from each row's own mask count (Dream takes the batch mean; they differ only once the
-  model predicts the mask token itself), and equal confidences go to the earlier position.
+- the number to unmask comes from each row's own mask count (Dream takes the batch mean; they differ when prompts
+  hold different numbers of mask tokens or the model predicts the mask token itself), and equal confidences go to the
+  earlier position.
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def oracle_generate(
         t, s = timesteps[i], timesteps[i + 1]
         for b in range(batch):
             positions = [j for j in range(x.shape[1]) if bool(mask_index[b, j])]
-            # Dream counts the mean over the batch; rows differ only when the model predicts the mask token
-            # (the engine's documented choice: each row's own count).
+            # Dream counts the mean over the batch; rows differ with unequal prompt masks or when the model predicts
+            # the mask token (the engine's documented choice: each row's own count).
             num_mask_token = torch.tensor(len(positions), dtype=torch.float32)
             number = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
             proposals = {}

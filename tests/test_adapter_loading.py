@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,10 +22,12 @@ def base_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("base"))
 
 
-def write_adapters(base_dir: Path, path: Path, kind: str) -> torch.Tensor:
+def write_adapters(base_dir: Path, path: Path, kind: str,
+                   targets: tuple[str, ...] = AdapterConfig().targets) -> torch.Tensor:
     """Adapters with non-zero weights on ``base_dir``, saved as fine-tuning saves them (plus the tokenizer, as a run's
     final folder has it); returns the logits of the unmerged adapter model on ``IDS``."""
-    model = apply_adapters(DreamModel.from_pretrained(base_dir), AdapterConfig(kind=kind, rank=4, alpha=8.0))
+    config = AdapterConfig(kind=kind, rank=4, alpha=8.0, targets=targets)
+    model = apply_adapters(DreamModel.from_pretrained(base_dir), config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -49,6 +52,24 @@ def test_adapters_are_merged_into_their_base(base_dir, tmp_path, kind):
         base = DreamModel.from_pretrained(base_dir)(input_ids=IDS).logits
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
     assert (logits - base).abs().max() > 1e-2  # the adapters changed the model
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "lm_head"), ("embed_tokens",)])
+def test_adapters_on_a_tied_table_are_merged_apart(tmp_path, targets):
+    """With tied input and output embeddings, an adapter on one end must not reach the other: the merged model
+    unties them, as the adapted model has them."""
+    base = tmp_path / "tied"
+    make_model_dir(base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tied = DreamModel(DreamModel.from_pretrained(base).config)  # fresh weights, one table for both ends
+    tied.save_pretrained(base)
+    expected = write_adapters(base, tmp_path / "adapters", "lora", targets)
+    merged = DreamModel.from_pretrained(tmp_path / "adapters")
+    assert not merged.config.tie_word_embeddings
+    assert merged.lm_head.weight.data_ptr() != merged.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, expected, atol=2e-5, rtol=1e-5)
 
 
 def test_moved_base_is_named_and_can_be_given(base_dir, tmp_path):

@@ -177,6 +177,18 @@ def test_prompt_masks_match_reference(model, alg, sm, new_tokens):
     assert torch.equal(ours[:, :ids.shape[1]][known], ids[known])
 
 
+@pytest.mark.parametrize("new_tokens", [0, 2])
+def test_rows_with_fewer_masks_than_steps_match_reference(model, new_tokens):
+    """Rows may hold fewer masks than there are steps (some of their steps unmask nothing), or none at all."""
+    ids = prompts(3, 6, seed=9)
+    ids[0, 1:5] = MASK
+    ids[1, 2] = MASK
+    ours, theirs = both(model, ids, max_new_tokens=new_tokens, steps=4 + new_tokens, alg="entropy", seed=1,
+                        soft_mask=SOFT_MASKS[1])
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[2, :6], ids[2])
+
+
 @pytest.mark.parametrize("sm", [None, SOFT_MASKS[0]])
 def test_prompt_masks_decode_as_a_suffix_placed_by_a_tokens_hook(model, sm):
     """Infilling two ways: masks in the prompt, or masks generated after the prefix with a hook writing the suffix

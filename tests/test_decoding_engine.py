@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,6 +149,13 @@ def test_top_p_keeps_ties_with_the_last_kept_token():
     assert (filter_logits(logits, 0.0, 0.5, None) > -1e30).tolist() == [[True, True, True, True, False]]
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_top_p_shares_are_exact_for_large_logits(offset):
+    # At temperature 0.1 the first token holds 0.9999546 of the mass (fp64), below 0.99996: the second one stays.
+    logits = torch.tensor([[30.0, 29.0] + [0.0] * 100]) + offset
+    assert (filter_logits(logits, 0.1, 0.99996, None) > -1e30).sum() == 2
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 6),
@@ -166,17 +174,43 @@ def test_top_p_candidates_match_a_full_sort(rows, vocab, spread, top_p, ties, se
     logits[:, ::7] = float("-inf")
     logits[:, 1] = logits[:, 1].clamp_min(0.0)  # no row without a finite logit
     z = sampling._top_p_filter(logits, top_p)
-    floor, _ = sampling._nucleus_floor(torch.sort(logits, dim=-1, descending=True).values,
-                                       torch.logsumexp(logits, -1, keepdim=True), top_p)
+    floor, _ = sampling._nucleus_floor(torch.sort(logits, dim=-1, descending=True).values, _softmax_total(logits),
+                                       top_p)
     assert torch.equal(z > torch.finfo(torch.float32).min, logits >= floor)
+
+
+def _softmax_total(logits):
+    return (logits - logits.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)
 
 
 def test_top_p_uses_both_paths():
     """Guards the test above: at these spreads some rows are decided by the candidates and some are not."""
     logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0)) * torch.tensor([[30.0], [0.1]])
     descending = torch.topk(logits, sampling.TOP_P_CANDIDATES, dim=-1).values
-    _, decided = sampling._nucleus_floor(descending, torch.logsumexp(logits, -1, keepdim=True), 0.9)
+    _, decided = sampling._nucleus_floor(descending, _softmax_total(logits), 0.9)
     assert decided.squeeze(-1).tolist() == [True, False]
+
+
+@settings(max_examples=30, deadline=None)
+@given(offset=st.sampled_from([0.0, 30.0, 300.0]), temperature=st.sampled_from([0.1, 1.0]),
+       top_p=st.floats(0.5, 0.99), seed=st.integers(0, 2**16))
+def test_top_p_matches_the_nucleus_computed_in_fp64(offset, temperature, top_p, seed):
+    """Dream's rule with the probabilities in fp64, for logits of any magnitude (shares relative to the row's
+    maximum; through logsumexp, large logits would shift every share by its rounding). Rows whose cumulative
+    probability on either side of the cut comes within 2e-6 of top_p are left out: fp32 cannot place that cut."""
+    logits = torch.randn(16, 3000, generator=torch.Generator().manual_seed(seed)) * 4 + offset
+    logits[0, :2] = torch.tensor([offset + 30.0, offset + 29.0])  # a row with almost all mass on one token
+    kept = filter_logits(logits, temperature, top_p, None) > torch.finfo(torch.float32).min
+    z = logits / temperature
+    descending = z.sort(-1, descending=True).values
+    mass = torch.softmax(descending.double(), -1)
+    above = torch.cumsum(mass, -1) - mass
+    count = (above <= top_p).sum(-1, keepdim=True)
+    floor = descending.gather(-1, count - 1)
+    last_kept, first_dropped = above.gather(-1, count - 1), F.pad(above, (0, 1), value=2.0).gather(-1, count)
+    clear = ((top_p - last_kept > 2e-6) & (first_dropped - top_p > 2e-6)).squeeze(-1)
+    assert clear.sum() >= 2
+    assert torch.equal(kept[clear], (z >= floor)[clear])
 
 
 def test_inverse_cdf_samples_the_distribution():

@@ -100,10 +100,10 @@ def test_missing_mask_token_id(model):
 
 def test_bad_prompt_masks(model):
     ids = prompts()
-    ids[0, 1] = ids[1, 3] = 96  # one mask token in each prompt: 2 + 1 masks per row
-    with pytest.raises(ValueError, match=r"steps \(4\) must not exceed the masks of the row with the fewest \(3: "
-                                         r"max_new_tokens 2 \+ 1 in its prompt\)"):
-        diffusion_generate(model, ids, max_new_tokens=2, steps=4)
+    ids[0, 1] = ids[0, 2] = ids[1, 3] = 96  # 2 + 2 and 2 + 1 masks to decode
+    with pytest.raises(ValueError, match=r"steps \(5\) must not exceed the masks of the row with the most \(4: "
+                                         r"max_new_tokens 2 \+ 2 in its prompt\)"):
+        diffusion_generate(model, ids, max_new_tokens=2, steps=5)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     with pytest.raises(ValueError, match="the left padding holds the mask token id 96"):

@@ -68,8 +68,8 @@ def diffusion_generate(
             too, as Dream does (infilling: prefix, masks, suffix, and ``max_new_tokens=0``).
         attention_mask: ``[B, P]`` 1 for tokens, 0 for left padding (positions are ``cumsum(mask) - 1``).
         max_new_tokens: ``N >= 0``, tokens generated after each prompt.
-        steps: denoising steps, at least 1 and at most the masks of any row (its prompt's plus ``N``); default: that
-            number for the row with the fewest, one token per step.
+        steps: denoising steps, at least 1 and at most the masks of the row with the most (its prompt's plus ``N``);
+            default: that number, one token per step.
         temperature, top_p, top_k: Dream's filters and sampling (``temperature == 0``: argmax).
         alg: ``"origin"`` (each mask unmasks with probability ``1 - s/t``), ``"maskgit_plus"`` (most probable
             first), ``"topk_margin"`` (largest top-1 minus top-2 first), ``"entropy"`` (lowest entropy first).
@@ -93,7 +93,8 @@ def diffusion_generate(
         - confidences are computed in fp32 whatever the model's dtype, and equal confidences go to the earlier
           position (Dream ranks in the logits' dtype with ``torch.topk``, whose order of ties is unspecified);
         - the number to unmask comes from each row's own mask count, not the batch mean: the same whenever rows hold
-          equally many masks, so a prompt's tokens never depend on its batch;
+          equally many masks (not so when prompts hold different numbers of mask tokens), so a prompt's tokens never
+          depend on its batch;
         - samples are drawn by inverting the CDF (fp64 sums) and by Gumbel-top-k (same distributions as Dream's
           ``Categorical`` and ``multinomial``; see :mod:`.sampling`);
         - top-p keeps every token tied with the last one in the nucleus (Dream's sort leaves their order, and so which
@@ -128,7 +129,7 @@ def diffusion_generate(
         device=device,
     )
     if steps is None:
-        prompt_masks = (prompt.input_ids == mask_token_id).sum(-1).min()
+        prompt_masks = (prompt.input_ids == mask_token_id).sum(-1).max()
         options = dataclasses.replace(options, steps=int(prompt_masks) + max_new_tokens)
     decoder = DiffusionDecoder(
         model,

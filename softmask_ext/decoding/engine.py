@@ -12,7 +12,8 @@ decoded region starts at ``S``: the first mask token in any prompt (Dream decode
 3. with soft-masking, rebuild the input embeddings of the region from this step's logits: still-masked positions
    get the SM blend, the others their plain embedding (one fixed-shape kernel call).
 
-Nothing in a step reads a value back to the host, so on CUDA the step is captured once as a graph and replayed.
+On CUDA nothing in a step reads a value back to the host, so the step is captured once as a graph and replayed
+(on the CPU, top-p sorts only the rows that need it, which reads a count back; see :mod:`.sampling`).
 User hooks need the full logits and run Python between the parts of a step; with hooks the loop runs eagerly.
 """
 
@@ -50,7 +51,7 @@ class DiffusionDecoder:
         generator: source of the sampling noise (``None``: torch's default generator of the device).
         cuda_graph: capture the step in a CUDA graph (``None``: when the model is on CUDA).
 
-    A decoder can be reused for any number of runs of the same shape (:meth:`run`). The graph is captured once,
+    A decoder can be reused for any number of runs of the same shape and first mask column (:meth:`run`). The graph is captured once,
     after the first run's first step (done eagerly as warm-up), and replayed for every later step and run; it reads
     the model's parameters in place, so a decoder must not outlive a change of the model's parameter tensors
     (in-place updates are fine, ``model.to(...)`` or reloading is not).

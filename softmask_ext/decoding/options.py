@@ -134,14 +134,16 @@ def check_prompt(
 
 
 def _check_mask_count(prompt_masks: Tensor, options: DecodeOptions) -> None:
-    """Every row needs at least ``steps`` masks (its prompt's plus the new tokens): each step unmasks at least one."""
-    fewest = int(prompt_masks.min()) + options.max_new_tokens
-    if fewest == 0:
-        raise ValueError("nothing to decode: max_new_tokens is 0 and a prompt holds no mask token")
-    if options.steps > fewest:
-        source = (f"max_new_tokens ({options.max_new_tokens})" if fewest == options.max_new_tokens else
-                  f"the masks of the row with the fewest ({fewest}: max_new_tokens {options.max_new_tokens} + "
-                  f"{fewest - options.max_new_tokens} in its prompt)")
+    """Some row must have something to decode, and ``steps`` must not exceed the masks of the row with the most (its
+    prompt's plus the new tokens): beyond that, a step would unmask nothing in any row. Rows with fewer masks than
+    steps are fine (some of their steps unmask nothing, as in Dream)."""
+    most = int(prompt_masks.max()) + options.max_new_tokens
+    if most == 0:
+        raise ValueError("nothing to decode: max_new_tokens is 0 and the prompts hold no mask token")
+    if options.steps > most:
+        source = (f"max_new_tokens ({options.max_new_tokens})" if most == options.max_new_tokens else
+                  f"the masks of the row with the most ({most}: max_new_tokens {options.max_new_tokens} + "
+                  f"{most - options.max_new_tokens} in its prompt)")
         raise ValueError(f"steps ({options.steps}) must not exceed {source}: every step unmasks at least one token")
 
 

@@ -29,12 +29,14 @@ _LOG_EPS = 1e-10
 TOP_P_CANDIDATES = 64
 
 
-def _nucleus_floor(descending: Tensor, log_total: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+def _nucleus_floor(descending: Tensor, total: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     """The smallest logit top-p keeps, from the ``K`` largest logits of each row.
 
     Args:
         descending: fp32 ``[R, K]``, each row's ``K`` largest logits in descending order.
-        log_total: fp32 ``[R, 1]``, each row's logsumexp over its whole vocabulary.
+        total: fp32 ``[R, 1]``, each row's ``sum(exp(z - max))`` over its whole vocabulary (the softmax's
+            denominator: shares taken relative to the maximum, as Dream's softmax does, stay exact to fp32 however
+            large the logits, where ``exp(z - logsumexp)`` would carry logsumexp's rounding into every share).
 
     Returns:
         ``floor`` fp32 ``[R, 1]`` and ``decided`` bool ``[R, 1]``. A token is kept when the tokens ranked above it
@@ -42,7 +44,7 @@ def _nucleus_floor(descending: Tensor, log_total: Tensor, top_p: float) -> tuple
         prefix; ``floor`` is the logit of the last one, and tokens tied with it are kept too. ``decided``: the prefix
         ends inside the ``K`` (some candidate is dropped), so ``floor`` holds for the whole row.
     """
-    mass = (descending - log_total).exp()
+    mass = (descending - descending[:, :1]).exp() / total
     above = F.pad(mass.cumsum(-1)[:, :-1], (1, 0))
     kept = above <= top_p
     floor = descending.gather(-1, kept.sum(-1, keepdim=True) - 1)
@@ -52,21 +54,22 @@ def _nucleus_floor(descending: Tensor, log_total: Tensor, top_p: float) -> tuple
 def _top_p_filter(z: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``top_p``; the rest get fp32's min.
 
-    On CUDA, and whenever the step is being compiled, every row is sorted (a radix sort on the GPU; no host sync and
-    no data-dependent shape, so the step stays capturable). Otherwise, on the CPU, where sorting a 152k vocabulary
-    costs ~10 ms per row, the nucleus is sought among the :data:`TOP_P_CANDIDATES` largest logits, and only the rows
-    whose nucleus reaches beyond them are sorted. Both give the same result.
+    On CUDA, whenever the step is being compiled, and for vocabularies of at most :data:`TOP_P_CANDIDATES`, every
+    row is sorted (a radix sort on the GPU; no host sync and no data-dependent shape, so the step stays capturable).
+    Otherwise (the CPU, eagerly), where sorting a 152k vocabulary costs ~10 ms per row, the nucleus is sought among
+    the :data:`TOP_P_CANDIDATES` largest logits, and only the rows whose nucleus reaches beyond them are sorted (which
+    takes a host sync). Both give the same result.
     """
     rows = z.reshape(-1, z.shape[-1])
-    log_total = torch.logsumexp(rows, dim=-1, keepdim=True)
+    total = (rows - rows.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)
     if rows.is_cuda or torch.compiler.is_compiling() or rows.shape[-1] <= TOP_P_CANDIDATES:
-        floor, _ = _nucleus_floor(torch.sort(rows, dim=-1, descending=True).values, log_total, top_p)
+        floor, _ = _nucleus_floor(torch.sort(rows, dim=-1, descending=True).values, total, top_p)
     else:
-        floor, decided = _nucleus_floor(torch.topk(rows, TOP_P_CANDIDATES, dim=-1).values, log_total, top_p)
+        floor, decided = _nucleus_floor(torch.topk(rows, TOP_P_CANDIDATES, dim=-1).values, total, top_p)
         wide = (~decided).squeeze(-1).nonzero().squeeze(-1)
         if wide.numel():
             descending = torch.sort(rows.index_select(0, wide), dim=-1, descending=True).values
-            floor[wide] = _nucleus_floor(descending, log_total.index_select(0, wide), top_p)[0]
+            floor[wide] = _nucleus_floor(descending, total.index_select(0, wide), top_p)[0]
     return z.masked_fill(z < floor.view(*z.shape[:-1], 1), torch.finfo(z.dtype).min)
 
 
@@ -154,19 +157,20 @@ def select_transfers(
     alg_temp: float | None,
     select_noise: Tensor | None,
 ) -> Tensor:
-    """Which positions to unmask this step, bool ``[B, N]``.
+    """Which positions to unmask this step, bool ``[B, L]`` (``L``: the decoded region's positions).
 
     Args:
-        masked: bool ``[B, N]``, positions still masked before the step.
-        confidence: fp32 ``[B, N]`` (confidence-ranked algorithms).
+        masked: bool ``[B, L]``, positions still masked before the step.
+        confidence: fp32 ``[B, L]`` (confidence-ranked algorithms).
         ratio: fp32 ``[1]``, this step's ``1 - s/t`` (1 on the last step).
-        select_noise: fp32 ``[B, N]``: uniform draws for ``origin``, Gumbel draws when ``alg_temp`` > 0.
+        select_noise: fp32 ``[B, L]``: uniform draws for ``origin``, Gumbel draws when ``alg_temp`` > 0.
 
     ``origin`` unmasks each masked position with probability ``ratio``. The other algorithms unmask, in each row,
     Dream's ``int(n_mask * ratio)`` most confident positions (float32 product, as the reference); ties in confidence
     go to the earlier position. ``n_mask`` is the row's own mask count, where Dream takes the batch mean: the two
-    agree whenever rows hold equally many masks, which is always the case unless the model predicts the mask token
-    itself (or a hook edits rows unequally); per-row counts keep a prompt's tokens independent of its batch.
+    agree whenever rows hold equally many masks, which is the case unless prompts hold different numbers of mask
+    tokens, the model predicts the mask token itself, or a hook edits rows unequally; per-row counts keep a prompt's
+    tokens independent of its batch.
     """
     if alg == "origin":
         return masked & (select_noise < ratio)
@@ -184,8 +188,8 @@ def select_transfers(
 class StepNoise:
     """Noise buffers of one decoding run, refilled from ``generator`` before every step.
 
-    Draw order per step (tests replay it): ``token`` (fp64 uniform, ``[B, N]``) when ``temperature > 0``, then
-    ``select``: uniform ``[B, N]`` for ``origin``, ``-log Exp(1)`` (Gumbel) ``[B, N]`` when ``alg_temp`` > 0.
+    Draw order per step (tests replay it): ``token`` (fp64 uniform, ``[B, L]``) when ``temperature > 0``, then
+    ``select``: uniform ``[B, L]`` for ``origin``, ``-log Exp(1)`` (Gumbel) ``[B, L]`` when ``alg_temp`` > 0.
     """
 
     def __init__(

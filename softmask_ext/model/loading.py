@@ -92,6 +92,7 @@ def _load_merged_adapters(path: str, dtype: torch.dtype | None, device: str | to
                           base_model: str | os.PathLike | None) -> DreamModel:
     """The base model of the adapters in ``path`` with every adapter tensor checked and merged into its weights."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import check_target_module_exists
     from safetensors.torch import load_file
 
     weights = os.path.join(path, ADAPTER_WEIGHTS)
@@ -104,7 +105,13 @@ def _load_merged_adapters(path: str, dtype: torch.dtype | None, device: str | to
             f"the adapters in {path!r} belong to the base model {base!r}, which is not a directory here; "
             f"pass the base checkpoint as base_model= (--base-model on the command line)")
     lora.base_model_name_or_path = os.path.abspath(base)
-    model = get_peft_model(load_pretrained(base, dtype=dtype, device=device), lora)
+    model = load_pretrained(base, dtype=dtype, device=device)
+    if model.config.tie_word_embeddings and any(check_target_module_exists(lora, name)
+                                                for name in ("lm_head", "model.embed_tokens")):
+        # Merging into a shared table would change both ends; the adapted model has them apart, and so will this one.
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    model = get_peft_model(model, lora)
     result = set_peft_model_state_dict(model, load_file(weights, device=str(model.device)))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
