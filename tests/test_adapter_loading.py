@@ -54,6 +54,7 @@ def test_adapters_are_merged_into_their_base(base_dir, tmp_path, kind):
     assert (logits - base).abs().max() > 1e-2  # the adapters changed the model
 
 
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")  # peft saving such adapters
 @pytest.mark.parametrize("targets", [("q_proj", "lm_head"), ("embed_tokens",)])
 def test_adapters_on_a_tied_table_are_merged_apart(tmp_path, targets):
     """With tied input and output embeddings, an adapter on one end must not reach the other: the merged model
