@@ -129,8 +129,7 @@ def diffusion_generate(
         device=device,
     )
     if steps is None:
-        prompt_masks = (prompt.input_ids == mask_token_id).sum(-1).max()
-        options = dataclasses.replace(options, steps=int(prompt_masks) + max_new_tokens)
+        options = dataclasses.replace(options, steps=prompt.most_masks)
     decoder = DiffusionDecoder(
         model,
         options,

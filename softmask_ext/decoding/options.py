@@ -68,11 +68,13 @@ class Prompt:
         input_ids: int64 ``[B, P]``, left-padded; mask tokens in it are decoded along with the new tokens.
         attention_mask: bool ``[B, P]``, or ``None`` when no row is padded (Dream then attends to everything).
         first_mask: the first column holding a mask token in any row (``P`` when none does): decoding starts there.
+        most_masks: the masks to decode in the row with the most (its prompt's plus ``max_new_tokens``).
     """
 
     input_ids: Tensor
     attention_mask: Tensor | None
     first_mask: int
+    most_masks: int
 
     @property
     def batch(self) -> int:
@@ -112,11 +114,11 @@ def check_prompt(
     if low < 0 or high >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
     masks = input_ids == options.mask_token_id
-    _check_mask_count(masks.sum(-1), options)
+    most_masks = _check_mask_count(masks.sum(-1), options)
     columns = masks.any(0).nonzero()
     first_mask = int(columns[0]) if columns.numel() else length
     if attention_mask is None:
-        return Prompt(input_ids, None, first_mask)
+        return Prompt(input_ids, None, first_mask, most_masks)
     if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must have the shape of input_ids {[batch, length]}, got {_describe(attention_mask)}")
     mask = attention_mask.to(device)
@@ -130,13 +132,13 @@ def check_prompt(
         raise ValueError("attention_mask has padding after real tokens; pad prompts on the left")
     if bool((masks & ~mask).any()):
         raise ValueError(f"the left padding holds the mask token id {options.mask_token_id}; pad with another token")
-    return Prompt(input_ids, mask if not bool(mask.all()) else None, first_mask)
+    return Prompt(input_ids, mask if not bool(mask.all()) else None, first_mask, most_masks)
 
 
-def _check_mask_count(prompt_masks: Tensor, options: DecodeOptions) -> None:
+def _check_mask_count(prompt_masks: Tensor, options: DecodeOptions) -> int:
     """Some row must have something to decode, and ``steps`` must not exceed the masks of the row with the most (its
     prompt's plus the new tokens): beyond that, a step would unmask nothing in any row. Rows with fewer masks than
-    steps are fine (some of their steps unmask nothing, as in Dream)."""
+    steps are fine (some of their steps unmask nothing, as in Dream). Returns that largest count."""
     most = int(prompt_masks.max()) + options.max_new_tokens
     if most == 0:
         raise ValueError("nothing to decode: max_new_tokens is 0 and the prompts hold no mask token")
@@ -145,6 +147,7 @@ def _check_mask_count(prompt_masks: Tensor, options: DecodeOptions) -> None:
                   f"the masks of the row with the most ({most}: max_new_tokens {options.max_new_tokens} + "
                   f"{most - options.max_new_tokens} in its prompt)")
         raise ValueError(f"steps ({options.steps}) must not exceed {source}: every step unmasks at least one token")
+    return most
 
 
 def _describe(x: object) -> str:

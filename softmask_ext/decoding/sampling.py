@@ -61,11 +61,14 @@ def _top_p_filter(z: Tensor, top_p: float) -> Tensor:
     takes a host sync). Both give the same result.
     """
     rows = z.reshape(-1, z.shape[-1])
-    total = (rows - rows.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)
-    if rows.is_cuda or torch.compiler.is_compiling() or rows.shape[-1] <= TOP_P_CANDIDATES:
-        floor, _ = _nucleus_floor(torch.sort(rows, dim=-1, descending=True).values, total, top_p)
+    sort_all = rows.is_cuda or torch.compiler.is_compiling() or rows.shape[-1] <= TOP_P_CANDIDATES
+    if sort_all:
+        descending = torch.sort(rows, dim=-1, descending=True).values
     else:
-        floor, decided = _nucleus_floor(torch.topk(rows, TOP_P_CANDIDATES, dim=-1).values, total, top_p)
+        descending = torch.topk(rows, TOP_P_CANDIDATES, dim=-1).values
+    total = (rows - descending[:, :1]).exp().sum(-1, keepdim=True)  # the first column is the row's maximum
+    floor, decided = _nucleus_floor(descending, total, top_p)
+    if not sort_all:
         wide = (~decided).squeeze(-1).nonzero().squeeze(-1)
         if wide.numel():
             descending = torch.sort(rows.index_select(0, wide), dim=-1, descending=True).values
