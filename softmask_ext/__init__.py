@@ -19,6 +19,7 @@ _EXPORTS = {
     "DreamModel": "softmask_ext.model",
     "DreamConfig": "softmask_ext.model",
     "load_tokenizer": "softmask_ext.model",
+    "load_model": "softmask_ext.model",
     "diffusion_generate": "softmask_ext.decoding",
 }
 

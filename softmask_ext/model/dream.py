@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DreamConfig
+from .family import ModelFamily, register_family
 
 try:  # optional: used for unmasked fp16/bf16 attention on CUDA, SDPA otherwise
     from flash_attn import flash_attn_func
@@ -360,6 +361,21 @@ class DreamModel(nn.Module):
         """Masked-diffusion decoding; see `softmask_ext.decoding.diffusion_generate`."""
         from softmask_ext.decoding import diffusion_generate
         return diffusion_generate(self, *args, **kwargs)
+
+
+def _load_dream(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None, **kwargs: Any) -> "DreamModel":
+    return DreamModel.from_pretrained(path, dtype=dtype, device=device, **kwargs)
+
+
+DreamModel.family = register_family(ModelFamily(
+    name="dream",
+    model_types=("Dream", "qwen2"),
+    logit_shift=1,
+    load=_load_dream,
+    decoder_layer=DecoderLayer,
+    default_decoding={"alg": "entropy", "eps": 1e-3},
+))
 
 
 def _check_position_ids(position_ids: torch.Tensor, B: int, T: int) -> torch.Tensor:
