@@ -257,7 +257,7 @@ def report(summary: dict[str, Any], start: dict[str, Any]) -> None:
     for key, path in summary["paths"].items():
         print(f"  {key:20s} {path}")
     print(json.dumps({"val_binary": summary["val_binary"], "val_soft_mask": summary.get("val_soft_mask"),
-                      "transparency_scale": sm["transparency_scale"]}))
+                      "transparency_scale": sm.get("transparency_scale")}))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data import BatchStream, Example, collate
-from ..soft_mask import SoftMask
+from ..soft_mask import SoftMask, binary_transparency_config, write_transparency_config
 from .adapters import AdapterConfig, apply_adapters, load_trainable
 from .checkpoint import latest_checkpoint, write_checkpoint
 from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
@@ -389,19 +389,30 @@ class Trainer:
             self._save_model(final, model_state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(final)
-            self.soft_mask.save_transparency_config(final)
+            write_transparency_config(final, self.trained_soft_mask)
             paths = {
                 "final_model": str(final),
-                "transparency_config": self.soft_mask.save_transparency_config(self.run_dir),
+                "transparency_config": write_transparency_config(self.run_dir, self.trained_soft_mask),
                 "metrics": str(self.metrics_path),
                 "figure": str(plot_training(self.records(), self.soft_mask, self.model_config.vocab_size,
                                             self.run_dir / "training.png")),
                 "checkpoints": str(self.checkpoint_root),
             }
-            out = {**summary, "soft_mask": self.soft_mask.to_transparency_config(), "paths": paths}
+            out = {**summary, "soft_mask": self.transparency_config(), "paths": paths}
             (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
         barrier(self.env)
-        return {"soft_mask": self.soft_mask.to_transparency_config(), "paths": paths}
+        return {"soft_mask": self.transparency_config(), "paths": paths}
+
+    @property
+    def trained_soft_mask(self) -> SoftMask | None:
+        """The SM parameters this run trains, or ``None`` for a binary run (``sm_prob == 0``)."""
+        return self.soft_mask if self.config.sm_prob > 0 else None
+
+    def transparency_config(self) -> dict[str, Any]:
+        """What ``transparency_config.json`` holds for this run: the learned SM parameters, or for a binary run
+        exactly ``{"transparency_alg": "none"}``, as the authors' trainer writes it."""
+        sm = self.trained_soft_mask
+        return binary_transparency_config() if sm is None else sm.to_transparency_config()
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -431,7 +442,7 @@ class Trainer:
         self._save_model(directory / "model", model_state)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
                   str(directory / "soft_mask.safetensors"))
-        self.soft_mask.save_transparency_config(directory / "transparency_config.json")
+        write_transparency_config(directory / "transparency_config.json", self.trained_soft_mask)
         torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
                    directory / "optimizer.pt")
         state = {"step": self.step, "data": self.stream.state_dict(), "soft_batches": self.soft_batches,
