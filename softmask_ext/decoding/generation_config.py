@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GENERATION_FIELDS", "DREAM_DEFAULT_MAX_LENGTH", "resolve_generation_config", "new_token_count"]
+__all__ = ["DREAM_DEFAULT_MAX_LENGTH", "GENERATION_FIELDS", "new_token_count", "resolve_generation_config"]
 
 #: The fields of Dream's ``DreamGenerationConfig`` that decoding reads.
 GENERATION_FIELDS = (
