@@ -8,14 +8,14 @@ import warnings
 
 import pytest
 import torch
-from transformers import GenerationConfig
-
 from _decoding_oracle import oracle_generate
 from _training_helpers import make_model_dir
+from test_decoding import padded_batch, prompts, tiny_model
+from transformers import GenerationConfig
+
 from softmask_ext import SoftMask, generate
 from softmask_ext.decoding import diffusion_generate
 from softmask_ext.evaluate import resolve_soft_mask
-from test_decoding import padded_batch, prompts, tiny_model
 
 BINARY = {"transparency_alg": "none"}
 SM = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.9, "transparency_centre": -3.5,

@@ -9,8 +9,8 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _training_helpers import MASK_ID, tiny_model
+
 from softmask_ext.evaluation import estimate_elbo
 from softmask_ext.training.noise import NoiseSchedule
 
