@@ -38,7 +38,7 @@ OK = dict(max_new_tokens=6, steps=3, alg="entropy")
         (dict(top_p=1.5), ValueError, "top_p must be in"),
         (dict(top_k=0), ValueError, "top_k must be an int >= 1"),
         (dict(alg_temp=-1.0), ValueError, "alg_temp must be"),
-        (dict(eps=0.0), ValueError, "eps must be in"),
+        (dict(eps=1.0), ValueError, r"eps must be in \[0, 1\)"),
         (dict(mask_token_id=97), ValueError, r"mask_token_id 97 is outside the vocabulary \[0, 97\)"),
         (dict(mask_token_id=-1), ValueError, "mask_token_id must be a non-negative int"),
         (dict(max_new_tokens=60, steps=3), ValueError, r"exceeds the model's maximum of 64 positions"),

@@ -52,8 +52,8 @@ class DecodeOptions:
             raise ValueError(f"unknown alg {self.alg!r}; expected one of {ALGS}")
         if self.alg_temp is not None and (not _is_number(self.alg_temp) or self.alg_temp < 0):
             raise ValueError(f"alg_temp must be a finite number >= 0 or None, got {self.alg_temp!r}")
-        if not _is_number(self.eps) or not 0 < self.eps < 1:
-            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        if not _is_number(self.eps) or not 0 <= self.eps < 1:  # eps = 0: s = 0 only on the last step, as in Dream
+            raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.mask_token_id >= vocab_size:
