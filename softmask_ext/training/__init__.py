@@ -13,7 +13,7 @@ from .noise import (
     sample_noise,
     stream_generator,
 )
-from .objective import masked_token_loss, prediction_rows, shift_logits
+from .objective import masked_token_loss, prediction_rows, sequence_mean_loss, shift_logits
 from .trainer import TrainConfig, Trainer, micro_batch_index
 from .two_pass import DiffusionTrainingForward, model_logits, soft_mask_forward
 
@@ -24,7 +24,7 @@ __all__ = [
     "confidence_centre", "masked_neg_entropy", "scale_gradient",
     "FINETUNE_NOISE", "PRETRAIN_NOISE", "NoisedBatch", "NoiseSchedule", "apply_noise", "sample_noise",
     "stream_generator",
-    "masked_token_loss", "prediction_rows", "shift_logits",
+    "masked_token_loss", "prediction_rows", "sequence_mean_loss", "shift_logits",
     "TrainConfig", "Trainer", "micro_batch_index",
     "DiffusionTrainingForward", "model_logits", "soft_mask_forward",
 ]
