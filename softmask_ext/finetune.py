@@ -39,22 +39,9 @@ import torch
 
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import DreamConfig, DreamModel, load_tokenizer
-from .training import (
-    AdapterConfig,
-    NoiseSchedule,
-    TrainConfig,
-    Trainer,
-    init_distributed,
-)
+from .training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer, init_distributed
 from .training.fsdp import check_fsdp_request
-from .training.presets import (
-    FALLBACKS,
-    PRESETS,
-    SHIPPED_MODEL,
-    drop_token_ids,
-    gate_centre,
-    initial_soft_mask,
-)
+from .training.presets import FALLBACKS, PRESETS, SHIPPED_MODEL, drop_token_ids, gate_centre, initial_soft_mask
 
 LARGE_MODEL_PARAMS = 10**9
 

@@ -15,11 +15,7 @@ from torch import Tensor, nn
 
 from ..soft_mask import SoftMask
 from .engine import DiffusionDecoder, LogitsHook, TokensHook
-from .generation_config import (
-    GENERATION_FIELDS,
-    new_token_count,
-    resolve_generation_config,
-)
+from .generation_config import GENERATION_FIELDS, new_token_count, resolve_generation_config
 from .options import DecodeOptions, Prompt, check_prompt
 
 __all__ = ["DecodeResult", "diffusion_generate"]

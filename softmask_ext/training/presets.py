@@ -8,7 +8,8 @@ flags on top; experiments use the same dictionaries (never the CLI module).
   where the model and the run are small: full fine-tuning at lr 1e-4 (3e-4 made the binary baseline worse than the
   base model), short sequences, and an SM learning rate of 0.3 instead of 1e-2. Adam moves a raw (logit) parameter
   by at most about lr per update and the scale must travel about 13 logit units from 1e-6 to an active blend; the
-  paper's Dream runs make tens of thousands of updates, this one about 300 SM updates under a cosine schedule.
+  paper's Dream runs make tens of thousands of updates, this one about 300 SM updates under a cosine schedule
+  (measured on the shipped model: the README's fine-tuning results).
 * ``dream-paper``: the authors' Dream recipe as their trainer and data collator run it: DoRA r=16, alpha=16, dropout 0
   on q/k/v/o, lr 1e-5 cosine with 3% warmup, grad-norm clip 7 on the summed loss, bf16, gradient checkpointing,
   batch 1 x accumulation 8, max length 2048, sm_prob 0.5, SM parameters at lr 1e-2 from the paper's initialisation,
