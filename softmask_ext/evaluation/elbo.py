@@ -4,9 +4,9 @@ For a linear schedule the negative ELBO per token is ``E_t[ sum_{masked i} CE_i 
 perplexity. Each draw masks every token with probability ``t`` independently (prompts never) and
 :func:`softmask_ext.training.objective.masked_token_loss` gives the ``1/t``-weighted cross-entropy with Dream's
 one-position shift. A row whose draw masked nothing contributes 0, as in the bound: unlike training, no mask is forced
-into it, so the estimate is unbiased (``estimator`` in the result says so). Forcing one would add a positive term of
-about ``(1 - t)^n`` for a row of ``n`` tokens, visible at small ``t`` and short rows (about +1% perplexity at length
-256 and +4% at 128 with ``t ~ U[1e-3, 1]``). For a soft-masked model the logits come from the two-pass SM forward
+into it, so the estimate is unbiased (``estimator`` in the result says so). Forcing one would add, with probability
+``(1 - t)^n`` for a row of ``n`` tokens, one token's cross-entropy over ``t``: rare, since it needs a small ``t``, but
+heavy (about +1% perplexity at length 256 and +4% at 128 in expectation with ``t ~ U[1e-3, 1]``). For a soft-masked model the logits come from the two-pass SM forward
 (:func:`softmask_ext.training.two_pass.soft_mask_forward`), as the paper evaluates its SM models.
 
 Sampling. Each batch gets ``R = num_samples`` draws of one ``t`` for the whole batch (as in training), stratified:
