@@ -20,8 +20,8 @@ from softmask_ext.data import (
 )
 from softmask_ext.finetune import main, parse_args, resolve_settings
 from softmask_ext.model import DreamConfig, load_tokenizer
-from softmask_ext.training.noise import NoiseSchedule, apply_noise, sample_noise
-from softmask_ext.training.objective import masked_token_loss, sequence_mean_loss
+from softmask_ext.diffusion.noise import NoiseSchedule, apply_noise, sample_noise
+from softmask_ext.diffusion.objective import masked_token_loss, sequence_mean_loss
 from softmask_ext.training.presets import PRESETS, drop_token_ids
 
 LN2 = math.log(2.0)
@@ -40,18 +40,18 @@ def test_sequence_loss_is_one_over_t_times_each_sequences_mean_summed():
     targets = torch.tensor([[0, 0, 2, 1], [0, 0, 0, 0]])
     masked = torch.tensor([[True, True, False, False], [True, False, False, False]])
     t = torch.tensor([0.5, 0.25], dtype=torch.float64)
-    total = sequence_mean_loss(logits, targets, masked, t, shift=False)
+    total = sequence_mean_loss(logits, targets, masked, t, logit_shift=0)
     assert total.item() == pytest.approx(7 * LN2, rel=1e-6)
     # Summed over micro-batches of one sequence each (the authors' accumulation) it is the same number.
-    parts = [sequence_mean_loss(logits[i:i + 1], targets[i:i + 1], masked[i:i + 1], t[i:i + 1], shift=False)
+    parts = [sequence_mean_loss(logits[i:i + 1], targets[i:i + 1], masked[i:i + 1], t[i:i + 1], logit_shift=0)
              for i in range(2)]
     assert parts[0].item() == pytest.approx(3 * LN2) and parts[1].item() == pytest.approx(4 * LN2)
     # The per-token normalisation (dream-tokens) with one t = 0.5 over the 6 response tokens weighs the two sequences
     # by their masked token counts instead: (ln 2 + ln 4 + ln 2) / 0.5 / 6.
-    tokens = masked_token_loss(logits, targets, masked, 0.5, num_tokens=6, shift=False)
+    tokens = masked_token_loss(logits, targets, masked, 0.5, num_tokens=6, logit_shift=0)
     assert tokens.item() == pytest.approx(4 * LN2 / 0.5 / 6)
     with pytest.raises(ValueError, match="every row needs a masked token"):
-        sequence_mean_loss(logits, targets, torch.zeros_like(masked), t, shift=False)
+        sequence_mean_loss(logits, targets, torch.zeros_like(masked), t, logit_shift=0)
 
 
 def test_mask_probability_has_the_authors_floor_and_t_is_per_sequence():
@@ -100,8 +100,10 @@ def tokenizer(tmp_path_factory):
 
 
 def test_last_message_is_the_response_and_short_or_tool_call_samples_are_dropped(tokenizer, tmp_path):
-    conversation = {"messages": [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "def add(a, b):"},
-                                 {"role": "user", "content": "Now class."}, {"role": "assistant", "content": CODE[1]}]}
+    conversation = {"messages": [{"role": "user", "content": "Add."},
+                                 {"role": "assistant", "content": "def add(a, b):"},
+                                 {"role": "user", "content": "Now class."},
+                                 {"role": "assistant", "content": CODE[1]}]}
     short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (conversation, short)))

@@ -2,12 +2,13 @@
 
 For a linear schedule the negative ELBO per token is ``E_t[ sum_{masked i} CE_i / t ] / N``; ``exp`` of it bounds the
 perplexity. Each draw masks every token with probability ``t`` independently (prompts never) and
-:func:`softmask_ext.training.objective.masked_token_loss` gives the ``1/t``-weighted cross-entropy with Dream's
-one-position shift. A row whose draw masked nothing contributes 0, as in the bound: unlike training, no mask is forced
-into it, so the estimate is unbiased (``estimator`` in the result says so). Forcing one would add, with probability
-``(1 - t)^n`` for a row of ``n`` tokens, one token's cross-entropy over ``t``: rare, since it needs a small ``t``, but
-heavy (about +1% perplexity at length 256 and +4% at 128 in expectation with ``t ~ U[1e-3, 1]``). For a soft-masked model the logits come from the two-pass SM forward
-(:func:`softmask_ext.training.two_pass.soft_mask_forward`), as the paper evaluates its SM models.
+:func:`softmask_ext.diffusion.objective.masked_token_loss` gives the ``1/t``-weighted cross-entropy with the rows
+the model family's ``logit_shift`` names. A row whose draw masked nothing contributes 0, as in the bound: unlike
+training, no mask is forced into it, so the estimate is unbiased (``estimator`` in the result says so). Forcing one
+would add, with probability ``(1 - t)^n`` for a row of ``n`` tokens, one token's cross-entropy over ``t``: rare,
+since it needs a small ``t``, but heavy (about +1% perplexity at length 256 and +4% at 128 in expectation with
+``t ~ U[1e-3, 1]``). For a soft-masked model the logits come from the two-pass SM forward
+(:func:`softmask_ext.diffusion.two_pass.soft_mask_forward`), as the paper evaluates its SM models.
 
 Sampling. Each batch gets ``R = num_samples`` draws of one ``t`` for the whole batch (as in training), stratified:
 draw ``r`` is uniform in the r-th of R equal slices of ``[t_min, t_max]``, which keeps the estimate unbiased and
@@ -32,10 +33,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..diffusion.noise import PRETRAIN_NOISE, NoiseSchedule, stream_generator
+from ..diffusion.objective import masked_token_loss
+from ..diffusion.two_pass import model_logits, soft_mask_forward
+from ..model.family import family_of
 from ..soft_mask import SoftMask
-from ..training.noise import PRETRAIN_NOISE, NoiseSchedule, stream_generator
-from ..training.objective import masked_token_loss
-from ..training.two_pass import model_logits, soft_mask_forward
 
 __all__ = ["ElboResult", "ELBO_STREAM", "ESTIMATOR", "estimate_elbo", "paired_difference"]
 
@@ -111,6 +113,7 @@ def estimate_elbo(
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to give a confidence interval, got {num_samples}")
     device = next(model.parameters()).device
+    logit_shift = family_of(model).logit_shift
     draws: list[tuple[float, ...]] = []
     num_tokens = 0
     was_training = model.training
@@ -138,7 +141,7 @@ def estimate_elbo(
                         logits = model_logits(model, input_ids=x_t, attention_mask=mask_arg)
                     else:
                         logits = soft_mask_forward(model, soft_mask, x_t, mask_arg, mask_token_id)
-                    loss = masked_token_loss(logits, input_ids, masked, t, num_tokens=1)
+                    loss = masked_token_loss(logits, input_ids, masked, t, 1, logit_shift)
                 batch_draws.append(float(loss))
             draws.append(tuple(batch_draws))
     finally:

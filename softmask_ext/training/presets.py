@@ -36,7 +36,7 @@ from torch import nn
 from ..data import TOOL_CALL_TOKEN_IDS
 from ..soft_mask import SoftMask
 from .gate_init import confidence_centre, masked_neg_entropy
-from .noise import NoiseSchedule
+from ..diffusion.noise import NoiseSchedule
 
 __all__ = ["FALLBACKS", "PRESETS", "SHIPPED_MODEL", "drop_token_ids", "gate_centre", "initial_soft_mask"]
 
