@@ -41,11 +41,11 @@ from torch import nn
 
 from softmask_ext.data import collate, heldout_functions, stdlib_dataset
 from softmask_ext.evaluation import estimate_elbo, evaluate_infill, make_infill_examples, paired_difference, plot_infill
-from softmask_ext.finetune import FALLBACKS, PRESETS, gate_centre, initial_soft_mask
 from softmask_ext.model import load_model, load_tokenizer
 from softmask_ext.pretrain import ASSET_DIR
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer
+from softmask_ext.training.presets import FALLBACKS, PRESETS, gate_centre, initial_soft_mask
 
 TINY = {**FALLBACKS, **PRESETS["tiny"]}
 CONDITIONS = ("binary", "sm_same_updates", "sm_same_compute")

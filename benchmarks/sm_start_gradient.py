@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from softmask_ext.data import stdlib_dataset
-from softmask_ext.finetune import SHIPPED_MODEL, gate_centre
 from softmask_ext.model import load_model, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import FINETUNE_NOISE, confidence_centre, masked_neg_entropy, scale_gradient
+from softmask_ext.training.presets import SHIPPED_MODEL, gate_centre
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,8 @@
   models), tests run in a sandbox; pass@1 at each of ``--tokens-per-step``.
 
 Without ``--model`` the shipped tiny model is used. The SM configuration is ``--soft-mask CONFIG`` when given, else
-the model directory's ``transparency_config.json`` when it has one; ``--soft-mask none`` forces binary masking.
+the model directory's ``transparency_config.json`` when it has one; ``--soft-mask none``, or a config whose
+``transparency_alg`` is ``"none"`` (what binary fine-tuning writes), means binary masking.
 Results go to ``--out`` (default ``runs/eval/<model>/``) as ``<task>.json`` (with ``infill.png`` or
 ``humaneval_samples.jsonl``).
 """

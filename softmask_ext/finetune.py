@@ -9,10 +9,14 @@ For a real model: ``--model DIR`` (a Dream or LLaDA checkpoint) and ``--data FIL
 ``messages``, ``prompt``/``response``, or text). Hyper-parameters come from a preset, then from explicit flags:
 
 * ``tiny`` (default for models under 1B parameters): full fine-tuning, the settings of the CPU demo (about a minute);
-  the SM parameters start from the paper's values and learn at lr 0.3 (see ``PRESETS``);
-* ``dream-paper`` (default for larger models): the authors' Dream recipe: DoRA r=16, alpha=16, dropout 0 on
-  q/k/v/o, lr 1e-5 cosine with 3% warmup, grad-norm clip 7, bf16, gradient checkpointing, batch 1 x accumulation
-  8, max length 2048, sm_prob 0.5, SM parameters at lr 1e-2 from the paper's initialisation, one epoch.
+  the SM parameters start from the paper's values and learn at lr 0.3;
+* ``dream-paper`` (default for larger models): the authors' Dream recipe as their trainer runs it: DoRA r=16 on
+  q/k/v/o, lr 1e-5 cosine, clip 7, batch 1 x accumulation 8, sm_prob 0.5; per-sequence loss ``(1/t) x`` mean
+  masked-token cross-entropy summed over the step, padding trained as response, the last message as the response,
+  short responses and tool calls dropped, at most 300k samples, the best checkpoint by validation loss kept;
+* ``dream-tokens``: the same optimisation with this library's per-token ELBO loss and data conventions.
+
+The presets are defined, with the reasons for each value, in :mod:`softmask_ext.training.presets`.
 
 Several GPUs: ``torchrun --nproc_per_node N -m softmask_ext.finetune ...``; ``--batch-size`` is per process, and the
 run equals one process with N times the gradient accumulation. The model is replicated (DDP), or sharded with FSDP2
@@ -36,32 +40,11 @@ import torch
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import load_model, load_tokenizer
 from .model.family import load_config
-from .soft_mask import SoftMask
-from .training import (AdapterConfig, NoiseSchedule, TrainConfig, Trainer, confidence_centre, init_distributed,
-                       masked_neg_entropy)
+from .training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer, init_distributed
 from .training.fsdp import check_fsdp_request
+from .training.presets import FALLBACKS, PRESETS, SHIPPED_MODEL, drop_token_ids, gate_centre, initial_soft_mask
 
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "tiny-coder"
 LARGE_MODEL_PARAMS = 10**9
-
-# `tiny` is the CPU demo on the shipped 1.4M-parameter model (about a minute on 2 idle cores). It starts the SM
-# parameters exactly as the paper does (scale ~1e-6, steepness 6.66, centre -0.75) and differs from the Dream recipe
-# where the model and the run are small: full fine-tuning at lr 1e-4 (3e-4 made the binary baseline worse than the
-# base model), short sequences, and an SM learning rate of 0.3 instead of 1e-2. Adam moves a raw (logit) parameter
-# by at most about lr per update and the scale must travel about 13 logit units from 1e-6 to an active blend; the
-# paper's Dream runs make tens of thousands of updates, this one about 300 SM updates under a cosine schedule.
-# Measured on the shipped model: README, fine-tuning.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(adapter="full", lr=1e-4, sm_lr=0.3, sm_init_scale=0.0, sm_init_centre=-0.75, warmup_ratio=0.03,
-                 clip=1.0, bf16=False, gradient_checkpointing=False, batch_size=8, grad_accum=1, max_length=128,
-                 sm_prob=0.5, k=1, max_steps=600, eval_batches=16),
-    "dream-paper": dict(adapter="dora", rank=16, alpha=16.0, lora_dropout=0.0, lr=1e-5, sm_lr=1e-2,
-                        sm_init_scale=0.0, sm_init_centre=-0.75, warmup_ratio=0.03, clip=7.0, bf16=True,
-                        gradient_checkpointing=True, batch_size=1, grad_accum=8, max_length=2048, sm_prob=0.5, k=1,
-                        max_steps=None, eval_batches=64),
-}
-FALLBACKS: dict[str, Any] = dict(sm_eps=1e-8, rank=16, alpha=16.0, lora_dropout=0.0, weight_decay=0.0, t_min=0.2,
-                                 t_max=0.8, seed=0, save_every=0, eval_every=0, keep_checkpoints=2, val_fraction=0.02)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,6 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float)
     p.add_argument("--clip", type=float, help="gradient-norm clip")
     p.add_argument("--max-length", type=int, help="longest sequence (longer records are dropped)")
+    p.add_argument("--max-samples", type=int, help="cap on the training examples (a seeded random subset)")
+    p.add_argument("--responses", choices=("all", "last"),
+                   help="chat data: every assistant turn is a response, or only the last message")
+    p.add_argument("--min-response-tokens", type=int, help="drop examples with fewer response tokens")
+    p.add_argument("--drop-tool-calls", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop examples holding Qwen2's tool-call tokens (ids 151657, 151658)")
+    p.add_argument("--loss", choices=("tokens", "sequence"),
+                   help="tokens: 1/t-weighted CE normalised by the step's response tokens; sequence: (1/t) x mean CE "
+                        "over each sequence's masked tokens, summed over the step (the authors' trainer)")
+    p.add_argument("--mask-eps", type=float, help="mask probability (1 - eps) t + eps (the authors': 1e-3)")
+    p.add_argument("--pad-as-response", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad each batch to its longest + 0-49 tokens (a multiple of 8) and train on the padding")
     p.add_argument("--t-min", type=float, help="noise level range, t ~ U[t-min, t-max]")
     p.add_argument("--t-max", type=float)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
@@ -110,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shard the model over the torchrun processes (FSDP2); chosen automatically when training "
                         "would not fit one GPU")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: at the end only)")
-    p.add_argument("--eval-every", type=int, help="validate every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=int,
+                   help="validate every N steps and keep the best model as best/ beside final/ (0: at the end only)")
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--keep-checkpoints", type=int)
     p.add_argument("--val-fraction", type=float, help="share of --data held out when --val-data is not given")
@@ -118,36 +114,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     return p.parse_args(argv)
-
-
-def gate_centre(text: str) -> float | str:
-    """``--sm-init-centre``: ``auto`` or a negative number."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a negative number, got {text!r}") from None
-    if not value < 0:
-        raise argparse.ArgumentTypeError(f"the gate centre is a negative entropy and must be < 0, got {value}")
-    return value
-
-
-def initial_soft_mask(model: torch.nn.Module, train: Any, settings: dict[str, Any], verbose: bool) -> SoftMask:
-    """The SM parameters to start from; an ``auto`` centre is measured on the base model (rank-independent: every
-    process sees the same first batches and noise)."""
-    centre = settings["sm_init_centre"]
-    if centre == "auto":
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad,
-                                         NoiseSchedule(settings["t_min"], settings["t_max"]),
-                                         batch_size=settings["batch_size"], seed=settings["seed"])
-        centre = confidence_centre(neg_entropy)
-        if verbose:
-            q10, q90 = neg_entropy.quantile(torch.tensor([0.1, 0.9])).tolist()
-            print(f"soft-mask gate centre {centre:.3f}: the median confidence (negative entropy, nats) of the base "
-                  f"model at {neg_entropy.numel()} masked positions (10-90% range {q10:.2f} to {q90:.2f})")
-    return SoftMask(k=settings["k"], scale=settings["sm_init_scale"], centre=centre)
 
 
 def estimate_parameters(config: Any) -> int:
@@ -181,12 +147,27 @@ def load_data(args: argparse.Namespace, tokenizer: Any, settings: dict[str, Any]
     """(train, validation) examples: the stdlib corpus by default, else --data (and --val-data)."""
     max_length = settings["max_length"]
     if args.data is None:
-        return (stdlib_dataset(tokenizer, "train", max_length, args.max_chars),
-                stdlib_dataset(tokenizer, "validation", max_length, args.max_chars))
-    train = load_dataset(args.data, tokenizer, max_length)
+        train, val = (stdlib_dataset(tokenizer, "train", max_length, args.max_chars),
+                      stdlib_dataset(tokenizer, "validation", max_length, args.max_chars))
+        return _cap(train, settings), val
+    filters = dict(responses=settings["responses"], min_response_tokens=settings["min_response_tokens"],
+                   drop_token_ids=drop_token_ids(settings))
+    train = load_dataset(args.data, tokenizer, max_length, **filters)
     if args.val_data is not None:
-        return train, load_dataset(args.val_data, tokenizer, max_length)
-    return _split_off_validation(train, settings["val_fraction"], settings["seed"])
+        return _cap(train, settings), load_dataset(args.val_data, tokenizer, max_length, **filters)
+    train, val = _split_off_validation(train, settings["val_fraction"], settings["seed"])
+    return _cap(train, settings), val
+
+
+def _cap(train: Any, settings: dict[str, Any]) -> Any:
+    """At most ``max_samples`` training examples: a random subset drawn from the run's seed."""
+    cap = settings["max_samples"]
+    if cap is not None and cap < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {cap}")
+    if cap is None or cap >= len(train):
+        return train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings["seed"]))[:cap]
+    return [train[i] for i in sorted(order.tolist())]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -224,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         adapter=AdapterConfig(kind=s["adapter"], rank=s["rank"], alpha=s["alpha"], dropout=s["lora_dropout"]),
         gradient_checkpointing=s["gradient_checkpointing"], bf16=s["bf16"], save_every=s["save_every"],
         keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"], eval_batches=s["eval_batches"],
-        fsdp=args.fsdp,
+        fsdp=args.fsdp, loss=s["loss"], mask_eps=s["mask_eps"], pad_as_response=s["pad_as_response"],
     )
     soft_mask = initial_soft_mask(model, train, s, verbose=env.is_main)
     start = soft_mask.to_transparency_config()
@@ -259,7 +240,7 @@ def report(summary: dict[str, Any], start: dict[str, Any]) -> None:
     for key, path in summary["paths"].items():
         print(f"  {key:20s} {path}")
     print(json.dumps({"val_binary": summary["val_binary"], "val_soft_mask": summary.get("val_soft_mask"),
-                      "transparency_scale": sm["transparency_scale"]}))
+                      "transparency_scale": sm.get("transparency_scale")}))
 
 
 if __name__ == "__main__":

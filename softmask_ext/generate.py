@@ -8,7 +8,8 @@ template. Mask tokens written in the prompt (``<|mask|>``) are filled in too, an
 is printed (infilling: ``--no-chat-template --max-new-tokens 0``; with a chat template the rest of the template
 would be printed too). The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
 as a shaded block. Without ``--model`` the tiny model shipped in ``softmask_ext/assets/tiny-coder`` is used.
-Without ``--soft-mask``, a ``transparency_config.json`` beside the weights is used (``--binary`` ignores it).
+Without ``--soft-mask``, a ``transparency_config.json`` beside the weights is used (``--binary`` ignores it). A
+config whose ``transparency_alg`` is ``"none"`` (what binary fine-tuning writes) means binary decoding.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     sm = p.add_mutually_exclusive_group()
-    sm.add_argument("--soft-mask", metavar="JSON", help="transparency_config.json to decode with soft-masking")
+    sm.add_argument("--soft-mask", metavar="JSON", help="transparency_config.json to decode with soft-masking "
+                    "(transparency_alg 'none': binary)")
     sm.add_argument("--binary", action="store_true", help="plain masks even if the checkpoint has a soft-mask config")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, help="denoising steps (default: one token per step)")
@@ -132,10 +134,12 @@ def _soft_mask(args: argparse.Namespace, model_dir: Path) -> SoftMask | None:
     if args.soft_mask:
         return SoftMask.from_transparency_config(args.soft_mask)
     beside = model_dir / CONFIG_FILENAME
-    if beside.is_file():
+    if not beside.is_file():
+        return None
+    soft_mask = SoftMask.from_transparency_config(beside)  # None for a binary model's {"transparency_alg": "none"}
+    if soft_mask is not None:
         print(f"using the soft-mask config {beside} (--binary to decode without)", file=sys.stderr)
-        return SoftMask.from_transparency_config(beside)
-    return None
+    return soft_mask
 
 
 def main(argv: Sequence[str] | None = None) -> int:

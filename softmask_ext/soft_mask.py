@@ -27,9 +27,13 @@ from torch import Tensor, nn
 from . import ops
 from .model.family import prediction_row_index
 
-__all__ = ["SoftMask", "ALGS", "SCHEDULES", "CONFIG_FILENAME"]
+__all__ = ["SoftMask", "ALGS", "SCHEDULES", "CONFIG_FILENAME", "BINARY_ALG", "binary_transparency_config",
+           "write_transparency_config"]
 
 ALGS = ("mixinputs_with_topk", "mixinputs_with_temp")
+#: ``transparency_alg`` of a binary (no soft-masking) model: the authors' binary runs write exactly
+#: ``{"transparency_alg": "none"}``, and their decoding treats it as plain masks.
+BINARY_ALG = "none"
 SCHEDULES = ("none", "linear", "stepwise")
 CONFIG_FILENAME = "transparency_config.json"
 
@@ -248,8 +252,12 @@ class SoftMask(nn.Module):
 
     # --- the authors' transparency_config.json ------------------------------------------------------------
     @classmethod
-    def from_transparency_config(cls, config: Mapping[str, Any] | str | os.PathLike) -> "SoftMask":
-        """Build from the authors' ``transparency_config.json`` (a dict or a path to the file or its folder)."""
+    def from_transparency_config(cls, config: Mapping[str, Any] | str | os.PathLike) -> "SoftMask | None":
+        """Build from the authors' ``transparency_config.json`` (a dict or a path to the file or its folder).
+
+        Returns ``None`` (binary decoding) when ``transparency_alg`` is ``"none"``, as the authors' decoding does; the
+        other keys of such a config are checked as usual but mean nothing.
+        """
         if isinstance(config, (str, os.PathLike)):
             path = os.fspath(config)
             if os.path.isdir(path):
@@ -266,6 +274,8 @@ class SoftMask(nn.Module):
         unknown = sorted(set(config) - set(_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"soft mask: unknown transparency config keys {unknown}; known: {sorted(_CONFIG_KEYS)}")
+        if config.get("transparency_alg") == BINARY_ALG:
+            return None
         return cls(**{_CONFIG_KEYS[key]: value for key, value in config.items()})
 
     def to_transparency_config(self) -> dict[str, Any]:
@@ -282,13 +292,7 @@ class SoftMask(nn.Module):
 
     def save_transparency_config(self, path: str | os.PathLike) -> str:
         """Write ``transparency_config.json`` (``path`` is the file or its folder); returns the file's path."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, CONFIG_FILENAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_transparency_config(), f, indent=2)
-            f.write("\n")
-        return path
+        return write_transparency_config(path, self)
 
     @classmethod
     def from_any(cls, soft_mask: "SoftMask | Mapping[str, Any] | str | os.PathLike | None" = None, **kwargs: Any) -> "SoftMask | None":
@@ -296,7 +300,7 @@ class SoftMask(nn.Module):
 
         Accepts a ``SoftMask`` (returned as is), a transparency-config dict, a path to the JSON file or its
         folder, or the authors' keywords (``transparency_alg=..., transparency_scale=..., mixinputs_k=...``).
-        Returns ``None`` when given nothing.
+        Returns ``None`` (binary decoding) when given nothing or ``transparency_alg="none"``.
         """
         if soft_mask is not None and kwargs:
             raise ValueError("soft mask: pass either soft_mask or transparency_* keywords, not both")
@@ -309,3 +313,21 @@ class SoftMask(nn.Module):
     def extra_repr(self) -> str:
         values = ", ".join(f"{k}={_fp32_value(getattr(self, k)):.4g}" for k in ("scale", "steepness", "centre", "temperature"))
         return f"alg={self.alg}, k={self.k}, schedule={self.schedule}, {values}"
+
+
+def binary_transparency_config() -> dict[str, Any]:
+    """The ``transparency_config.json`` of a binary model: exactly what the authors' binary runs write."""
+    return {"transparency_alg": BINARY_ALG}
+
+
+def write_transparency_config(path: str | os.PathLike, soft_mask: SoftMask | None) -> str:
+    """Write ``transparency_config.json`` for ``soft_mask``, or the binary config for ``None``; ``path`` is the file
+    or its folder. Returns the file's path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_FILENAME)
+    config = binary_transparency_config() if soft_mask is None else soft_mask.to_transparency_config()
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    return path

@@ -103,7 +103,9 @@ def oracle_generate(
     input_ids,
     attention_mask=None,
     *,
-    max_new_tokens,
+    max_new_tokens=None,
+    max_length=None,
+    num_return_sequences=1,
     steps,
     temperature=0.0,
     top_p=None,
@@ -117,9 +119,17 @@ def oracle_generate(
     tokens_hook=None,
     logits_hook=None,
 ):
-    """Returns ``(sequences, history)`` as Dream's ``diffusion_generate`` (history: canvas after each step)."""
+    """Returns ``(sequences, history)`` as Dream's ``diffusion_generate`` (history: canvas after each step).
+
+    The length is ``max_new_tokens``, else ``max_length`` minus the prompt (Dream pads to ``max_length``); each prompt
+    is repeated ``num_return_sequences`` times in a row first (Dream's ``repeat_interleave``). ``steps`` may exceed
+    the masks: Dream's count ``int(masks * (1 - s/t))`` is then 0 on some steps.
+    """
+    input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+    if attention_mask is not None:
+        attention_mask = attention_mask.repeat_interleave(num_return_sequences, 0)
     batch, prompt_len = input_ids.shape
-    length = max_new_tokens
+    length = max_new_tokens if max_new_tokens is not None else max_length - prompt_len
     x = F.pad(input_ids, (0, length), value=mask_token_id)
     mask_arg, position_ids = None, None
     if attention_mask is not None and bool((attention_mask == 0).any()):

@@ -79,7 +79,12 @@ def test_binary_run_reports_only_the_binary_loss(model_dir, data_file, tmp_path,
     summary = main(["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(tmp_path), "--full",
                     "--sm-prob", "0", "--max-steps", "2", "--batch-size", "2", "--max-length", "128",
                     "--eval-batches", "1", "--device", "cpu"])
-    assert "val_soft_mask" not in summary and summary["soft_mask"]["transparency_scale"] == pytest.approx(1e-6)
+    assert "val_soft_mask" not in summary and summary["soft_mask"] == {"transparency_alg": "none"}
+    # Exactly what the authors' binary runs write, beside the run and the final model: binary decoding when read.
+    run = tmp_path / "model0-sm"  # the default name: <model folder>-sm
+    for folder in (run, run / "final"):
+        assert json.loads((folder / "transparency_config.json").read_text()) == {"transparency_alg": "none"}
+        assert SoftMask.from_transparency_config(folder) is None
     out = capsys.readouterr().out
     assert "soft masks:   not evaluated (--sm-prob 0" in out and "learned soft mask" not in out
     assert json.loads(out.strip().splitlines()[-1])["val_soft_mask"] is None

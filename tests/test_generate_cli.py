@@ -97,7 +97,6 @@ def test_render_marks_masks():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--prompt", "x", "--steps", "20", "--max-new-tokens", "4", "--device", "cpu"], "steps (20) must not exceed"),
         (["--prompt", "x", "--max-new-tokens", "0", "--device", "cpu"], "nothing to decode"),
         (["--prompt-file", "/no/such/file", "--device", "cpu"], "cannot read --prompt-file"),
         (["--prompt", "x", "--soft-mask", "/no/such.json", "--device", "cpu"], "no transparency config"),

@@ -4,12 +4,16 @@ from softmask_ext.data.datasets import (
     DataFormatError,
     Example,
     LoadReport,
+    RESPONSE_PADDING_EXTRA,
+    RESPONSE_PADDING_MULTIPLE,
+    TOOL_CALL_TOKEN_IDS,
     TokenizedDataset,
     collate,
     epoch_permutation,
     load_dataset,
     pack_texts,
     read_records,
+    response_padding_length,
     stdlib_dataset,
     tokenize_conversation,
 )
@@ -24,8 +28,9 @@ from softmask_ext.data.tokenizer_training import (
 )
 
 __all__ = [
-    "BatchStream", "DataFormatError", "Example", "FunctionSource", "LoadReport", "SPECIAL_TOKENS", "SpecialTokenIds",
+    "BatchStream", "DataFormatError", "Example", "FunctionSource", "LoadReport", "RESPONSE_PADDING_EXTRA",
+    "RESPONSE_PADDING_MULTIPLE", "SPECIAL_TOKENS", "SpecialTokenIds", "TOOL_CALL_TOKEN_IDS",
     "TokenizedDataset", "collate", "epoch_permutation", "heldout_functions", "load_dataset", "pack_texts",
-    "read_records", "save_tokenizer", "special_token_ids", "split_of", "stdlib_dataset", "stdlib_texts",
+    "read_records", "response_padding_length", "save_tokenizer", "special_token_ids", "split_of", "stdlib_dataset", "stdlib_texts",
     "tokenize_conversation", "train_stdlib_tokenizer", "train_tokenizer",
 ]

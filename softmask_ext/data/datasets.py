@@ -10,7 +10,10 @@ objects), ``.parquet`` (one row per record), ``.txt`` (the whole file is one ``t
 
 Every example carries ``prompt_mask`` (True where a token is never noised): in chat and prompt/response records all
 tokens except the assistant responses (each response's content and its closing ``<|im_end|>\\n``; in a
-multi-turn conversation every assistant turn is a response); in packed text nothing. Records longer than
+multi-turn conversation every assistant turn is a response, or with ``responses="last"`` only the last message, as
+the authors' Dream fine-tuning does); in packed text nothing. ``min_response_tokens`` drops examples with fewer
+response tokens and ``drop_token_ids`` those holding any of the given ids (the authors drop Qwen2's tool-call tokens
+:data:`TOOL_CALL_TOKEN_IDS`). Records longer than
 ``max_length`` are dropped (``overlong="drop"``, the default) or cut to their first ``max_length`` tokens
 (``overlong="truncate"``; a record whose cut leaves no response token is still dropped); the counts are in the
 dataset's :class:`LoadReport` and logged.
@@ -39,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 RecordFormat = Literal["auto", "chat", "prompt_response", "text"]
 Overlong = Literal["drop", "truncate"]
+Responses = Literal["all", "last"]
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+#: Qwen2's ``<tool_call>`` and ``</tool_call>`` ids, whose samples the authors' Dream fine-tuning drops.
+TOOL_CALL_TOKEN_IDS = (151657, 151658)
 
 
 class DataFormatError(ValueError):
@@ -76,13 +82,17 @@ class LoadReport:
     n_records: int = 0
     n_examples: int = 0
     n_dropped_too_long: int = 0
+    n_dropped_short_response: int = 0
+    n_dropped_token_ids: int = 0
     n_truncated: int = 0
     n_tokens: int = 0
     n_tokens_dropped: int = 0  # packing: the tail after the last full block
 
     def summary(self) -> str:
         return (f"{self.n_records} records -> {self.n_examples} examples ({self.n_tokens} tokens); "
-                f"dropped as too long: {self.n_dropped_too_long}, truncated: {self.n_truncated}, "
+                f"dropped as too long: {self.n_dropped_too_long}, for a short response: "
+                f"{self.n_dropped_short_response}, for dropped token ids: {self.n_dropped_token_ids}, "
+                f"truncated: {self.n_truncated}, "
                 f"tokens dropped: {self.n_tokens_dropped}")
 
 
@@ -241,17 +251,19 @@ def _render(tokenizer: ChatTokenizer, messages: list[dict[str, str]], add_genera
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def chat_segments(tokenizer: ChatTokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into ``(text, is_prompt)`` pieces; the non-prompt pieces are the responses.
+def chat_segments(tokenizer: ChatTokenizer, messages: list[dict[str, str]],
+                  responses: Responses = "all") -> list[tuple[str, bool]]:
+    """Split a rendered conversation into ``(text, is_prompt)`` pieces; the non-prompt pieces are the responses:
+    every assistant turn (``responses="all"``) or only the last message, which must be the assistant's (``"last"``).
 
-    Each assistant turn's response is the text between the rendering of the preceding turns with the generation
+    Each response is the text between the rendering of the preceding turns with the generation
     prompt and the rendering that includes the turn. This needs a prefix-consistent template (Qwen2's ChatML and
     ours are); anything else is reported instead of silently mis-masked.
     """
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (responses == "last" and i != len(messages) - 1):
             continue
         head = _render(tokenizer, messages[:i], add_generation_prompt=True)
         full = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
@@ -267,13 +279,22 @@ def chat_segments(tokenizer: ChatTokenizer, messages: list[dict[str, str]]) -> l
     return [(text, is_prompt) for text, is_prompt in segments if text]
 
 
-def tokenize_conversation(tokenizer: ChatTokenizer, messages: list[dict[str, str]]) -> Example:
+def tokenize_conversation(tokenizer: ChatTokenizer, messages: list[dict[str, str]],
+                          responses: Responses = "all") -> Example:
     """Token ids and prompt mask of one conversation (each segment is tokenised on its own, so no token straddles
-    a prompt/response boundary). Without a chat template: prompt turns and responses joined raw, then eos."""
+    a prompt/response boundary). Without a chat template: prompt turns and responses joined raw, then eos.
+    ``responses``: every assistant turn is a response (``"all"``) or only the last message (``"last"``)."""
+    if responses not in ("all", "last"):
+        raise ValueError(f"responses must be 'all' or 'last', got {responses!r}")
+    if responses == "last" and messages[-1]["role"] != "assistant":
+        raise DataFormatError(f"the last message is the response (responses='last') but its role is "
+                              f"{messages[-1]['role']!r}, not 'assistant'")
+    last = len(messages) - 1
     if getattr(tokenizer, "chat_template", None):
-        segments = chat_segments(tokenizer, messages)
+        segments = chat_segments(tokenizer, messages, responses)
     else:
-        segments = [(m["content"], m["role"] != "assistant") for m in messages]
+        segments = [(m["content"], m["role"] != "assistant" or (responses == "last" and i != last))
+                    for i, m in enumerate(messages)]
     ids: list[int] = []
     mask: list[bool] = []
     for piece, (_, is_prompt) in zip(_encode_many(tokenizer, [text for text, _ in segments]), segments):
@@ -358,13 +379,19 @@ def load_dataset(
     max_length: int,
     format: RecordFormat = "auto",
     overlong: Overlong = "drop",
+    responses: Responses = "all",
+    min_response_tokens: int = 1,
+    drop_token_ids: Sequence[int] = (),
 ) -> TokenizedDataset:
     """Load training examples from local files (folders are searched for data files, in sorted order).
 
     ``format="auto"`` takes the form of each record from its fields; chat and prompt/response records may be mixed,
     text records may not be mixed with them (text is packed into blocks of ``max_length``, the others are one
-    example per record). See the module docstring for the forms, masking and length rules.
+    example per record). See the module docstring for the forms, masking and length rules, and for ``responses``,
+    ``min_response_tokens`` and ``drop_token_ids`` (chat and prompt/response records).
     """
+    if isinstance(min_response_tokens, bool) or not isinstance(min_response_tokens, int) or min_response_tokens < 1:
+        raise ValueError(f"min_response_tokens must be an int >= 1, got {min_response_tokens!r}")
     _check_lengths(max_length, overlong)
     if format not in ("auto", "chat", "prompt_response", "text"):
         raise ValueError(f"format must be auto, chat, prompt_response or text, got {format!r}")
@@ -382,14 +409,27 @@ def load_dataset(
     else:
         report = LoadReport(n_records=len(records))
         examples = []
+        dropped = torch.tensor(sorted(set(drop_token_ids)), dtype=torch.int64)
         for (where, record), form in zip(records, forms):
             messages = chat_messages(record, where, form)
-            example = _fit_length(tokenize_conversation(tokenizer, messages), max_length, overlong, report)
-            if example is not None:
+            try:
+                example = tokenize_conversation(tokenizer, messages, responses)
+            except DataFormatError as err:
+                raise DataFormatError(f"{where}: {err}") from None
+            example = _fit_length(example, max_length, overlong, report)
+            if example is None:
+                continue
+            if int((~example.prompt_mask).sum()) < min_response_tokens:
+                report.n_dropped_short_response += 1
+            elif dropped.numel() and bool(torch.isin(example.input_ids, dropped).any()):
+                report.n_dropped_token_ids += 1
+            else:
                 examples.append(example)
-        if not examples:
+        if report.n_dropped_too_long == len(records):
             raise DataFormatError(f"all {len(records)} records are longer than max_length={max_length} tokens; "
                                   "raise max_length or use overlong='truncate'")
+        if not examples:
+            raise DataFormatError(f"none of the {len(records)} records is left after filtering: {report.summary()}")
         report.n_examples = len(examples)
         report.n_tokens = sum(len(e) for e in examples)
         dataset = TokenizedDataset(examples, report)
@@ -444,11 +484,25 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask}
 
 
+#: Padding as response (the authors' Dream collator): each batch is padded to its longest example plus a random
+#: ``0 .. RESPONSE_PADDING_EXTRA - 1`` tokens, rounded up to a multiple of ``RESPONSE_PADDING_MULTIPLE``.
+RESPONSE_PADDING_EXTRA = 50
+RESPONSE_PADDING_MULTIPLE = 8
+
+
+def response_padding_length(longest: int, extra: int) -> int:
+    """``longest + extra`` rounded up to a multiple of :data:`RESPONSE_PADDING_MULTIPLE`."""
+    return -(-(longest + extra) // RESPONSE_PADDING_MULTIPLE) * RESPONSE_PADDING_MULTIPLE
+
+
+def _seeded_generator(*key: object) -> torch.Generator:
+    digest = hashlib.sha256(" ".join(map(str, key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of ``n`` examples in one epoch: int64 [n], a function of ``(seed, epoch)`` only."""
-    digest = hashlib.sha256(f"softmask-ext data order {seed} {epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-    return torch.randperm(n, generator=generator)
+    return torch.randperm(n, generator=_seeded_generator("softmask-ext data order", seed, epoch))
 
 
 class BatchStream:
@@ -458,6 +512,10 @@ class BatchStream:
     ranks); rank ``r`` of ``world_size`` gets the r-th contiguous slice of it, so N ranks see exactly the examples
     one process would. The last partial global batch of an epoch is skipped (the next epoch reshuffles).
     ``state_dict()`` after a step is the position of the next batch; loading it continues the same sequence.
+
+    ``pad_as_response=True`` pads each batch as the authors' Dream collator does (:func:`response_padding_length`,
+    the extra drawn from ``(seed, epoch, position, rank)``) and trains on the padding (``collate``'s
+    ``train_on_padding``): the model learns to end a response with pad (end-of-text) tokens.
     """
 
     def __init__(
@@ -469,9 +527,12 @@ class BatchStream:
         *,
         pad_to: int | None = None,
         train_on_padding: bool = False,
+        pad_as_response: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        if pad_as_response and pad_to is not None:
+            raise ValueError("pad_as_response draws each batch's length; it cannot be combined with pad_to")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -486,6 +547,7 @@ class BatchStream:
         self.seed = seed
         self.pad_to = pad_to
         self.train_on_padding = train_on_padding
+        self.pad_as_response = pad_as_response
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -516,7 +578,13 @@ class BatchStream:
         start = self.position * self.batch_size
         shard = self.batch_size // self.world_size
         indices = self._order[start + self.rank * shard:start + (self.rank + 1) * shard].tolist()
+        examples = [self.dataset[i] for i in indices]
+        pad_to = self.pad_to
+        if self.pad_as_response:
+            draw = _seeded_generator("softmask-ext response padding", self.seed, self.epoch, self.position, self.rank)
+            extra = int(torch.randint(RESPONSE_PADDING_EXTRA, (), generator=draw))
+            pad_to = response_padding_length(max(map(len, examples)), extra)
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return collate([self.dataset[i] for i in indices], self.pad_token_id, self.pad_to, self.train_on_padding)
+        return collate(examples, self.pad_token_id, pad_to, self.train_on_padding or self.pad_as_response)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 
 from ..soft_mask import SoftMask
 from .engine import DiffusionDecoder, LogitsHook, TokensHook
-from .options import DecodeOptions, check_prompt
+from .generation_config import GENERATION_FIELDS, new_token_count, resolve_generation_config
+from .options import DecodeOptions, Prompt, check_prompt
 
 __all__ = ["DecodeResult", "diffusion_generate"]
 
@@ -40,20 +42,26 @@ def diffusion_generate(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    max_new_tokens: int,
+    generation_config: Any = None,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
     steps: int | None = None,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
-    alg: str = "origin",
+    alg: str | None = None,
     alg_temp: float | None = None,
-    eps: float = 1e-3,
-    output_history: bool = False,
-    return_dict_in_generate: bool = False,
+    eps: float | None = None,
+    num_return_sequences: int | None = None,
+    output_history: bool | None = None,
+    return_dict_in_generate: bool | None = None,
     generation_tokens_hook_func: TokensHook | None = None,
     generation_logits_hook_func: LogitsHook | None = None,
     soft_mask: SoftMask | Mapping[str, Any] | str | os.PathLike | None = None,
     mask_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
@@ -67,14 +75,21 @@ def diffusion_generate(
         input_ids: int64 ``[B, P]`` prompts, left-padded when their lengths differ. Mask tokens in them are decoded
             too, as Dream does (infilling: prefix, masks, suffix, and ``max_new_tokens=0``).
         attention_mask: ``[B, P]`` 1 for tokens, 0 for left padding (positions are ``cumsum(mask) - 1``).
+        generation_config: Dream's ``DreamGenerationConfig`` (or any object with its attributes) or a dict of its
+            fields (:data:`.generation_config.GENERATION_FIELDS`); a keyword below that is not ``None`` wins over it.
         max_new_tokens: ``N >= 0``, tokens generated after each prompt.
-        steps: denoising steps, at least 1 and at most the masks of the row with the most (its prompt's plus ``N``);
-            default: that number, one token per step.
-        temperature, top_p, top_k: Dream's filters and sampling (``temperature == 0``: argmax).
+        max_length: instead of ``max_new_tokens`` (which wins when both are given): the total length ``P + N``.
+            Neither: Dream's default, 20 new tokens (capped at the model's positions), with Dream's warning.
+        steps: denoising steps, at least 1; default: the masks of the row with the most (its prompt's plus ``N``),
+            one token per step. More steps than masks is allowed, as in Dream: a step whose share
+            ``int(masks * (1 - s/t))`` rounds to 0 unmasks nothing (and the last step unmasks everything left).
+        temperature, top_p, top_k: Dream's filters and sampling (``temperature == 0``, the default: argmax).
         alg: ``"origin"`` (each mask unmasks with probability ``1 - s/t``), ``"maskgit_plus"`` (most probable
             first), ``"topk_margin"`` (largest top-1 minus top-2 first), ``"entropy"`` (lowest entropy first).
         alg_temp: when > 0, the positions to unmask are sampled from ``softmax(confidence / alg_temp)``.
-        eps: final time of ``timesteps = linspace(1, eps, steps + 1)``.
+        eps: final time of ``timesteps = linspace(1, eps, steps + 1)`` (default 1e-3).
+        num_return_sequences: each prompt is decoded this many times (its rows repeated, as Dream's
+            ``repeat_interleave``); the output has ``B * num_return_sequences`` rows, each with its own noise.
         output_history, return_dict_in_generate: as in Dream; history needs both.
         generation_tokens_hook_func: ``f(step, x, logits) -> x``, called before the first step (``step=None``) and
             after each step's unmasking; it may edit the decoded region (from the first mask token of any prompt on).
@@ -83,6 +98,9 @@ def diffusion_generate(
         soft_mask: a :class:`SoftMask`, a ``transparency_config`` dict or a path to one; the authors' keywords
             (``transparency_scale=..., mixinputs_k=...``) are accepted instead. ``None``: plain (binary) masks.
         mask_token_id: default ``model.config.mask_token_id``.
+        pad_token_id, bos_token_id, eos_token_id: default from ``model.config``; read where Dream reads them: a
+            prompt holding the pad id without an ``attention_mask`` gets Dream's warning; bos and eos (an id or a list
+            of ids) are checked but, as in Dream's decoding loop, not used.
         generator, seed: source of randomness for sampling (one or neither; default: torch's global generator).
         cuda_graph: capture the step in a CUDA graph (default: on CUDA).
 
@@ -100,36 +118,35 @@ def diffusion_generate(
         - top-p keeps every token tied with the last one in the nucleus (Dream's sort leaves their order, and so which
           of them stay, unspecified);
     """
+    keywords = {name: value for name, value in locals().items() if name in GENERATION_FIELDS}
     unknown = sorted(k for k in soft_mask_kwargs if not k.startswith(_SOFT_MASK_PREFIXES))
     if unknown:
         raise TypeError(f"diffusion_generate() got unexpected keyword arguments {unknown}")
     config = model.config
-    if mask_token_id is None:
-        mask_token_id = getattr(config, "mask_token_id", None)
-        if mask_token_id is None:
-            raise ValueError("the model's config has no mask_token_id; pass mask_token_id=")
+    g = resolve_generation_config(generation_config, keywords, config)
+    if g["mask_token_id"] is None:
+        raise ValueError("the model's config has no mask_token_id; pass mask_token_id=")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    prompt_len = input_ids.shape[-1] if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else 0
     options = DecodeOptions(
-        max_new_tokens=max_new_tokens,
-        steps=1 if steps is None else steps,  # None: one token per step, once the prompts' masks are counted
-        mask_token_id=mask_token_id,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        alg=alg,
-        alg_temp=alg_temp,
-        eps=eps,
+        max_new_tokens=new_token_count(g, prompt_len, max_positions),
+        steps=1 if g["steps"] is None else g["steps"],  # None: one token per step, once the prompts' masks are counted
+        mask_token_id=g["mask_token_id"],
+        temperature=0.0 if g["temperature"] is None else g["temperature"],
+        top_p=g["top_p"],
+        top_k=g["top_k"],
+        alg="origin" if g["alg"] is None else g["alg"],
+        alg_temp=g["alg_temp"],
+        eps=1e-3 if g["eps"] is None else g["eps"],
     )
     device = model.get_input_embeddings().weight.device
-    prompt = check_prompt(
-        input_ids,
-        attention_mask,
-        options,
-        vocab_size=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", None),
-        device=device,
-    )
-    if steps is None:
+    prompt = check_prompt(input_ids, attention_mask, options, vocab_size=config.vocab_size,
+                          max_positions=max_positions, device=device)
+    _check_special_tokens(g, prompt, config.vocab_size)
+    prompt = _repeat_rows(prompt, 1 if g["num_return_sequences"] is None else g["num_return_sequences"])
+    if g["steps"] is None:
         options = dataclasses.replace(options, steps=prompt.most_masks)
+    return_dict_in_generate, output_history = bool(g["return_dict_in_generate"]), bool(g["output_history"])
     decoder = DiffusionDecoder(
         model,
         options,
@@ -148,6 +165,33 @@ def diffusion_generate(
         output_history=output_history and return_dict_in_generate,
     )
     return DecodeResult(sequences, history) if return_dict_in_generate else sequences
+
+
+def _repeat_rows(prompt: Prompt, times: Any) -> Prompt:
+    """Each prompt ``times`` times in a row, as Dream's ``num_return_sequences``."""
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {times!r}")
+    if times == 1:
+        return prompt
+    mask = prompt.attention_mask
+    return dataclasses.replace(prompt, input_ids=prompt.input_ids.repeat_interleave(times, 0),
+                               attention_mask=None if mask is None else mask.repeat_interleave(times, 0))
+
+
+def _check_special_tokens(g: Mapping[str, Any], prompt: Prompt, vocab_size: int) -> None:
+    """Dream's reads of the pad, bos and eos ids: each must be a token id (eos may be several); a prompt holding the
+    pad id without an attention mask gets Dream's warning."""
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = g[name]
+        ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                                         for i in ids):
+            raise ValueError(f"{name} must be a token id in [0, {vocab_size})"
+                             f"{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
+    pad = g["pad_token_id"]
+    if pad is not None and prompt.attention_mask is None and bool((prompt.input_ids == pad).any()):
+        warnings.warn("Padding was detected but no attention mask is passed here. For correct generation results, "
+                      "please set `attention_mask` when batch-padding inputs.", UserWarning, stacklevel=3)
 
 
 def _soft_mask_on(soft_mask: SoftMask | None, device: torch.device) -> SoftMask | None:

@@ -45,6 +45,10 @@ class NoiseSchedule:
         u = torch.rand((), generator=generator, dtype=torch.float64).item()
         return self.t_min + (self.t_max - self.t_min) * u
 
+    def sample_rows(self, rows: int, generator: torch.Generator) -> Tensor:
+        """float64 ``[rows]``: one ``t`` per sequence (the authors' Dream recipe, one sequence per micro-batch)."""
+        return self.t_min + (self.t_max - self.t_min) * torch.rand(rows, generator=generator, dtype=torch.float64)
+
 
 #: The authors' fine-tuning range (Dream SM fine-tuning).
 FINETUNE_NOISE = NoiseSchedule(0.2, 0.8)
@@ -58,16 +62,16 @@ class NoisedBatch:
 
     x_t:         int64 [B, T], the input with masked positions set to the mask token id
     masked:      bool  [B, T], positions replaced by the mask (a subset of the response positions)
-    t:           the batch's masking probability (python float in (0, 1])
+    t:           the noise level: a python float in (0, 1] for the whole batch, or float64 [B], one per sequence
     loss_weight: ``1 / t``, the ELBO weight of every masked token
     """
 
     x_t: Tensor
     masked: Tensor
-    t: float
+    t: float | Tensor
 
     @property
-    def loss_weight(self) -> float:
+    def loss_weight(self) -> float | Tensor:
         return 1.0 / self.t
 
 
@@ -95,26 +99,35 @@ def _check_batch(input_ids: Tensor, response_mask: Tensor) -> None:
 
 
 def apply_noise(
-    input_ids: Tensor, response_mask: Tensor, mask_token_id: int, t: float, generator: torch.Generator
+    input_ids: Tensor, response_mask: Tensor, mask_token_id: int, t: float | Tensor, generator: torch.Generator,
+    mask_eps: float = 0.0,
 ) -> NoisedBatch:
-    """Mask each response token with probability ``t`` (at least one per row).
+    """Mask each response token with probability ``(1 - mask_eps) * t + mask_eps`` (at least one per row).
 
     input_ids:     int64 [B, T]
     response_mask: bool  [B, T], True where a token may be masked (response tokens; never prompt or padding)
+    t:             the noise level, a float for the batch or a float64 tensor [B] (one per sequence)
+    mask_eps:      the floor of the masking probability (the authors' Dream recipe: 1e-3)
     """
     _check_batch(input_ids, response_mask)
-    if not 0.0 < t <= 1.0:
+    per_row = isinstance(t, Tensor)
+    if per_row and tuple(t.shape) != (input_ids.shape[0],):
+        raise ValueError(f"a per-sequence t must have shape [{input_ids.shape[0]}], got {list(t.shape)}")
+    if not bool(((t > 0.0) & (t <= 1.0)).all() if per_row else 0.0 < t <= 1.0):
         raise ValueError(f"masking probability t must be in (0, 1], got {t}")
+    if not 0.0 <= mask_eps < 1.0:
+        raise ValueError(f"mask_eps must be in [0, 1), got {mask_eps}")
     shape = input_ids.shape
     u = torch.rand(shape, generator=generator)
-    masked = (u < t) & response_mask.cpu()
+    probability = (1.0 - mask_eps) * (t[:, None] if per_row else t) + mask_eps
+    masked = (u < probability) & response_mask.cpu()
     # Rows where nothing was masked: mask one response position chosen uniformly (argmax of fresh uniforms).
     fallback = torch.rand(shape, generator=generator).masked_fill(~response_mask.cpu(), -1.0).argmax(dim=1)
     empty_rows = ~masked.any(dim=1)
     masked[empty_rows, fallback[empty_rows]] = True
     masked = masked.to(input_ids.device)
     x_t = input_ids.masked_fill(masked, mask_token_id)
-    return NoisedBatch(x_t=x_t, masked=masked, t=float(t))
+    return NoisedBatch(x_t=x_t, masked=masked, t=t if per_row else float(t))
 
 
 def sample_noise(
@@ -123,6 +136,9 @@ def sample_noise(
     mask_token_id: int,
     schedule: NoiseSchedule,
     generator: torch.Generator,
+    per_sequence: bool = False,
+    mask_eps: float = 0.0,
 ) -> NoisedBatch:
-    """Draw one ``t ~ U[t_min, t_max]`` for the whole batch, then :func:`apply_noise`."""
-    return apply_noise(input_ids, response_mask, mask_token_id, schedule.sample(generator), generator)
+    """Draw ``t ~ U[t_min, t_max]`` once for the whole batch (or once per sequence), then :func:`apply_noise`."""
+    t = schedule.sample_rows(input_ids.shape[0], generator) if per_sequence else schedule.sample(generator)
+    return apply_noise(input_ids, response_mask, mask_token_id, t, generator, mask_eps)

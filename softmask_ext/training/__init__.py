@@ -13,6 +13,7 @@ from ..diffusion import (
     model_logits,
     prediction_rows,
     sample_noise,
+    sequence_mean_loss,
     soft_mask_forward,
     stream_generator,
 )
@@ -30,7 +31,7 @@ __all__ = [
     "confidence_centre", "masked_neg_entropy", "scale_gradient",
     "FINETUNE_NOISE", "PRETRAIN_NOISE", "NoisedBatch", "NoiseSchedule", "apply_noise", "sample_noise",
     "stream_generator",
-    "masked_token_loss", "prediction_rows", "shift_logits",
+    "masked_token_loss", "prediction_rows", "sequence_mean_loss", "shift_logits",
     "TrainConfig", "Trainer", "micro_batch_index",
     "DiffusionTrainingForward", "model_logits", "soft_mask_forward",
 ]

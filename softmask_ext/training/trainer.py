@@ -3,8 +3,11 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences on each of ``world_size`` processes. For
 every micro-batch a coin with probability ``sm_prob`` picks the two-pass SM forward or one plain pass
 (:mod:`softmask_ext.diffusion.two_pass`); the loss is :func:`softmask_ext.diffusion.objective.masked_token_loss`
-normalised by the response tokens of the whole step, so splitting a step into micro-batches or processes does not change
-the gradient.
+normalised by the response tokens of the whole step (``loss="tokens"``), or the authors'
+:func:`softmask_ext.diffusion.objective.sequence_mean_loss` with one ``t`` per sequence, summed over the step
+(``loss="sequence"``); either way splitting a step into micro-batches or processes does not change the gradient.
+Their trainer runs one sequence per micro-batch, so with ``batch_size > 1`` ``"sequence"`` still gives each sequence
+its own ``t`` and its own term (the step equals the same sequences one per micro-batch).
 
 Several processes (``torchrun``): DDP, or FSDP (:mod:`.fsdp`) when ``config.fsdp`` asks for it or the model would not
 fit one GPU for training. Both give the result of one process with the same global batch.
@@ -22,6 +25,7 @@ Run directory (``run_dir``)::
                              validation losses with binary and soft masks on evaluation steps)
     checkpoints/             atomic checkpoints (:mod:`.checkpoint`) and the ``latest`` pointer
     final/                   the trained model (full weights, or PEFT adapters) + tokenizer + transparency_config.json
+    best/                    the same at the evaluation with the lowest validation loss (when ``eval_every`` > 0)
     transparency_config.json the learned SM parameters in the authors' format
     training.png             loss curves and the learned lam(negH)
     summary.json             final validation losses, time, and where everything is
@@ -48,10 +52,10 @@ from tqdm.auto import tqdm
 
 from ..data import BatchStream, Example, collate
 from ..diffusion.noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
-from ..diffusion.objective import masked_token_loss
+from ..diffusion.objective import masked_token_loss, sequence_mean_loss
 from ..diffusion.two_pass import DiffusionTrainingForward
 from ..model.family import family_of
-from ..soft_mask import SoftMask
+from ..soft_mask import SoftMask, binary_transparency_config, write_transparency_config
 from .adapters import AdapterConfig, apply_adapters, load_trainable
 from .checkpoint import latest_checkpoint, write_checkpoint
 from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
@@ -109,6 +113,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 16
     fsdp: bool = False
+    loss: str = "tokens"
+    mask_eps: float = 0.0
+    pad_as_response: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.noise, dict):
@@ -130,6 +137,8 @@ class TrainConfig:
             "save_every >= 0": self.save_every >= 0,
             "eval_every >= 0": self.eval_every >= 0,
             "eval_batches >= 1": self.eval_batches >= 1,
+            "loss in (tokens, sequence)": self.loss in ("tokens", "sequence"),
+            "0 <= mask_eps < 1": 0 <= self.mask_eps < 1,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -224,7 +233,9 @@ class Trainer:
             self.optimizer, _cosine_with_warmup(warmup, config.max_steps))
 
         self.stream = BatchStream(train_data, config.batch_size * self.env.world_size, self.pad_token_id,
-                                  seed=config.seed, rank=self.env.rank, world_size=self.env.world_size)
+                                  seed=config.seed, pad_as_response=config.pad_as_response, rank=self.env.rank,
+                                  world_size=self.env.world_size)
+        self.best: dict[str, float] | None = None  # step and validation loss of the model kept in best/
         self.step = 0
         self.soft_batches = 0
         self.micro_batches = 0
@@ -246,14 +257,19 @@ class Trainer:
 
     def _batch_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, soft: bool,
-        num_tokens: float, **forward_options: bool,
+        num_tokens: float, per_sequence: bool = False, **forward_options: bool,
     ) -> torch.Tensor:
+        """The micro-batch's loss: per-token (``num_tokens`` normalises it) or, with ``per_sequence``, the authors'
+        per-sequence loss with their mask-probability floor."""
         ids = batch["input_ids"].to(self.device)
         response = ~batch["prompt_mask"].to(self.device)
         attention = batch["attention_mask"].to(self.device)
-        noised = sample_noise(ids, response, self.mask_token_id, self.config.noise, generator)
+        mask_eps = self.config.mask_eps if per_sequence else 0.0
+        noised = sample_noise(ids, response, self.mask_token_id, self.config.noise, generator, per_sequence, mask_eps)
         with self._autocast():
             logits = module(noised.x_t, None if bool(attention.all()) else attention, soft, **forward_options)
+            if per_sequence:
+                return sequence_mean_loss(logits, ids, noised.masked, noised.t, self.logit_shift)
             return masked_token_loss(logits, ids, noised.masked, noised.t, num_tokens, self.logit_shift)
 
     def _sm_coin(self, index: int) -> bool:
@@ -286,8 +302,9 @@ class Trainer:
             options = {"lockstep_pass1": any(coins[a])} if self.sharded else {}
             with sync:
                 loss = self._batch_loss(self.ddp, batch, stream_generator(cfg.seed, _NOISE_STREAM, index), soft,
-                                        num_tokens, **options)
-                # DDP and FSDP average gradients over processes; the loss is already normalised over all of them.
+                                        num_tokens, cfg.loss == "sequence", **options)
+                # DDP and FSDP average gradients over processes; the loss is already normalised over all of them
+                # (tokens) or a sum over all of them (sequence).
                 (loss * env.world_size).backward()
             loss_sum += loss.item()
         if self.sharded and any(map(any, coins)):  # the replicated SM parameters, as DDP would
@@ -363,6 +380,8 @@ class Trainer:
             if self.val_data and (self.step == cfg.max_steps or cfg.eval_every and self.step % cfg.eval_every == 0):
                 last_eval = self.evaluate()
                 record.update(last_eval)
+                if cfg.eval_every:
+                    self._keep_best(last_eval)
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", sm_scale=f"{record['scale']:.3g}")
@@ -370,9 +389,28 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         summary = {"step": self.step, "train_seconds": round(time.perf_counter() - started, 1), **last_eval}
+        if self.best is not None:
+            summary["best"] = self.best
         if self.step == cfg.max_steps:
             summary.update(self._finish(summary))
         return summary
+
+    def _keep_best(self, evaluation: dict[str, float]) -> None:
+        """Write the model to ``best/`` when its validation loss (with soft masks in an SM run, else binary) is the
+        lowest so far (all ranks gather, rank 0 writes)."""
+        loss = evaluation.get("val_soft_mask", evaluation["val_binary"])
+        if self.best is not None and loss >= self.best["val_loss"]:
+            return
+        self.best = {"step": self.step, "val_loss": loss}
+        model_state = gather_trainable_state(self.model) if self.sharded else None
+        if self.env.is_main:
+            best = self.run_dir / "best"
+            self._save_model(best, model_state)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(best)
+            write_transparency_config(best, self.trained_soft_mask)
+            (best / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+        barrier(self.env)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -393,19 +431,32 @@ class Trainer:
             self._save_model(final, model_state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(final)
-            self.soft_mask.save_transparency_config(final)
+            write_transparency_config(final, self.trained_soft_mask)
             paths = {
                 "final_model": str(final),
-                "transparency_config": self.soft_mask.save_transparency_config(self.run_dir),
+                "transparency_config": write_transparency_config(self.run_dir, self.trained_soft_mask),
                 "metrics": str(self.metrics_path),
                 "figure": str(plot_training(self.records(), self.soft_mask, self.model_config.vocab_size,
                                             self.run_dir / "training.png")),
                 "checkpoints": str(self.checkpoint_root),
             }
-            out = {**summary, "soft_mask": self.soft_mask.to_transparency_config(), "paths": paths}
+            if self.best is not None:
+                paths["best_model"] = str(self.run_dir / "best")
+            out = {**summary, "soft_mask": self.transparency_config(), "paths": paths}
             (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
         barrier(self.env)
-        return {"soft_mask": self.soft_mask.to_transparency_config(), "paths": paths}
+        return {"soft_mask": self.transparency_config(), "paths": paths}
+
+    @property
+    def trained_soft_mask(self) -> SoftMask | None:
+        """The SM parameters this run trains, or ``None`` for a binary run (``sm_prob == 0``)."""
+        return self.soft_mask if self.config.sm_prob > 0 else None
+
+    def transparency_config(self) -> dict[str, Any]:
+        """What ``transparency_config.json`` holds for this run: the learned SM parameters, or for a binary run
+        exactly ``{"transparency_alg": "none"}``, as the authors' trainer writes it."""
+        sm = self.trained_soft_mask
+        return binary_transparency_config() if sm is None else sm.to_transparency_config()
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -435,11 +486,11 @@ class Trainer:
         self._save_model(directory / "model", model_state)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
                   str(directory / "soft_mask.safetensors"))
-        self.soft_mask.save_transparency_config(directory / "transparency_config.json")
+        write_transparency_config(directory / "transparency_config.json", self.trained_soft_mask)
         torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
                    directory / "optimizer.pt")
         state = {"step": self.step, "data": self.stream.state_dict(), "soft_batches": self.soft_batches,
-                 "micro_batches": self.micro_batches, "config": self.config.to_dict()}
+                 "micro_batches": self.micro_batches, "best": self.best, "config": self.config.to_dict()}
         (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def resume(self) -> bool:
@@ -464,6 +515,7 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.soft_batches, self.micro_batches = int(state["soft_batches"]), int(state["micro_batches"])
+        self.best = state.get("best")
         if self.env.is_main:  # drop the log lines of steps after the checkpoint (they will be redone)
             kept = [r for r in self.records() if r["step"] <= self.step]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
