@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from _training_helpers import CODE, make_model_dir, random_examples, tiny_model
 
-from softmask_ext.finetune import main
+from softmask_ext.finetune import SHIPPED_MODEL, main
 from softmask_ext.training import (
     RunFinished,
     RunFolderError,
@@ -176,3 +181,31 @@ def test_folder_checks_write_nothing(tmp_path):
     (tmp_path / "done" / "summary.json").write_text("{}")
     with pytest.raises(RunFinished, match="has finished"):
         check_run_folder(tmp_path / "done", resume=True)
+
+
+@pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the tiny model has not been built yet")
+def test_a_killed_default_run_resumes_from_its_latest_checkpoint(tmp_path, capsys):
+    """The shipped model with the default checkpoint settings (fewer steps and a corpus slice, for time): SIGKILL as
+    soon as the first checkpoint exists, then --resume continues from it and finishes with one line per step."""
+    argv = ["--output-dir", str(tmp_path), "--max-steps", "20", "--batch-size", "2", "--eval-batches", "1",
+            "--max-chars", "200000", "--device", "cpu"]
+    run = tmp_path / f"{SHIPPED_MODEL.name}-sm"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "softmask_ext.finetune", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "latest").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
+    checkpoint = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(checkpoint.removeprefix("step-"))
+    assert step % 2 == 0 and 2 <= step < 20  # a checkpoint every 10% of the 20 steps
+    summary = main([*argv, "--resume"])
+    assert f"resuming from step {step} of 20" in capsys.readouterr().out
+    assert summary["step"] == 20 and "val_binary" in summary
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 21))

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from ..data import BatchStream, Example, collate
 from ..soft_mask import SoftMask
 from .adapters import AdapterConfig, apply_adapters, load_trainable
-from .checkpoint import latest_good_checkpoint, write_checkpoint
+from .checkpoint import checkpoint_name, latest_good_checkpoint, write_checkpoint
 from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
 from .fsdp import (
     FULL_STATE,
@@ -452,9 +452,12 @@ class Trainer:
         optimizer_state = get_optimizer_state_dict(self.forward, self.optimizer,
                                                    options=FULL_STATE if self.sharded else None)
         if self.env.is_main:
-            write_checkpoint(self.checkpoint_root, self.step,
-                             lambda directory: self._write_state(directory, model_state, optimizer_state),
-                             keep=self.config.keep_checkpoints)
+            try:
+                write_checkpoint(self.checkpoint_root, self.step,
+                                 lambda directory: self._write_state(directory, model_state, optimizer_state),
+                                 keep=self.config.keep_checkpoints)
+            except OSError as e:  # name the checkpoint (a full disk's error often names no file)
+                raise OSError(e.errno, e.strerror, str(self.checkpoint_root / checkpoint_name(self.step))) from e
         barrier(self.env)
 
     def _save_model(self, directory: Path, model_state: dict[str, torch.Tensor] | None) -> None:
