@@ -49,7 +49,7 @@ Overlong = Literal["drop", "truncate"]
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 TEXT_PIECE_CHARS = 1 << 18  # longest piece of text tokenised in one call
 _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[^\W\d_])(?= [^\W\d_])")
-ENCODE_BATCH_CHARS = 1 << 20  # characters tokenised at once (the tokenizer takes ~300 bytes per character)
+ENCODE_BATCH_CHARS = 1 << 20  # characters tokenised at once (the tokenizer takes ~200 bytes per character)
 
 
 class DataFormatError(ValueError):
