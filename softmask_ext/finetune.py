@@ -287,7 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warmup_ratio=s["warmup_ratio"], clip=s["clip"], sm_prob=s["sm_prob"], noise=NoiseSchedule(s["t_min"], s["t_max"]), seed=s["seed"],
         adapter=AdapterConfig(kind=s["adapter"], rank=s["rank"], alpha=s["alpha"], dropout=s["lora_dropout"]),
         gradient_checkpointing=s["gradient_checkpointing"], bf16=s["bf16"], save_every=s["save_every"],
-        save_interval_s=60 * s["save_minutes"], keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"], eval_batches=s["eval_batches"],
+        save_interval_s=60 * s["save_minutes"], keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"],
+        eval_batches=s["eval_batches"],
         fsdp=args.fsdp,
     )
     soft_mask = initial_soft_mask(model, train, s, verbose=env.is_main)

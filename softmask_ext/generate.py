@@ -175,7 +175,8 @@ def _generate(args: argparse.Namespace) -> int:
     mask_token_id = model.config.mask_token_id
     prompt_masks = ids.count(mask_token_id)
     start = ids.index(mask_token_id) if prompt_masks else len(ids)  # the first position decoded
-    steps = args.steps if args.steps is not None else max(args.max_new_tokens + prompt_masks, 1)  # 1: nothing to decode is said by the library
+    # With nothing to decode, one step: the library then says there is nothing to do.
+    steps = args.steps if args.steps is not None else max(args.max_new_tokens + prompt_masks, 1)
     hook = LiveView(tokenizer, start, steps, mask_token_id, sys.stderr) if args.live else None
     try:
         out = diffusion_generate(

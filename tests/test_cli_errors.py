@@ -82,10 +82,11 @@ def test_no_room_for_the_checkpoints_is_reported_before_loading(model_dir, data_
 
 
 def test_a_full_disk_says_no_space_left():
-    with pytest.raises(SystemExit, match="no space left on device.*continue with --resume"):
-        with user_errors(), open("/dev/full", "w") as f:  # the kernel's always-full device: a real ENOSPC
-            f.write("x")
-            f.flush()
+    # /dev/full is the kernel's always-full device: a real ENOSPC.
+    with pytest.raises(SystemExit, match="no space left on device.*continue with --resume"), user_errors(), \
+            open("/dev/full", "w") as f:
+        f.write("x")
+        f.flush()
 
 
 def test_max_length_beyond_the_models_positions(model_dir, data_file, tmp_path):

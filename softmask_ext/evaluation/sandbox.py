@@ -15,9 +15,9 @@ Layers, each applied when the kernel allows it and reported in `SandboxResult.is
   writable place). Nothing else of the machine is there: no home folders, no /tmp, no /run, /proc or /sys, and so
   no host Unix sockets (Docker, D-Bus, X11) to connect to and no files to read. Where building that root fails, the
   whole file system is made read-only except the working directory instead ("readonly-fs").
-- As root with a private root, the program runs as the unprivileged user ``nobody`` ("unprivileged"): the kernel enforces
-  RLIMIT_NPROC only for users without privileges, so this is what stops a fork bomb, and it cannot write where
-  only root may.
+- As root with a private root, the program runs as the unprivileged user ``nobody`` ("unprivileged"): the kernel
+  enforces RLIMIT_NPROC only for users without privileges, so this is what stops a fork bomb, and it cannot write
+  where only root may.
 
 Without root the namespaces are created inside a new user namespace; where the kernel refuses that too (some
 hardened distributions), the program runs without them and `isolation` says so: it then has the resource limits,
