@@ -241,8 +241,9 @@ def checkpoint_bytes(config: DreamConfig, settings: dict[str, Any]) -> int:
     return 3 * 4 * trained
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Run the CLI; returns the run summary (None when a finished run was asked to resume)."""
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the CLI; returns the run summary. Errors a user can fix exit with a message (a finished run asked to
+    resume: status 0)."""
     args = parse_args(argv)
     configure_cpu_threads()
     with user_errors(args.debug):  # bad data, paths or settings, a full disk: a message, not a traceback
