@@ -13,6 +13,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
+# pip shows a build's output only with -v, so the message says how to see progress and how long it takes.
+_COMPILING = ("compiling the C++ kernels now: about 3 minutes on 2 CPU cores (longer with CUDA); "
+              "`pip install -v` shows the compiler's progress")
 
 
 def _sources(folder: str, pattern: str) -> list[str]:
@@ -35,6 +38,7 @@ def _extension():
     )
     if with_cuda:
         print(f"softmask_ext: building CPU and CUDA kernels (CUDA_HOME={CUDA_HOME})", file=sys.stderr)
+        print(f"softmask_ext: {_COMPILING}", file=sys.stderr)
         return CUDAExtension(
             sources=sources + _sources("csrc/cuda", "*.cu") + ["python/cuda_ops.cpp"],
             define_macros=[("SOFTMASK_WITH_CUDA", None)],
@@ -45,6 +49,7 @@ def _extension():
             **common,
         )
     print("softmask_ext: building CPU kernels only (no CUDA torch or no CUDA toolkit)", file=sys.stderr)
+    print(f"softmask_ext: {_COMPILING}", file=sys.stderr)
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
 
 

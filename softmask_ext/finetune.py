@@ -25,6 +25,10 @@ memory (weights, plus a gradient and two AdamW moments per trained weight) would
 checkpoints and the final model still hold full weights or PEFT adapters (written by rank 0) and ``--resume``
 continues exactly; ``--fsdp`` in a single process is an error. With several processes the model is loaded on the CPU
 and the trainer moves it, or its shards, to the GPUs.
+
+Run folders (``--output-dir``/``--name``) hold one run each: an existing run is continued with ``--resume`` (from its
+latest good checkpoint; by default one is written every 10% of the steps and every 30 minutes) or replaced with
+``--overwrite``; anything else is refused before any work, and nothing is written. See docs/runs.md.
 """
 
 from __future__ import annotations
@@ -37,19 +41,45 @@ from typing import Any
 
 import torch
 
+from .cli_errors import add_debug_flag, user_errors
+from .cpu_threads import configure_cpu_threads
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import load_model, load_tokenizer
 from .model.family import load_config
+from .model.file_checks import check_weight_files
 from .training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer, init_distributed
 from .training.fsdp import check_fsdp_request
 from .training.presets import FALLBACKS, PRESETS, SHIPPED_MODEL, drop_token_ids, gate_centre, initial_soft_mask
+from .training.run_folder import check_free_space, check_run_folder, check_writable, clear_run_folder
 
 LARGE_MODEL_PARAMS = 10**9
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None of options whose value comes from the preset (their help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _preset_values(key: str) -> str:
+    """``presets: tiny 0.0001, dream-paper 1e-05``, or the default every preset shares."""
+    if any(key in preset for preset in PRESETS.values()):
+        return "presets: " + ", ".join(f"{name} {preset.get(key, FALLBACKS.get(key))}"
+                                       for name, preset in PRESETS.items())
+    return f"default: {FALLBACKS[key]}"
+
+
+def _describe_preset_options(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        in_preset = any(action.dest in preset for preset in PRESETS.values())
+        if action.default is None and (in_preset or FALLBACKS.get(action.dest) is not None):
+            action.help = f"{action.help or ''} ({_preset_values(action.dest)})".lstrip()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--model", type=Path, default=SHIPPED_MODEL,
                    help="checkpoint directory of any supported family (Dream, LLaDA)")
     p.add_argument("--data", type=Path, nargs="+", default=None,
@@ -58,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validation files (default: held-out stdlib modules, or --val-fraction of --data)")
     p.add_argument("--output-dir", type=Path, default=Path("runs"))
     p.add_argument("--name", default=None, help="run name (default: <model folder>-sm)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest good checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="hyper-parameter preset (default: tiny below 1B parameters, dream-paper above)")
     kind = p.add_mutually_exclusive_group()
@@ -104,16 +135,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true",
                    help="shard the model over the torchrun processes (FSDP2); chosen automatically when training "
                         "would not fit one GPU")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: none by step count; default: every "
+                                                  "10%% of the steps)")
+    p.add_argument("--save-minutes", type=float, help="checkpoint at least every M minutes (0: never by time)")
     p.add_argument("--eval-every", type=int,
                    help="validate every N steps and keep the best model as best/ beside final/ (0: at the end only)")
     p.add_argument("--eval-batches", type=int)
-    p.add_argument("--keep-checkpoints", type=int)
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept on disk")
     p.add_argument("--val-fraction", type=float, help="share of --data held out when --val-data is not given")
     p.add_argument("--max-chars", type=int, default=None, help="cap on the size of the default stdlib corpus")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    return p.parse_args(argv)
+    add_debug_flag(p)
+    _describe_preset_options(p)
+    args = p.parse_args(argv)
+    for name in ("max_steps", "batch_size", "grad_accum", "k", "max_length", "eval_batches", "keep_checkpoints"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("save_every", "save_minutes", "eval_every"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    return args
 
 
 def estimate_parameters(config: Any) -> int:
@@ -170,18 +214,33 @@ def _cap(train: Any, settings: dict[str, Any]) -> Any:
     return [train[i] for i in sorted(order.tolist())]
 
 
+def checkpoint_bytes(config: Any, settings: dict[str, Any]) -> int:
+    """About the size of one checkpoint: the trained weights and two AdamW moments per weight, in fp32."""
+    if settings["adapter"] == "full":
+        trained = estimate_parameters(config)
+    else:  # a rank-r adapter on the four attention projections of each layer
+        trained = config.num_hidden_layers * settings["rank"] * 8 * config.hidden_size
+    return 3 * 4 * trained
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the CLI; returns the run summary. Errors a user can fix exit with a message (a finished run asked to
+    resume: status 0)."""
     args = parse_args(argv)
-    try:
+    configure_cpu_threads()
+    with user_errors(args.debug):  # bad data, paths or settings, a full disk: a message, not a traceback
         return run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad data, paths or settings: a message, not a traceback
-        raise SystemExit(f"error: {e}") from e
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as ``args`` say; returns the run summary."""
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (expected a model checkpoint directory)")
+    # Checks that need no model or data come first: a refused command writes nothing and wastes no time.
+    run_dir = args.output_dir / (args.name or f"{args.model.resolve().name}-sm")
+    check_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite)
+    check_writable(run_dir, "run folder")
+    check_weight_files(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = init_distributed(device)
     check_fsdp_request(args.fsdp, env)
@@ -189,6 +248,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device = torch.device("cuda", env.local_rank)
     model_config = load_config(args.model)
     s = resolve_settings(args, model_config)
+    if s["max_length"] > model_config.max_position_embeddings:
+        raise ValueError(f"--max-length {s['max_length']} exceeds the {model_config.max_position_embeddings} "
+                         f"positions of {args.model} (max_position_embeddings in its config.json)")
+    if not args.resume:  # a resumed run already has its checkpoints on disk
+        ckpt = checkpoint_bytes(model_config, s)
+        check_free_space(run_dir, (s["keep_checkpoints"] + 1) * ckpt + ckpt // 3,
+                         f"{s['keep_checkpoints']} checkpoints (one more while the next is written) and the final "
+                         "model")
     # Frozen bases are kept in bf16 (the adapters train in fp32 under autocast); trained weights stay fp32.
     dtype = torch.bfloat16 if s["bf16"] and device.type == "cuda" and s["adapter"] != "full" else torch.float32
     # Several processes: load on the CPU, so that a model FSDP will shard never has to fit one GPU whole.
@@ -197,15 +264,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, val = load_data(args, tokenizer, s)
     world = env.world_size
     steps = s["max_steps"] or max(1, len(train) // (s["batch_size"] * s["grad_accum"] * world))
-    name = args.name or f"{args.model.resolve().name}-sm"
     config = TrainConfig(
-        run_dir=str(args.output_dir / name), max_steps=steps, batch_size=s["batch_size"], grad_accum=s["grad_accum"],
+        run_dir=str(run_dir), max_steps=steps, batch_size=s["batch_size"], grad_accum=s["grad_accum"],
         lr=s["lr"], sm_lr=s["sm_lr"], sm_eps=s["sm_eps"], weight_decay=s["weight_decay"],
         warmup_ratio=s["warmup_ratio"], clip=s["clip"], sm_prob=s["sm_prob"], noise=NoiseSchedule(s["t_min"], s["t_max"]), seed=s["seed"],
         adapter=AdapterConfig(kind=s["adapter"], rank=s["rank"], alpha=s["alpha"], dropout=s["lora_dropout"]),
         gradient_checkpointing=s["gradient_checkpointing"], bf16=s["bf16"], save_every=s["save_every"],
-        keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"], eval_batches=s["eval_batches"],
-        fsdp=args.fsdp, loss=s["loss"], mask_eps=s["mask_eps"], pad_as_response=s["pad_as_response"],
+        save_interval_s=60 * s["save_minutes"], keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"],
+        eval_batches=s["eval_batches"], fsdp=args.fsdp, loss=s["loss"], mask_eps=s["mask_eps"],
+        pad_as_response=s["pad_as_response"],
     )
     soft_mask = initial_soft_mask(model, train, s, verbose=env.is_main)
     start = soft_mask.to_transparency_config()
@@ -215,8 +282,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         parallel = f", {'FSDP' if trainer.sharded else 'DDP'} over {world} processes" if env.distributed else ""
         print(f"fine-tuning {args.model} ({s['preset']} preset, {s['adapter']}{parallel}) on {len(train)} sequences "
               f"for {steps} steps; run directory {config.run_dir}")
-    if args.resume and trainer.resume() and env.is_main:
-        print(f"resumed from step {trainer.step}")
+    if args.resume:
+        trainer.resume()  # a checkpoint exists (checked above); a damaged latest one falls back with a warning
+        if env.is_main:
+            print(f"resuming from step {trainer.step} of {steps} (checkpoint {trainer.resumed_from}); the metrics of "
+                  "later steps were dropped and will be redone")
+    elif args.overwrite and env.is_main:
+        clear_run_folder(run_dir)
     summary = trainer.train()
     if env.is_main:
         report(summary, start)

@@ -22,8 +22,11 @@ from typing import TextIO
 
 import torch
 
+from .cli_errors import add_debug_flag, user_errors
+from .cpu_threads import configure_cpu_threads
 from .decoding import ALGS, diffusion_generate
 from .model import load_model, load_tokenizer
+from .model.file_checks import check_weight_files
 from .model.loading import ADAPTER_CONFIG
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
     p.add_argument("--live", action="store_true", help="show the canvas being denoised, step by step (stderr)")
+    add_debug_flag(p)
     return p
 
 
@@ -145,14 +149,23 @@ def _soft_mask(args: argparse.Namespace, model_dir: Path) -> SoftMask | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps} (leave it out for one token per step)")
+    configure_cpu_threads()
+    with user_errors(args.debug):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     model_dir = _resolve_model_dir(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)
+        check_weight_files(model_dir)
         model = load_model(model_dir, dtype=dtype, device=device, base_model=args.base_model).eval()
-    except (OSError, ValueError, TypeError) as e:
+    except TypeError as e:
         raise SystemExit(f"error: {e}") from None
 
     text = _read_prompt(args)
@@ -166,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mask_token_id = model.config.mask_token_id
     prompt_masks = ids.count(mask_token_id)
     start = ids.index(mask_token_id) if prompt_masks else len(ids)  # the first position decoded
-    steps = args.steps or max(args.max_new_tokens + prompt_masks, 1)  # 0: the library says there is nothing to do
+    # With nothing to decode, one step: the library then says there is nothing to do.
+    steps = args.steps if args.steps is not None else max(args.max_new_tokens + prompt_masks, 1)
     hook = LiveView(tokenizer, start, steps, mask_token_id, sys.stderr) if args.live else None
     try:
         out = diffusion_generate(

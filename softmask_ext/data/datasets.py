@@ -18,6 +18,12 @@ response tokens and ``drop_token_ids`` those holding any of the given ids (the a
 (``overlong="truncate"``; a record whose cut leaves no response token is still dropped); the counts are in the
 dataset's :class:`LoadReport` and logged.
 
+Memory per record is bounded: a chat or prompt/response record with more characters than ``max_length`` tokens can
+cover (``max_length`` times the longest token of the vocabulary, in characters) is dropped before it is tokenised
+(with ``overlong="truncate"``, only that many leading characters of each message are tokenised), and text is
+tokenised in pieces of at most ``TEXT_PIECE_CHARS`` characters cut after a newline, ``ENCODE_BATCH_CHARS`` at a
+time.
+
 A malformed record raises :class:`DataFormatError` naming the file and the line (JSONL) or the 1-based record number
 (JSON arrays, Parquet). No records at all, or none left after length filtering, is also an error.
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +53,9 @@ Responses = Literal["all", "last"]
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 #: Qwen2's ``<tool_call>`` and ``</tool_call>`` ids, whose samples the authors' Dream fine-tuning drops.
 TOOL_CALL_TOKEN_IDS = (151657, 151658)
+TEXT_PIECE_CHARS = 1 << 18  # longest piece of text tokenised in one call
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[^\W\d_])(?= [^\W\d_])")
+ENCODE_BATCH_CHARS = 1 << 20  # characters tokenised at once (the tokenizer takes ~200 bytes per character)
 
 
 class DataFormatError(ValueError):
@@ -240,6 +250,49 @@ def _encode_many(tokenizer: ChatTokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
 
+def _text_pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of at most TEXT_PIECE_CHARS (one piece, possibly empty, for a short text).
+
+    Each cut falls where byte-level BPE pre-tokenisers (GPT-2's, Qwen2's) always end a pre-token, so the pieces
+    tokenise as the whole text would: after a newline with non-space characters on both sides, else before a space
+    between two letters; only a window with neither is cut anywhere.
+    """
+    start = 0
+    while len(text) - start > TEXT_PIECE_CHARS:
+        end = start + TEXT_PIECE_CHARS
+        cuts = [m.start() for m in _SAFE_CUT.finditer(text, start + 1, end)]
+        newlines = [c for c in cuts if text[c - 1] == "\n"]
+        cut = (newlines or cuts or [end])[-1]
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _encode_texts(tokenizer: ChatTokenizer, texts: Iterable[str]) -> Iterator[tuple[int, list[int]]]:
+    """``(index of the text, token ids of one of its pieces)`` in order, encoding ENCODE_BATCH_CHARS at a time."""
+    pieces: list[str] = []
+    owners: list[int] = []
+    size = 0
+    for index, text in enumerate(texts):
+        for piece in _text_pieces(text):
+            pieces.append(piece)
+            owners.append(index)
+            size += len(piece)
+            if size >= ENCODE_BATCH_CHARS:
+                yield from zip(owners, _encode_many(tokenizer, pieces))
+                pieces, owners, size = [], [], 0
+    if pieces:
+        yield from zip(owners, _encode_many(tokenizer, pieces))
+
+
+def max_token_chars(tokenizer: ChatTokenizer) -> int | None:
+    """Characters the longest vocabulary entry can stand for (its length as a string bounds them: a byte-level
+    entry has one symbol per byte, a character-level one one per character); None when the vocabulary is unknown."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    vocab = get_vocab() if callable(get_vocab) else None
+    return max(map(len, vocab), default=None) if vocab else None
+
+
 def _eos_id(tokenizer: ChatTokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -354,17 +407,23 @@ def pack_texts(texts: Iterable[str], tokenizer: ChatTokenizer, block_length: int
     ``prompt_mask``: every token may be noised.
     """
     _check_lengths(block_length, "drop")
-    eos = _eos_id(tokenizer)
+    eos = torch.tensor([_eos_id(tokenizer)], dtype=torch.int64)
     report = LoadReport()
-    stream: list[int] = []
-    for ids in _encode_many(tokenizer, list(texts)):
-        report.n_records += 1
-        stream += ids
-        stream.append(eos)
+    parts: list[torch.Tensor] = []
+    previous = None
+    for index, ids in _encode_texts(tokenizer, texts):
+        if previous is not None and index != previous:
+            parts.append(eos)
+        parts.append(torch.tensor(ids, dtype=torch.int64))
+        previous = index
+        report.n_records = index + 1
+    if previous is not None:
+        parts.append(eos)
+    stream = torch.cat(parts) if parts else eos[:0]
     n_blocks = len(stream) // block_length
     if n_blocks == 0:
         raise DataFormatError(f"the text has {len(stream)} tokens, fewer than one block of {block_length}")
-    blocks = torch.tensor(stream[:n_blocks * block_length], dtype=torch.int64).view(n_blocks, block_length)
+    blocks = stream[:n_blocks * block_length].view(n_blocks, block_length)
     no_prompt = torch.zeros(block_length, dtype=torch.bool)
     examples = [Example(block, no_prompt) for block in blocks]
     report.n_examples = n_blocks
@@ -410,8 +469,15 @@ def load_dataset(
         report = LoadReport(n_records=len(records))
         examples = []
         dropped = torch.tensor(sorted(set(drop_token_ids)), dtype=torch.int64)
+        longest_token = max_token_chars(tokenizer)
+        char_limit = None if longest_token is None else (max_length + 1) * longest_token
         for (where, record), form in zip(records, forms):
             messages = chat_messages(record, where, form)
+            if char_limit is not None and sum(len(m["content"]) for m in messages) > char_limit:
+                if overlong == "drop":  # cannot fit: dropped without spending memory on tokenising it
+                    report.n_dropped_too_long += 1
+                    continue
+                messages = [{**m, "content": m["content"][:char_limit]} for m in messages]
             try:
                 example = tokenize_conversation(tokenizer, messages, responses)
             except DataFormatError as err:

@@ -7,14 +7,23 @@ Layers, each applied when the kernel allows it and reported in `SandboxResult.is
 - resource limits on the program: address space (RLIMIT_AS), CPU seconds (RLIMIT_CPU), size of any file
   written (RLIMIT_FSIZE), processes (RLIMIT_NPROC), open files, no core dumps;
 - a wall-clock timeout, after which the whole process tree is killed;
-- Linux namespaces: no network (a new, empty network namespace), a private PID namespace (every process the
-  program starts dies with it, even one that left the process group), and a mount namespace in which the whole
-  file system is read-only except the working directory ("readonly-fs").
+- Linux namespaces: no network (a new, empty network namespace: no TCP or UDP, not even loopback, and no
+  abstract Unix sockets, which belong to the network namespace), a private PID namespace (every process the
+  program starts dies with it, even one that left the process group), and a mount namespace whose root is a fresh,
+  read-only file system holding only what the program needs ("private-fs"): the Python installation and the system
+  libraries (read-only), a few device files (null, zero, random, urandom), and its working directory (the only
+  writable place). Nothing else of the machine is there: no home folders, no /tmp, no /run, /proc or /sys, and so
+  no host Unix sockets (Docker, D-Bus, X11) to connect to and no files to read. Where building that root fails, the
+  whole file system is made read-only except the working directory instead ("readonly-fs").
+- As root with a private root, the program runs as the unprivileged user ``nobody`` ("unprivileged"): the kernel
+  enforces RLIMIT_NPROC only for users without privileges, so this is what stops a fork bomb, and it cannot write
+  where only root may.
 
-As root the kernel does not enforce RLIMIT_NPROC; the PID namespace is what contains forks then. Without
-root the namespaces are created inside a new user namespace; where the kernel refuses that too (some
-hardened distributions), the program runs without them and `isolation` says so. This file imports only the
-standard library because it is also the launcher run inside the child (`python -I -S sandbox.py CONFIG`).
+Without root the namespaces are created inside a new user namespace; where the kernel refuses that too (some
+hardened distributions), the program runs without them and `isolation` says so: it then has the resource limits,
+the timeout and the fresh working directory, but can reach the network and read (and write) whatever the user can.
+This file imports only the standard library because it is also the launcher run inside the child
+(`python -I -S sandbox.py CONFIG`).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +49,8 @@ _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
@@ -46,7 +58,14 @@ _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
 _SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (unified syscall table since Linux 5.12)
+_MNT_DETACH = 2
+_SYS_PIVOT_ROOT = 155 if os.uname().machine == "x86_64" else 41  # aarch64: 41
 _PR_SET_PDEATHSIG = 1
+_NOBODY = 65534
+# Read-only in the private root besides the Python installation: the system libraries Python and its extension
+# modules link against (and the loader's cache), and harmless device files.
+_SYSTEM_PATHS = ("/lib", "/lib64", "/lib32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/etc/ld.so.cache")
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 _OUTPUT_CAP = 64 * 1024  # bytes kept of each of stdout and stderr; the rest is read and dropped
 
 
@@ -106,17 +125,30 @@ def run_python(source: str, limits: Limits = Limits(), isolate: bool = True) -> 
     try:
         workdir = os.path.join(root, "work")
         os.mkdir(workdir, 0o700)
+        os.mkdir(os.path.join(root, "jail"))  # mount point of the private root
         program = os.path.join(root, "program.py")
         with open(program, "w", encoding="utf-8") as f:
             f.write(source)
+        os.chmod(root, 0o755)
+        os.chmod(program, 0o644)
+        if os.getuid() == 0:
+            os.chown(workdir, _NOBODY, _NOBODY)
         return _launch(program, workdir, limits, isolate)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _readable_paths(python: str) -> list[str]:
+    """What the private root shows read-only: the interpreter, its installation and the system libraries."""
+    installation = {sys.base_prefix, os.path.dirname(python), sysconfig.get_paths()["stdlib"]}
+    return sorted(p for p in (*installation, *_SYSTEM_PATHS) if os.path.lexists(p))
+
+
 def _launch(program: str, workdir: str, limits: Limits, isolate: bool) -> SandboxResult:
+    python = os.path.realpath(sys.executable)  # -I -S: the installation's own interpreter, not a venv's link
     config = {
-        "python": sys.executable,
+        "python": python,
+        "readable": _readable_paths(python),
         "program": program,
         "workdir": workdir,
         "limits": dataclasses.asdict(limits),
@@ -224,8 +256,10 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _enter_namespaces(libc: ctypes.CDLL, workdir: str) -> list[str]:
-    """Unshare network, PID and mount namespaces (inside a user namespace when not root); make / read-only."""
+def _enter_namespaces(libc: ctypes.CDLL, config: dict) -> list[str]:
+    """Unshare network, PID and mount namespaces (inside a user namespace when not root), then build the private
+    root (or, failing that, make / read-only)."""
+    workdir = config["workdir"]
     uid, gid = os.getuid(), os.getgid()
     flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID
     if uid != 0:
@@ -240,8 +274,13 @@ def _enter_namespaces(libc: ctypes.CDLL, workdir: str) -> list[str]:
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"{gid} {gid} 1")
     layers = ["network", "pid"]
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
     try:
-        _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+        _private_root(libc, config)
+        return [*layers, "private-fs"]
+    except OSError as e:
+        print(f"sandbox: no private file system view ({e}); making the machine's read-only", file=sys.stderr)
+    try:
         wd = workdir.encode()
         _check(libc.mount(wd, wd, None, _MS_BIND | _MS_REC, None), "bind mount of the working directory")
         _mount_setattr(libc, b"/", set_rdonly=True)
@@ -252,12 +291,51 @@ def _enter_namespaces(libc: ctypes.CDLL, workdir: str) -> list[str]:
     return layers
 
 
-def _mount_setattr(libc: ctypes.CDLL, path: bytes, set_rdonly: bool) -> None:
+def _private_root(libc: ctypes.CDLL, config: dict) -> None:
+    """Make a fresh tmpfs the root, holding only the readable paths, the devices, the program and the working
+    directory, each at its own path; everything but the working directory read-only."""
+    jail = os.path.join(os.path.dirname(config["workdir"]), "jail")
+    _check(libc.mount(b"tmpfs", jail.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=1m,mode=0755"), "tmpfs")
+
+    def bind(source: str, writable: bool = False) -> None:
+        target = jail + source
+        if os.path.islink(source):  # e.g. /lib -> usr/lib: the same link, and its target bound
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.lexists(target):
+                os.symlink(os.readlink(source), target)
+            return bind(os.path.realpath(source))
+        if os.path.lexists(target):
+            return None
+        if os.path.isdir(source):
+            os.makedirs(target)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+        _check(libc.mount(source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None), f"bind {source}")
+        _mount_setattr(libc, target.encode(), set_rdonly=not writable)
+        return None
+
+    for path in config["readable"]:
+        bind(path)
+    for device in _DEVICES:
+        if os.path.exists(device):
+            bind(device, writable=True)  # writes to null and friends go nowhere
+    bind(config["program"])
+    bind(config["workdir"], writable=True)
+    _mount_setattr(libc, jail.encode(), set_rdonly=True, recursive=False)
+    os.chdir(jail)
+    _check(libc.syscall(_SYS_PIVOT_ROOT, b".", b"."), "pivot_root")  # the old root ends up stacked on top
+    _check(libc.umount2(b".", _MNT_DETACH), "detach the machine's root")
+    os.chdir("/")
+
+
+def _mount_setattr(libc: ctypes.CDLL, path: bytes, set_rdonly: bool, recursive: bool = True) -> None:
     class MountAttr(ctypes.Structure):
         _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
 
     attr = MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0) if set_rdonly else MountAttr(0, _MOUNT_ATTR_RDONLY, 0, 0)
-    rc = libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path, _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr))
+    flags = _AT_RECURSIVE if recursive else 0
+    rc = libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path, flags, ctypes.byref(attr), ctypes.sizeof(attr))
     _check(rc, f"mount_setattr {path.decode()}")
 
 
@@ -291,10 +369,12 @@ def _launcher(config: dict, report_fd: int) -> int:
     layers: list[str] = []
     if config["isolate"]:
         try:
-            layers = _enter_namespaces(libc, config["workdir"])
+            layers = _enter_namespaces(libc, config)
         except OSError as e:
             print(f"sandbox: running without namespaces ({e})", file=sys.stderr)
-    layers = ["rlimits", "tmpdir", *layers]
+    # Only inside the private root is the interpreter surely reachable for nobody (a home folder may be closed).
+    drop_root = os.getuid() == 0 and "private-fs" in layers
+    layers = ["rlimits", "tmpdir", *layers, *(["unprivileged"] if drop_root else [])]
     os.write(report_fd, json.dumps(layers).encode())
     os.close(report_fd)
 
@@ -306,6 +386,10 @@ def _launcher(config: dict, report_fd: int) -> int:
             try:
                 libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
                 _apply_limits(config["limits"])
+                if drop_root:  # RLIMIT_NPROC binds only users without privileges
+                    os.setgroups([])
+                    os.setgid(_NOBODY)
+                    os.setuid(_NOBODY)
                 os.chdir(config["workdir"])
                 os.execv(config["python"], [config["python"], "-I", "-S", config["program"]])
             except BaseException as e:  # noqa: BLE001 - report anything and leave without running the program

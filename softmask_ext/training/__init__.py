@@ -19,14 +19,32 @@ from ..diffusion import (
 )
 from ..model.family import align_logits as shift_logits
 from .adapters import ADAPTER_KINDS, AdapterConfig, apply_adapters
-from .checkpoint import CorruptCheckpointError, latest_checkpoint, verify_checkpoint, write_checkpoint
+from .checkpoint import (
+    CorruptCheckpointError,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from .distributed import DistEnv, init_distributed
 from .gate_init import confidence_centre, masked_neg_entropy, scale_gradient
+from .run_folder import (
+    RunFinished,
+    RunFolderError,
+    check_free_space,
+    check_run_folder,
+    check_writable,
+    clear_run_folder,
+    read_metrics,
+    truncate_metrics,
+)
 from .trainer import TrainConfig, Trainer, micro_batch_index
 
 __all__ = [
     "ADAPTER_KINDS", "AdapterConfig", "apply_adapters",
-    "CorruptCheckpointError", "latest_checkpoint", "verify_checkpoint", "write_checkpoint",
+    "CorruptCheckpointError", "latest_checkpoint", "latest_good_checkpoint", "verify_checkpoint", "write_checkpoint",
+    "RunFinished", "RunFolderError", "check_free_space", "check_run_folder", "check_writable", "clear_run_folder",
+    "read_metrics", "truncate_metrics",
     "DistEnv", "init_distributed",
     "confidence_centre", "masked_neg_entropy", "scale_gradient",
     "FINETUNE_NOISE", "PRETRAIN_NOISE", "NoisedBatch", "NoiseSchedule", "apply_noise", "sample_noise",

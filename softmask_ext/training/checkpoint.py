@@ -10,7 +10,9 @@ Protocol: the files are written into a hidden temporary directory, each file is 
 the directory; the directory is renamed to its final name (atomic on POSIX), the parent is fsynced, and only then is
 ``latest`` replaced (write ``latest.tmp``, fsync, ``os.replace``, fsync the parent). A process killed at any moment
 therefore leaves ``latest`` pointing to a complete, verified checkpoint (or no ``latest`` before the first one);
-leftover temporary directories are removed by the next save.
+leftover temporary directories are removed by the next save. A checkpoint damaged later (a disk fault, a file
+edited or truncated by hand) fails verification, and :func:`latest_good_checkpoint` falls back to the newest older
+one that passes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CorruptCheckpointError", "write_checkpoint", "latest_checkpoint", "verify_checkpoint"]
+__all__ = ["CorruptCheckpointError", "write_checkpoint", "latest_checkpoint", "latest_good_checkpoint",
+           "verify_checkpoint"]
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -111,6 +114,8 @@ def verify_checkpoint(path: str | Path) -> int:
         manifest = json.loads((path / MANIFEST).read_text())
     except (FileNotFoundError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: missing or unreadable {MANIFEST} ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise CorruptCheckpointError(f"{path}: {MANIFEST} lacks its step or file list")
     for rel, entry in manifest["files"].items():
         f = path / rel
         if not f.is_file() or f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
@@ -127,3 +132,23 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     path = root / name
     verify_checkpoint(path)
     return path
+
+
+def latest_good_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``root`` that passes verification, and why each newer one was passed over.
+
+    Returns ``(None, reasons)`` when none passes (or none was ever completed).
+    """
+    root = Path(root)
+    # Directories appear complete (renamed into place), so one newer than ``latest`` (killed before the pointer
+    # moved) is as good as the one ``latest`` names.
+    names = sorted((p.name for p in root.glob(f"{_PREFIX}*") if p.is_dir()), reverse=True)
+    skipped = []
+    for name in names:
+        try:
+            verify_checkpoint(root / name)
+        except CorruptCheckpointError as e:
+            skipped.append(str(e))
+            continue
+        return root / name, skipped
+    return None, skipped

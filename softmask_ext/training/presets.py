@@ -57,7 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dream-tokens": dict(**_DREAM, eval_batches=64),
 }
 FALLBACKS: dict[str, Any] = dict(sm_eps=1e-8, rank=16, alpha=16.0, lora_dropout=0.0, weight_decay=0.0, t_min=0.2,
-                                 t_max=0.8, seed=0, save_every=0, eval_every=0, keep_checkpoints=2, val_fraction=0.02,
+                                 t_max=0.8, seed=0, save_every=None, save_minutes=30.0, eval_every=0, keep_checkpoints=2,
+                                 val_fraction=0.02,
                                  loss="tokens", mask_eps=0.0, pad_as_response=False, responses="all",
                                  min_response_tokens=1, drop_tool_calls=False, max_samples=None)
 

@@ -23,12 +23,18 @@ Run directory (``run_dir``)::
     train_config.json        the configuration
     metrics.jsonl            one record per optimizer step (loss, lr, grad norm, SM parameters, share of SM batches;
                              validation losses with binary and soft masks on evaluation steps)
-    checkpoints/             atomic checkpoints (:mod:`.checkpoint`) and the ``latest`` pointer
+    checkpoints/             atomic checkpoints (:mod:`.checkpoint`) and the ``latest`` pointer: by default every
+                             10% of the steps and at least every 30 minutes, the newest ``keep_checkpoints`` kept
     final/                   the trained model (full weights, or PEFT adapters) + tokenizer + transparency_config.json
     best/                    the same at the evaluation with the lowest validation loss (when ``eval_every`` > 0)
     transparency_config.json the learned SM parameters in the authors' format
     training.png             loss curves and the learned lam(negH)
-    summary.json             final validation losses, time, and where everything is
+    summary.json             final validation losses, time, and where everything is (written last: a run is
+                             finished when it exists)
+
+A run folder holds one run (:mod:`.run_folder`): :meth:`Trainer.train` refuses to start a run at step 0 in a folder
+that already has metrics or checkpoints, and nothing is written before training starts (a refused resume leaves the
+folder as it was).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +53,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -57,7 +68,7 @@ from ..diffusion.two_pass import DiffusionTrainingForward
 from ..model.family import family_of
 from ..soft_mask import SoftMask, binary_transparency_config, write_transparency_config
 from .adapters import AdapterConfig, apply_adapters, load_trainable
-from .checkpoint import latest_checkpoint, write_checkpoint
+from .checkpoint import checkpoint_name, latest_good_checkpoint, write_checkpoint
 from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
 from .fsdp import (
     FULL_STATE,
@@ -70,6 +81,7 @@ from .fsdp import (
     use_fsdp,
 )
 from .plots import plot_training
+from .run_folder import RunFolderError, read_metrics, truncate_metrics
 
 __all__ = ["TrainConfig", "Trainer", "micro_batch_index"]
 
@@ -90,7 +102,11 @@ def micro_batch_index(step: int, accum_index: int, grad_accum: int, rank: int, w
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a run. ``batch_size`` is per process and per micro-batch; ``fsdp`` shards the model over
-    the processes (needs several; see :mod:`.fsdp` for when it is chosen without being asked)."""
+    the processes (needs several; see :mod:`.fsdp` for when it is chosen without being asked).
+
+    Checkpoints: every ``save_every`` steps (None: every 10% of ``max_steps``; 0: none by step count), at least every
+    ``save_interval_s`` seconds (0: no time-based ones), and at the end; the newest ``keep_checkpoints`` are kept.
+    """
 
     run_dir: str
     max_steps: int
@@ -108,7 +124,8 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     gradient_checkpointing: bool = False
     bf16: bool = False
-    save_every: int = 0
+    save_every: int | None = None
+    save_interval_s: float = 1800.0
     keep_checkpoints: int = 2
     eval_every: int = 0
     eval_batches: int = 16
@@ -134,7 +151,9 @@ class TrainConfig:
             "0 <= warmup_ratio < 1": 0 <= self.warmup_ratio < 1,
             "clip > 0": self.clip > 0,
             "0 <= sm_prob <= 1": 0 <= self.sm_prob <= 1,
-            "save_every >= 0": self.save_every >= 0,
+            "save_every >= 0": self.save_every is None or self.save_every >= 0,
+            "save_interval_s >= 0": self.save_interval_s >= 0,
+            "keep_checkpoints >= 1": self.keep_checkpoints >= 1,
             "eval_every >= 0": self.eval_every >= 0,
             "eval_batches >= 1": self.eval_batches >= 1,
             "loss in (tokens, sequence)": self.loss in ("tokens", "sequence"),
@@ -146,6 +165,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints by step count (0: none)."""
+        return max(1, math.ceil(self.max_steps / 10)) if self.save_every is None else self.save_every
 
 
 def _cosine_with_warmup(warmup: int, total: int):
@@ -241,9 +265,7 @@ class Trainer:
         self.micro_batches = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.checkpoint_root = self.run_dir / "checkpoints"
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        self.resumed_from: Path | None = None
 
     # ------------------------------------------------------------------------------------------------ the loss
     @property
@@ -370,10 +392,12 @@ class Trainer:
         """
         cfg = self.config
         end = cfg.max_steps if stop_at_step is None else min(stop_at_step, cfg.max_steps)
+        self._claim_run_dir()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"training ({self.run_dir.name})",
                    disable=not self.env.is_main, dynamic_ncols=True)
-        started = time.perf_counter()
+        started = last_save = time.perf_counter()
         last_eval: dict[str, float] = {}
+        every = cfg.checkpoint_every
         while self.step < end:
             record = self.train_step()
             record = {"step": self.step, **record, "elapsed_s": round(time.perf_counter() - started, 3)}
@@ -385,9 +409,15 @@ class Trainer:
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", sm_scale=f"{record['scale']:.3g}")
-            if self.step == end or cfg.save_every and self.step % cfg.save_every == 0:
+            overdue = cfg.save_interval_s and time.perf_counter() - last_save >= cfg.save_interval_s
+            if self.env.distributed:  # every process must take the same decision (rank clocks differ)
+                overdue = all_reduce_sum(float(bool(overdue)), self.env, self.device) > 0
+            if self.step == end or every and self.step % every == 0 or overdue:
                 self.save_checkpoint()
+                last_save = time.perf_counter()
         bar.close()
+        if self.step == cfg.max_steps and self.val_data and not last_eval:  # resumed at the last checkpoint
+            last_eval = self.evaluate()
         summary = {"step": self.step, "train_seconds": round(time.perf_counter() - started, 1), **last_eval}
         if self.best is not None:
             summary["best"] = self.best
@@ -410,6 +440,15 @@ class Trainer:
                 self.tokenizer.save_pretrained(best)
             write_transparency_config(best, self.trained_soft_mask)
             (best / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")
+
+    def _claim_run_dir(self) -> None:
+        """Make the run folder this run's: refuse a fresh start over another run's files, then record the config."""
+        if self.env.is_main:
+            if self.step == 0 and (self.metrics_path.exists() or self.checkpoint_root.exists()):
+                raise RunFolderError(f"{self.run_dir} already holds a run (metrics or checkpoints); resume it, or "
+                                     "clear the folder to start afresh")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         barrier(self.env)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -418,9 +457,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.metrics_path)
 
     def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write the final model, the SM config, the figure and the summary (rank 0)."""
@@ -469,9 +506,12 @@ class Trainer:
         optimizer_state = get_optimizer_state_dict(self.forward, self.optimizer,
                                                    options=FULL_STATE if self.sharded else None)
         if self.env.is_main:
-            write_checkpoint(self.checkpoint_root, self.step,
-                             lambda directory: self._write_state(directory, model_state, optimizer_state),
-                             keep=self.config.keep_checkpoints)
+            try:
+                write_checkpoint(self.checkpoint_root, self.step,
+                                 lambda directory: self._write_state(directory, model_state, optimizer_state),
+                                 keep=self.config.keep_checkpoints)
+            except OSError as e:  # name the checkpoint (a full disk's error often names no file)
+                raise OSError(e.errno, e.strerror, str(self.checkpoint_root / checkpoint_name(self.step))) from e
         barrier(self.env)
 
     def _save_model(self, directory: Path, model_state: dict[str, torch.Tensor] | None) -> None:
@@ -494,9 +534,18 @@ class Trainer:
         (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of this run directory, if there is one; True when one was loaded."""
-        path = latest_checkpoint(self.checkpoint_root)
+        """Load the latest good checkpoint of this run directory, if there is one; True when one was loaded.
+
+        A checkpoint that fails verification is passed over for the previous one, with a warning on stderr.
+        ``resumed_from`` names the checkpoint loaded.
+        """
+        path, skipped = latest_good_checkpoint(self.checkpoint_root)
+        if self.env.is_main:
+            for reason in skipped:
+                print(f"warning: skipping a damaged checkpoint: {reason}", file=sys.stderr)
         if path is None:
+            if skipped:
+                raise RunFolderError(f"no usable checkpoint in {self.checkpoint_root}: every one is damaged")
             return False
         state = json.loads((path / "trainer_state.json").read_text())
         saved = state["config"]
@@ -517,7 +566,7 @@ class Trainer:
         self.soft_batches, self.micro_batches = int(state["soft_batches"]), int(state["micro_batches"])
         self.best = state.get("best")
         if self.env.is_main:  # drop the log lines of steps after the checkpoint (they will be redone)
-            kept = [r for r in self.records() if r["step"] <= self.step]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            truncate_metrics(self.metrics_path, self.step)
         barrier(self.env)
+        self.resumed_from = path
         return True
