@@ -161,3 +161,36 @@ def test_plain_decoding_of_a_real_model_is_stable_under_padding(family):
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)], dim=1)
     together = diffusion_generate(model, padded, mask, max_new_tokens=4, steps=4, temperature=0.0)
     assert torch.equal(together[:, 3:], alone)
+
+
+def test_model_modules_import_each_other_without_a_cycle():
+    """Every import between the modules of softmask_ext.model (at module level or inside functions) goes one way."""
+    import ast
+    from pathlib import Path
+
+    import softmask_ext.model as package
+
+    folder = Path(package.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")} - {"__init__"}
+    edges = {}
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets |= {node.module} if node.module else {alias.name for alias in node.names}
+        edges[name] = targets & modules
+    visiting, done = set(), set()
+
+    def visit(name, path):
+        assert name not in visiting, f"import cycle: {' -> '.join(path)}"
+        if name in done:
+            return
+        visiting.add(name)
+        for target in edges[name]:
+            visit(target, [*path, target])
+        visiting.discard(name)
+        done.add(name)
+
+    for name in sorted(modules):
+        visit(name, [name])

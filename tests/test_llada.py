@@ -142,7 +142,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("use_dora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_peft_adapters_on_llada_modules_train_merge_and_reload(tmp_path, use_dora):
     from peft import LoraConfig, get_peft_model
 
@@ -169,6 +169,7 @@ def test_peft_adapters_on_llada_modules_train_merge_and_reload(tmp_path, use_dor
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the forward is the shared one, compiled in test_model.py; this checks LLaDA's blocks
 def test_compiles_fullgraph(tmp_path):
     make_checkpoint(tmp_path)
     model = load_model(tmp_path)

@@ -142,6 +142,10 @@ def checkpoint_model_type(path: str, base_model: str | os.PathLike | None = None
             base = base_model or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"adapter folder {path!r} records no base model; pass base_model=")
+        if not os.path.isdir(base):
+            raise FileNotFoundError(
+                f"the adapters in {path!r} belong to the base model {os.fspath(base)!r}, which is not a directory "
+                f"here; pass the base checkpoint as base_model= (--base-model on the command line)")
         return checkpoint_model_type(os.fspath(base))
     with open(config_path, encoding="utf-8") as f:
         try:
