@@ -13,6 +13,8 @@ every word is spelled with one of its spellings (and, per word, the share of wor
        sm_same_updates    sm_prob = p, S updates (the two-pass recipe; SM starts at the paper's values)
        sm_same_compute    sm_prob = p, round(S / (1 + p)) updates: an SM batch's extra no-grad forward counted as a
                           whole step (an overestimate, so this condition is handicapped rather than favoured)
+       binary_same_compute  sm_prob = 0, round(S / (1 + p)) updates: the control that tells SM at equal compute
+                          apart from merely having fewer updates
 
    Runs with the same seed see the same data order and noise, so per-seed differences are paired.
 3. Every model decodes the test prompts at 1, 2, 4, 8 and 16 tokens per step (the answer has 16 letters) with the
@@ -22,7 +24,9 @@ every word is spelled with one of its spellings (and, per word, the share of wor
    not an evaluation seed; test prompts are used for nothing else.
 
 Writes ``reproduce_parallel.json`` and ``reproduce_parallel.png`` into ``--out``: validity against tokens per step
-(mean, and every seed), SM minus binary per seed with 95% t-intervals over seeds, and each seed's learned
+(mean, and every seed), SM minus binary per seed with 95% t-intervals over seeds (SM with the same updates and SM at
+equal compute against binary, as the paper compares them, and SM at equal compute against the control), and each
+seed's learned
 ``lam(negH)``; prints the table and the verdict. Every finished run's evaluation is cached in ``--work-dir`` (keyed
 by its settings), so an interrupted reproduction continues where it stopped.
 
@@ -32,6 +36,7 @@ Full run: ``python benchmarks/reproduce_parallel.py``. Smoke test: ``--quick``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -53,7 +58,10 @@ from softmask_ext.training import (
     Trainer,
 )
 
-CONDITIONS = ("binary", "sm_same_updates", "sm_same_compute")
+CONDITIONS = ("binary", "sm_same_updates", "sm_same_compute", "binary_same_compute")
+SM_CONDITIONS = ("sm_same_updates", "sm_same_compute")
+# (SM condition, binary condition) pairs compared seed by seed; the last separates SM from having fewer updates.
+COMPARISONS = (("sm_same_updates", "binary"), ("sm_same_compute", "binary"), ("sm_same_compute", "binary_same_compute"))
 TUNING_SEED = 1000  # the learning-rate search's training seed: not one of the evaluation seeds
 DECODE_SEED = 0  # the same sampling noise for every model: differences between models are paired
 # The paper's evaluation sampling for Dream (its code benchmarks).
@@ -125,11 +133,9 @@ def tokens_per_step(task: SpellingTask) -> tuple[int, ...]:
 
 def condition_settings(args: argparse.Namespace, condition: str) -> tuple[float, int]:
     """(sm_prob, updates) of a condition."""
-    if condition == "binary":
-        return 0.0, args.steps
-    if condition == "sm_same_updates":
-        return args.sm_prob, args.steps
-    return args.sm_prob, max(1, round(args.steps / (1 + args.sm_prob)))
+    fewer = max(1, round(args.steps / (1 + args.sm_prob)))
+    return {"binary": (0.0, args.steps), "sm_same_updates": (args.sm_prob, args.steps),
+            "sm_same_compute": (args.sm_prob, fewer), "binary_same_compute": (0.0, fewer)}[condition]
 
 
 def model_config(args: argparse.Namespace, task: SpellingTask) -> DreamConfig:
@@ -245,18 +251,19 @@ def choose_hyperparameters(args: argparse.Namespace, task: SpellingTask, train: 
                                   for sm_lr in args.sm_lr_grid}
     sm_lr = float(max(scores["sm_lr at that lr"], key=scores["sm_lr at that lr"].get))
     chosen = {"binary": {"lr": lr}, "sm_same_updates": {"lr": lr, "sm_lr": sm_lr},
-              "sm_same_compute": {"lr": lr, "sm_lr": sm_lr}}
+              "sm_same_compute": {"lr": lr, "sm_lr": sm_lr}, "binary_same_compute": {"lr": lr}}
     return chosen, scores
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
 
 
+@functools.cache
 def t_quantile(p: float, df: int) -> float:
     """Quantile of Student's t distribution (``0.5 < p < 1``): bisection on its CDF, integrated by Simpson's rule."""
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
-    def cdf(x: float, n: int = 2000) -> float:
+    def cdf(x: float, n: int = 500) -> float:
         h = x / n
         pdf = [math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
         return 0.5 + h / 3 * (pdf[0] + pdf[-1] + 4 * sum(pdf[1:-1:2]) + 2 * sum(pdf[2:-1:2]))
@@ -277,11 +284,12 @@ def mean_interval(values: list[float]) -> dict[str, Any]:
 
 def paired_differences(per_seed: dict[str, dict[int, dict]], tps_list: tuple[int, ...],
                        seeds: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-    """Per SM condition and tokens-per-step setting: SM minus binary validity, seed by seed, with a 95% interval."""
-    return {c: {str(t): mean_interval([per_seed[c][s]["validity"][str(t)]["valid"]
-                                       - per_seed["binary"][s]["validity"][str(t)]["valid"] for s in seeds])
-                for t in tps_list}
-            for c in CONDITIONS[1:]}
+    """Per comparison ``"sm - binary"`` and tokens-per-step setting: the SM condition's validity minus the binary
+    one's, seed by seed, with a 95% interval over seeds."""
+    return {f"{sm} - {binary}": {str(t): mean_interval([per_seed[sm][s]["validity"][str(t)]["valid"]
+                                                         - per_seed[binary][s]["validity"][str(t)]["valid"]
+                                                         for s in seeds]) for t in tps_list}
+            for sm, binary in COMPARISONS}
 
 
 def verdicts(summary: dict, paired: dict, tps_list: tuple[int, ...], seeds: tuple[int, ...]) -> list[str]:
@@ -293,13 +301,13 @@ def verdicts(summary: dict, paired: dict, tps_list: tuple[int, ...], seeds: tupl
         (f"binary validity from 1 to {min(8, tps_list[-1])} tokens/step: {first:.1%} -> {at8:.1%}, a fall of "
          f"{100 * (first - at8):.1f} points (requirement >= 10: {'met' if first - at8 >= 0.1 else 'NOT met'})"),
     ]
-    for condition in CONDITIONS[1:]:
+    for comparison, by_tps in paired.items():
         for t in tps_list:
-            d = paired[condition][str(t)]
+            d = by_tps[str(t)]
             lo, hi = d["ci95"]
             word = "SM better" if lo > 0 else "SM worse" if hi < 0 else "no difference detected"
-            lines.append(f"{condition}, {t} tokens/step: SM - binary = {100 * d['mean']:+.1f} points (95% interval "
-                         f"over {len(seeds)} seeds [{100 * lo:+.1f}, {100 * hi:+.1f}]): {word}")
+            lines.append(f"{comparison}, {t} tokens/step: {100 * d['mean']:+.1f} points (95% interval over "
+                         f"{len(seeds)} seeds [{100 * lo:+.1f}, {100 * hi:+.1f}]): {word}")
     return lines
 
 
@@ -310,10 +318,10 @@ def format_table(summary: dict, paired: dict, tps_list: tuple[int, ...]) -> str:
         cells = [f"{100 * row[str(t)]['valid']['mean']:.1f} [{100 * row[str(t)]['valid']['ci95'][0]:.1f}, "
                  f"{100 * row[str(t)]['valid']['ci95'][1]:.1f}]" for t in tps_list]
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    for condition in CONDITIONS[1:]:
-        cells = [f"{100 * paired[condition][str(t)]['mean']:+.1f} [{100 * paired[condition][str(t)]['ci95'][0]:+.1f}, "
-                 f"{100 * paired[condition][str(t)]['ci95'][1]:+.1f}]" for t in tps_list]
-        lines.append(f"| {condition} - binary (paired) | " + " | ".join(cells) + " |")
+    for comparison, by_tps in paired.items():
+        cells = [f"{100 * by_tps[str(t)]['mean']:+.1f} [{100 * by_tps[str(t)]['ci95'][0]:+.1f}, "
+                 f"{100 * by_tps[str(t)]['ci95'][1]:+.1f}]" for t in tps_list]
+        lines.append(f"| {comparison} (paired) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -326,7 +334,7 @@ def plot(summary: dict, per_seed: dict, paired: dict, tps_list: tuple[int, ...],
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    colours = dict(zip(CONDITIONS, ("tab:blue", "tab:orange", "tab:green")))
+    colours = dict(zip(CONDITIONS, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
     xs = list(tps_list)
     for condition in CONDITIONS:
         colour = colours[condition]
@@ -335,15 +343,16 @@ def plot(summary: dict, per_seed: dict, paired: dict, tps_list: tuple[int, ...],
                          alpha=0.25, lw=0.8)
         axes[0].plot(xs, [summary[condition][str(t)]["valid"]["mean"] for t in xs], color=colour, marker="o",
                      label=f"{condition} (mean; thin: seeds)")
-    for offset, condition in zip((-0.04, 0.04), CONDITIONS[1:]):
-        means = [paired[condition][str(t)]["mean"] for t in xs]
-        errors = [[m - paired[condition][str(t)]["ci95"][0] for m, t in zip(means, xs)],
-                  [paired[condition][str(t)]["ci95"][1] - m for m, t in zip(means, xs)]]
-        axes[1].errorbar([x * 2**offset for x in xs], means, yerr=errors, marker="o", capsize=3,
-                         color=colours[condition], label=f"{condition} - binary")
+    for offset, (sm, binary) in zip((-0.06, 0.0, 0.06), COMPARISONS):
+        by_tps = paired[f"{sm} - {binary}"]
+        means = [by_tps[str(t)]["mean"] for t in xs]
+        errors = [[m - by_tps[str(t)]["ci95"][0] for m, t in zip(means, xs)],
+                  [by_tps[str(t)]["ci95"][1] - m for m, t in zip(means, xs)]]
+        axes[1].errorbar([x * 2**offset for x in xs], means, yerr=errors, marker="o", capsize=3, color=colours[sm],
+                         ls="-" if binary == "binary" else ":", label=f"{sm} - {binary}")
     axes[1].axhline(0.0, color="black", lw=0.8)
     neg_entropy = torch.linspace(-3.0, 0.0, 200)
-    for condition, style in zip(CONDITIONS[1:], ("-", "--")):
+    for condition, style in zip(SM_CONDITIONS, ("-", "--")):
         for s in seeds:
             sm = SoftMask.from_transparency_config(per_seed[condition][s]["soft_mask"])
             with torch.no_grad():
@@ -413,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "base_model_validity": base_validity,
         "summary": summary,
         "paired_sm_minus_binary": paired,
-        "learned_soft_mask": {c: {s: per_seed[c][s]["soft_mask"] for s in args.seeds} for c in CONDITIONS[1:]},
+        "learned_soft_mask": {c: {s: per_seed[c][s]["soft_mask"] for s in args.seeds} for c in SM_CONDITIONS},
         "per_seed_validity": {c: {s: per_seed[c][s]["validity"] for s in args.seeds} for c in CONDITIONS},
         "verdicts": verdict,
         "table_markdown": table,

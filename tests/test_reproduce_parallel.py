@@ -35,6 +35,7 @@ def test_settings(bench):
     assert bench.condition_settings(args, "binary") == (0.0, 150)
     assert bench.condition_settings(args, "sm_same_updates") == (0.5, 150)
     assert bench.condition_settings(args, "sm_same_compute") == (0.5, 100)
+    assert bench.condition_settings(args, "binary_same_compute") == (0.0, 100)
     assert bench.tokens_per_step(SpellingTask.generate()) == (1, 2, 4, 8, 16)
     assert bench.tokens_per_step(SpellingTask.generate(word_length=3, prompt_words=4)) == (1, 2, 4)
 
@@ -49,8 +50,8 @@ def test_bad_arguments_are_refused(bench, argv):
 def test_verdicts_read_the_intervals(bench):
     tps = (1, 2, 4, 8, 16)
     summary = {"binary": {str(t): {"valid": {"mean": 1.0 / t}} for t in tps}}
-    paired = {c: {str(t): {"mean": d, "ci95": [d - 0.01, d + 0.01]} for t, d in zip(tps, (0.0, 0.05, -0.05, 0.0, 0.0))}
-              for c in bench.CONDITIONS[1:]}
+    paired = {f"{sm} - {b}": {str(t): {"mean": d, "ci95": [d - 0.01, d + 0.01]}
+                              for t, d in zip(tps, (0.0, 0.05, -0.05, 0.0, 0.0))} for sm, b in bench.COMPARISONS}
     lines = bench.verdicts(summary, paired, tps, (0, 1, 2))
     assert "requirement >= 50%: met" in lines[0] and "fall of 87.5 points (requirement >= 10: met)" in lines[1]
     words = [line.rsplit(": ", 1)[1] for line in lines[2:7]]
@@ -67,16 +68,20 @@ def test_pipeline_end_to_end_on_a_tiny_configuration(bench, tmp_path):
     report = bench.main(argv)
     saved = json.loads((tmp_path / "out" / "tiny.json").read_text())
     assert (tmp_path / "out" / "tiny.png").stat().st_size > 0
-    assert saved["verdicts"] == report["verdicts"] and len(saved["verdicts"]) == 2 + 2 * 5
+    assert saved["verdicts"] == report["verdicts"] and len(saved["verdicts"]) == 2 + 3 * 5
     chosen = saved["hyperparameters"]["chosen_on_validation"]
     assert set(chosen) == set(bench.CONDITIONS) and chosen["binary"]["lr"] in (1e-3, 3e-3)
     assert chosen["sm_same_updates"] == chosen["sm_same_compute"] == {"lr": chosen["binary"]["lr"], "sm_lr": 0.1}
+    assert chosen["binary_same_compute"] == chosen["binary"]
     for condition in bench.CONDITIONS:
         for t in ("1", "2", "4", "8", "16"):
             valid = saved["summary"][condition][t]["valid"]
             assert 0.0 <= valid["mean"] <= 1.0 and valid["ci95"][0] <= valid["mean"] <= valid["ci95"][1]
     assert saved["conditions"]["sm_same_compute"] == {"sm_prob": 0.5, "updates": 1}
-    for condition in bench.CONDITIONS[1:]:
+    assert saved["conditions"]["binary_same_compute"] == {"sm_prob": 0.0, "updates": 1}
+    assert set(saved["paired_sm_minus_binary"]) == {"sm_same_updates - binary", "sm_same_compute - binary",
+                                                    "sm_same_compute - binary_same_compute"}
+    for condition in bench.SM_CONDITIONS:
         assert set(saved["learned_soft_mask"][condition]) == {"0", "1"}
         assert saved["learned_soft_mask"][condition]["0"]["transparency_alg"] == "mixinputs_with_topk"
     # Every run's evaluation is cached under its settings: a rerun reads it back instead of training again.
