@@ -72,6 +72,7 @@ if ! wanted kernel_tests; then :
 elif [ -n "$gpu" ]; then
     pytest_all_run --maxfail=8 "$repo/tests/test_ops_cuda.py" -m cuda
 else
+    echo "no GPU: the CPU kernel tests and the op contract instead"
     run $py -m pytest -q -x -p no:cacheprovider "$repo/tests/test_ops.py" "$repo/tests/test_ops_contract.py"
 fi
 
