@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# GPU check (../shared/gpu.md): build the extension against this machine's torch, run the CUDA tests, run the kernel,
-# decode and train benchmarks, and leave a log and JSON results in OUTDIR. On a machine without a GPU it dry-runs:
-# it builds the CPU extension, runs the same steps in their CPU modes with tiny budgets, and says what it skipped.
+# Everything that needs a GPU, in one run: build the extension against this machine's torch, run every CUDA test
+# (the top-k/entropy ones once per kernel variant), compare the kernel variants, then every GPU benchmark row, and
+# leave a log and JSON results in OUTDIR. Steps run cheapest and most important first, so a run cut short still
+# returns the essentials. On a GPU machine it fails loudly (exit 1 and a line starting with "!!!") when the CUDA
+# kernels did not build or a CUDA test was skipped. Without a GPU it dry-runs: the CPU kernel tests and the CPU modes
+# of the benchmarks with tiny budgets, saying what it skipped.
 #
 #   bash benchmarks/device_check.sh OUTDIR
 #
-# Environment: SKIP="decode train" leaves out steps by name (kernel_tests, kernel_bench, cuda_tests, decode,
-# decode_sampling, train);
-# DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those two benchmarks.
+# Environment: SKIP="train decode" leaves out steps by name (build, kernel_tests, variants, kernel_bench, cuda_tests,
+# decode, decode_sampling, train); SKIP=build uses the source tree as it is (with its in-place build) instead of
+# installing it. DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those benchmarks.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -18,13 +21,25 @@ exec > >(tee "$log") 2>&1
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 status=0
-step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
-run() { "$@" || { echo "!!! failed ($?): $*"; status=1; }; }
+started=$(date +%s)
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S), +$(($(date +%s) - started)) s)"; }
+fail() { echo "!!! $*"; status=1; }
+run() { "$@" || fail "failed ($?): $*"; }
 wanted() { [[ " ${SKIP:-} " != *" $1 "* ]] || { echo "skipped: SKIP contains $1"; false; }; }
+# pytest that must neither fail nor skip anything (on the GPU machine a skip means the CUDA kernels are missing).
+pytest_all_run() {
+    local report
+    report=$($py -m pytest -q -rs --tb=short -p no:cacheprovider "$@" 2>&1)
+    local rc=$?
+    echo "$report" | tail -n 25
+    [ $rc -eq 0 ] || fail "CUDA tests failed (pytest exit $rc): $*"
+    if echo "$report" | grep -qE "^SKIPPED|[0-9]+ skipped"; then fail "CUDA tests were skipped: $*"; fi
+}
 
 step "environment"
 gpu=$($py -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
 $py -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu:', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+git -C "$repo" log -1 --format='commit %H (%cd)' 2>/dev/null
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 if [ -n "$gpu" ]; then
     export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
@@ -33,46 +48,68 @@ if [ -n "$gpu" ]; then
     echo "building for sm_${cc/./} with CUDA_HOME=$CUDA_HOME"
     quick=""
 else
-    echo "no GPU: dry run (CPU build, CPU modes of the benchmarks with small budgets)"
+    echo "no GPU: dry run (CPU kernel tests, CPU modes of the benchmarks with small budgets; GPU steps skipped)"
     quick="--quick"
 fi
 
 step "build (pip install --no-build-isolation --no-deps .)"
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-cd "$repo"
-$py -m pip install --no-build-isolation --no-deps -q . || { echo "!!! build failed: nothing else can be checked"; exit 1; }
-# Run everything from $out so that the installed package, not the source tree, is imported.
-cd "$out"
-$py -c "import softmask_ext.ops as o; print('extension loaded:', o.EXTENSION_LOADED, '| cuda kernels:', o.CUDA_KERNELS)"
-
-step "CUDA kernel tests"
-if ! wanted kernel_tests; then :
-elif [ -n "$gpu" ]; then
-    run $py -m pytest -q --tb=short --maxfail=8 -p no:cacheprovider "$repo/tests/test_ops_cuda.py" -m cuda
+if wanted build; then
+    export MAX_JOBS=${MAX_JOBS:-$(nproc)}  # the variants' kernels are separate files: they compile in parallel
+    (cd "$repo" && $py -m pip install --no-build-isolation --no-deps -q .) || { echo "!!! build failed: nothing else can be checked"; exit 1; }
 else
-    run $py -m pytest -q -x -p no:cacheprovider "$repo/tests/test_ops.py"
+    export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Run everything from $out so that the installed package, not the source tree, is imported (unless SKIP=build).
+cd "$out"
+$py -c "import softmask_ext.ops as o; print('extension loaded:', o.EXTENSION_LOADED, '| cuda kernels:', o.CUDA_KERNELS, '| top-k variants:', ', '.join(o.TOPK_VARIANTS), '| default:', o.DEFAULT_TOPK_VARIANT)"
+if [ -n "$gpu" ] && ! $py -c "import softmask_ext.ops as o, sys; sys.exit(0 if o.CUDA_KERNELS else 1)"; then
+    echo "!!! the CUDA kernels were not built: every CUDA test would skip, nothing GPU-side can be checked"
+    exit 1
 fi
 
-step "kernel benchmark"
-wanted kernel_bench && run $py "$repo/benchmarks/kernel_bench.py" $quick --out "$out/kernel_bench.json"
-
-step "other CUDA tests (model, decoding with CUDA graphs on and off, training)"
-if ! wanted cuda_tests; then :
+step "1. CUDA kernel tests, every top-k/entropy variant (tests/test_ops_cuda.py)"
+if ! wanted kernel_tests; then :
 elif [ -n "$gpu" ]; then
-    run $py -m pytest -q -p no:cacheprovider "$repo/tests" -m cuda --ignore "$repo/tests/test_ops_cuda.py"
+    pytest_all_run --maxfail=8 "$repo/tests/test_ops_cuda.py" -m cuda
+else
+    echo "no GPU: the CPU kernel tests and the op contract instead"
+    run $py -m pytest -q -x -p no:cacheprovider "$repo/tests/test_ops.py" "$repo/tests/test_ops_contract.py"
+fi
+
+step "2. top-k/entropy variants side by side (bf16, V 152064, rows 1024/4096, k 1/3/5)"
+if ! wanted variants; then :
+elif [ -n "$gpu" ]; then
+    run $py "$repo/benchmarks/kernel_bench.py" --variants --out "$out/kernel_variants.json"
 else
     echo "skipped: no GPU"
 fi
 
-step "decode benchmark"
+step "3. kernel benchmark (every shape, both ops)"
+wanted kernel_bench && run $py "$repo/benchmarks/kernel_bench.py" $quick --out "$out/kernel_bench.json"
+
+step "4. other CUDA tests (model, decoding with CUDA graphs on and off, training)"
+if ! wanted cuda_tests; then :
+elif [ -n "$gpu" ]; then
+    pytest_all_run "$repo/tests" -m cuda --ignore "$repo/tests/test_ops_cuda.py"
+else
+    echo "skipped: no GPU"
+fi
+
+step "5. decode benchmark"
 wanted decode && run $py "$repo/benchmarks/decode_bench.py" $quick --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench.json"
 
-step "decode benchmark, the paper's sampling (temperature 0.1, top-p 0.9)"
+step "6. decode benchmark, the paper's sampling (temperature 0.1, top-p 0.9)"
 wanted decode_sampling && run $py "$repo/benchmarks/decode_bench.py" $quick --temperature 0.1 --top-p 0.9 \
     --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench_sampling.json"
 
-step "train benchmark"
+# --- 7. decoding modes of the decoding engine (block-wise, prefix/dual cache, threshold parallel decoding) ---
+# Their rows join here, each as one `wanted <name> && run ... --out "$out/<name>.json"` line with a budget, listed
+# in the SKIP names above. (Placeholder for the decoding-engine benchmarks; nothing runs here yet.)
+# --- end of 7 ---
+
+step "8. train benchmark"
 wanted train && run $py "$repo/benchmarks/train_bench.py" $quick --budget-s "${TRAIN_BUDGET_S:-40}" --out "$out/train_bench.json"
 
-step "done (status $status)"
+step "done (status $status, $(($(date +%s) - started)) s)"
+[ $status -eq 0 ] || echo "!!! some steps failed: see the lines starting with !!! above"
 exit $status

@@ -10,15 +10,24 @@ captured in a CUDA graph and replayed, so the host's dispatch is not counted) an
 the logits; the gathered table rows and the output for the blend) and the share of the card's copy bandwidth,
 measured in the same run.
 
+--variants compares the variants of the CUDA top-k/entropy kernel (SOFTMASK_TOPK_VARIANT) side by side: bf16,
+V = 152,064, rows 1024 and 4096, k = 1, 3, 5; 7 rounds, each timing every variant in turn (device time as above)
+so that clock and thermal drift hit every variant alike; median and range over the rounds, the share of the copy
+bandwidth, and whether the variant's ids equal the default's.
+
   python benchmarks/kernel_bench.py [--device cpu|cuda] [--quick] [--threads 2] [--out results.json]
+  python benchmarks/kernel_bench.py --variants [--out variants.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,6 +219,77 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
     return report
 
 
+VARIANT_SWEEP = [Config(rows, 152064, k, "bfloat16") for rows in (1024, 4096) for k in (1, 3, 5)]
+TARGET_PCT_OF_COPY_BANDWIDTH = 75.0
+
+
+def compare_variants(out: Path | None, rounds: int = 7) -> dict:
+    """topk_entropy under every kernel variant, side by side (see the module docstring)."""
+    variants = ops.TOPK_VARIANTS
+    if not ops.CUDA_KERNELS or not variants:
+        raise SystemExit("--variants needs the CUDA kernels of the extension")
+    previous = os.environ.get("SOFTMASK_TOPK_VARIANT")
+    peak = copy_bandwidth_gb_per_s(Timer("cuda", repeats=20, min_seconds=0.1))
+    rows = []
+    try:
+        for cfg in tqdm(VARIANT_SWEEP, desc="topk_entropy variants"):
+            logits = (torch.randn(cfg.rows, cfg.vocab, device="cuda") * 4).to(getattr(torch, cfg.dtype))
+            nbytes = logits.numel() * logits.element_size() + cfg.rows * (cfg.k * 12 + 4)
+            times, ids = {v: [] for v in variants}, {}
+            for _ in range(rounds):
+                for variant in variants:  # the extension reads the variable at every call (so at capture)
+                    os.environ["SOFTMASK_TOPK_VARIANT"] = variant
+                    ids[variant] = ops.topk_entropy(logits, cfg.k)[0]
+                    times[variant].append(device_ms(lambda: ops.topk_entropy(logits, cfg.k), replays=5))
+            for variant in variants:
+                ms = times[variant]
+                pct = [100 * nbytes / (t * 1e-3) / 1e9 / peak for t in (statistics.median(ms), max(ms), min(ms))]
+                rows.append(dict(
+                    rows=cfg.rows, vocab=cfg.vocab, k=cfg.k, dtype=cfg.dtype, variant=variant,
+                    median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), rounds=rounds,
+                    gb_per_s=nbytes / (statistics.median(ms) * 1e-3) / 1e9, pct_of_copy_bandwidth=pct[0],
+                    pct_of_copy_bandwidth_range=pct[1:],
+                    same_ids_as_default=bool(torch.equal(ids[variant], ids[ops.DEFAULT_TOPK_VARIANT])),
+                ))
+            del logits
+    finally:
+        if previous is None:
+            os.environ.pop("SOFTMASK_TOPK_VARIANT", None)
+        else:
+            os.environ["SOFTMASK_TOPK_VARIANT"] = previous
+    report = dict(environment(), copy_bandwidth_gb_per_s=peak, target_pct=TARGET_PCT_OF_COPY_BANDWIDTH,
+                  default_variant=ops.DEFAULT_TOPK_VARIANT, results=rows)
+    print(f"\n{report['device']} | torch {report['torch']} | CUDA {report['cuda']} | copy bandwidth {peak:.0f} GB/s")
+    print(f"{'rows':>5} {'k':>2} | " + " | ".join(f"{v:>20}" for v in variants) + "   (% of copy bandwidth, median [range])")
+    for cfg in VARIANT_SWEEP:
+        cells = []
+        for variant in variants:
+            r = next(r for r in rows if (r["rows"], r["k"], r["variant"]) == (cfg.rows, cfg.k, variant))
+            lo, hi = r["pct_of_copy_bandwidth_range"]
+            flag = "" if r["same_ids_as_default"] else " IDS!"
+            cells.append(f"{r['pct_of_copy_bandwidth']:5.1f} [{lo:4.0f}-{hi:4.0f}]{flag}".rjust(20))
+        print(f"{cfg.rows:>5} {cfg.k:>2} | " + " | ".join(cells))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+    return report
+
+
+def environment() -> dict:
+    """What a result depends on: the card, the software versions and the commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(), commit=commit,
+        command="python " + " ".join(sys.argv),
+    )
+
+
 def _with_bandwidth(result: Result, nbytes: int, peak: float | None) -> Result:
     if peak is not None:
         result.gb_per_s = nbytes / (result.median_ms * 1e-3) / 1e9
@@ -260,11 +340,15 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="only the target configuration (fp32 and bf16)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode)")
+    parser.add_argument("--variants", action="store_true", help="compare the CUDA top-k/entropy kernel variants")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU")
-    run(args.device, args.quick, args.threads, args.out)
+    if (args.device == "cuda" or args.variants) and not torch.cuda.is_available():
+        parser.error("--device cuda and --variants need a CUDA GPU")
+    if args.variants:
+        compare_variants(args.out)
+    else:
+        run(args.device, args.quick, args.threads, args.out)
 
 
 if __name__ == "__main__":

@@ -5,32 +5,46 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 
 #include "dispatch.h"
 #include "op_args.h"
 #include "softmask/cuda.h"
+#include "softmask/topk_variants.h"
 
 namespace softmask_ext {
 namespace {
+
+// The top-k/entropy kernel variant named by SOFTMASK_TOPK_VARIANT (read at every call, so that tests and
+// benchmarks can switch within one process), or the default when it is unset or empty.
+softmask::TopKVariant topk_variant_from_env() {
+  const char* name = std::getenv("SOFTMASK_TOPK_VARIANT");
+  softmask::TopKVariant variant = softmask::kDefaultTopKVariant;
+  if (name == nullptr || *name == '\0') return variant;
+  TORCH_CHECK_VALUE(softmask::parse_topk_variant(name, &variant), "topk_entropy: SOFTMASK_TOPK_VARIANT=", name,
+                    " is not a kernel variant; expected one of ", topk_variant_names());
+  return variant;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_entropy_cuda(const at::Tensor& logits, int64_t k,
                                                                 const std::optional<at::Tensor>& rows,
                                                                 double temperature) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const TopKEntropyCall call = prepare_topk_entropy(logits, k, rows, temperature);
+  const softmask::TopKVariant variant = topk_variant_from_env();
   if (call.num_rows > 0) {
     dispatch_float(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       const size_t workspace_bytes =
-          softmask::cuda::topk_entropy_workspace_bytes<T>(call.num_rows, call.vocab, static_cast<int>(k));
+          softmask::cuda::topk_entropy_workspace_bytes<T>(call.num_rows, call.vocab, static_cast<int>(k), variant);
       const at::Tensor workspace =
           at::empty({static_cast<int64_t>(workspace_bytes)}, logits.options().dtype(at::kByte));
       C10_CUDA_CHECK(softmask::cuda::topk_entropy<T>(
           typed<const T>(call.flat), call.row_stride, call.vocab, call.flat.size(0), call.row_index(), call.num_rows,
           static_cast<int>(k), static_cast<float>(temperature), call.ids.data_ptr<int64_t>(),
           call.probs.data_ptr<float>(), call.neg_entropy.data_ptr<float>(), workspace.data_ptr(), workspace_bytes,
-          c10::cuda::getCurrentCUDAStream()));
+          variant, c10::cuda::getCurrentCUDAStream()));
     });
   }
   return {call.ids, call.probs, call.neg_entropy};

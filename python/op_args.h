@@ -7,11 +7,25 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
+
+#include "softmask/topk.h"
+#include "softmask/topk_variants.h"
 
 namespace softmask_ext {
 
-constexpr int64_t kMaxK = 32;
+using softmask::kMaxK;
+
+// "baseline, exact_bound, ..." for messages.
+inline std::string topk_variant_names() {
+  std::string names;
+  for (int i = 0; i < softmask::kNumTopKVariants; ++i) {
+    names += (i ? ", " : "");
+    names += softmask::kTopKVariantNames[i];
+  }
+  return names;
+}
 
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();

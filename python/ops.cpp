@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 
 #include "softmask/cpu.h"
+#include "softmask/topk.h"
+#include "softmask/topk_variants.h"
 
 TORCH_LIBRARY(softmask_ext, m) {
   m.def("topk_entropy(Tensor logits, int k, Tensor? rows=None, float temperature=1.0) -> (Tensor, Tensor, Tensor)");
@@ -22,5 +24,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
   module.attr("with_cuda") = false;
 #endif
+  module.attr("MAX_K") = softmask::kMaxK;
+  // Variants of the CUDA top-k/entropy kernel; SOFTMASK_TOPK_VARIANT selects one at run time.
+  pybind11::tuple variants(softmask::kNumTopKVariants);
+  for (int i = 0; i < softmask::kNumTopKVariants; ++i) variants[i] = softmask::kTopKVariantNames[i];
+  module.attr("TOPK_VARIANTS") = variants;
+  module.attr("DEFAULT_TOPK_VARIANT") = softmask::kTopKVariantNames[static_cast<int>(softmask::kDefaultTopKVariant)];
   module.def("cpu_isa", &softmask::cpu::isa_name, "Instruction set the CPU kernels use on this machine");
 }

@@ -4,10 +4,18 @@ The kernels are torch custom ops (``torch.ops.softmask_ext.*``) with fake kernel
 so they work under ``torch.compile(fullgraph=True)`` and inside CUDA graphs. When the extension is missing or fails
 to load (or was built without CUDA and is given CUDA tensors), the ops fall back to :mod:`softmask_ext.reference`
 with one warning; the results agree up to rounding, ties in top-k aside (see :func:`topk_entropy`).
+
+Both paths take the same inputs: every call is validated here, before it is dispatched, by the checks the kernels'
+binding applies (same error types, same messages), so the fallback refuses exactly what the kernels refuse.
+``SOFTMASK_EXT_FORCE_REFERENCE=1`` in the environment at import (or ``FORCE_REFERENCE = True`` on this module at
+run time) sends every call to the reference even when the extension is loaded; tests use it to run both paths in one
+process. ``SOFTMASK_TOPK_VARIANT`` selects the CUDA top-k/entropy kernel variant (``TOPK_VARIANTS``; read by the
+extension at every call).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -15,9 +23,16 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["topk_entropy", "blend_embeddings", "MAX_K", "EXTENSION_LOADED", "CUDA_KERNELS"]
-
-MAX_K = 32
+__all__ = [
+    "topk_entropy",
+    "blend_embeddings",
+    "MAX_K",
+    "EXTENSION_LOADED",
+    "CUDA_KERNELS",
+    "FORCE_REFERENCE",
+    "TOPK_VARIANTS",
+    "DEFAULT_TOPK_VARIANT",
+]
 
 
 def _load_extension():
@@ -39,6 +54,12 @@ def _load_extension():
 _C = _load_extension()
 EXTENSION_LOADED = _C is not None
 CUDA_KERNELS = bool(EXTENSION_LOADED and _C.with_cuda)
+FORCE_REFERENCE = os.environ.get("SOFTMASK_EXT_FORCE_REFERENCE", "") == "1"
+# The largest k of topk_entropy; the kernel core (csrc/include/softmask/topk.h) owns it, and without the extension
+# the same value applies so that both paths accept the same k (test_ops checks that the two agree).
+MAX_K: int = _C.MAX_K if EXTENSION_LOADED else 32
+TOPK_VARIANTS: tuple[str, ...] = tuple(_C.TOPK_VARIANTS) if EXTENSION_LOADED else ()
+DEFAULT_TOPK_VARIANT: str | None = _C.DEFAULT_TOPK_VARIANT if EXTENSION_LOADED else None
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("softmask_ext::topk_entropy")
@@ -83,16 +104,18 @@ if EXTENSION_LOADED:
 
 _warned_no_cuda_kernels = False
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPE_NAMES = "float32, bfloat16 or float16 (or float64, served by the reference)"
+_INT32_MAX = 2**31 - 1
 
 
 def _use_kernels(t: Tensor) -> bool:
     """Whether the compiled kernels serve ``t`` (its device and dtype); otherwise the reference does.
 
-    float64 inputs always go to the reference, which is exact enough for gradcheck-style tests; other dtypes reach
-    the kernels, which reject them with a TypeError. CUDA tensors with a CPU-only build fall back with one warning.
+    float64 inputs always go to the reference, which is exact enough for gradcheck-style tests. CUDA tensors with a
+    CPU-only build fall back with one warning. Inputs are validated before this is asked.
     """
     global _warned_no_cuda_kernels
-    if not EXTENSION_LOADED or t.dtype == torch.float64:
+    if not EXTENSION_LOADED or FORCE_REFERENCE or t.dtype == torch.float64:
         return False
     if t.device.type != "cuda" or CUDA_KERNELS:
         return True
@@ -107,13 +130,76 @@ def _use_kernels(t: Tensor) -> bool:
     return False
 
 
-def _check_k(k: int, vocab: int) -> None:
+# The input contract of both paths. Each check mirrors one in the binding (python/op_args.h), with its error type and
+# message, so a direct torch.ops call and a call through this module fail alike.
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _KERNEL_DTYPES and t.dtype != torch.float64:
+        raise TypeError(f"{op}: {name} must be {_KERNEL_DTYPE_NAMES}, got {t.dtype}")
+
+
+def _check_same_device(op: str, name: str, t: Tensor, like: Tensor) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {like.device}")
+
+
+def _check_index_range(op: str, name: str, index: Tensor, bound: int) -> None:
+    """Host-side range check on CPU tensors (on CUDA the kernels assert on the device, which needs no sync); skipped
+    while tracing, where the op's own check runs instead."""
+    if index.is_cuda or index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= bound:
+        raise IndexError(f"{op}: {name} must lie in [0, {bound}), got values in [{lo}, {hi}]")
+
+
+def _check_topk_entropy(logits: Tensor, k: int, rows: Tensor | None, temperature: float) -> None:
+    op = "topk_entropy"
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a tensor, got {type(logits).__name__}")
+    _check_float(op, "logits", logits)
+    if logits.dim() < 1:
+        raise ValueError(f"{op}: logits must have at least one dimension (the vocabulary)")
+    vocab = logits.shape[-1]
     if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"topk_entropy: k must be an int, got {type(k).__name__}")
+        raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
     if not 1 <= k <= MAX_K:
-        raise ValueError(f"topk_entropy: k must be between 1 and {MAX_K}, got {k}")
+        raise ValueError(f"{op}: k must be between 1 and {MAX_K}, got {k}")
     if k > vocab:
-        raise ValueError(f"topk_entropy: k={k} exceeds the vocabulary size V={vocab}")
+        raise ValueError(f"{op}: k={k} exceeds the vocabulary size V={vocab}")
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        raise ValueError(f"{op}: temperature must be a positive finite number, got {temperature}")
+    if logits.stride(-1) != 1 and vocab != 1:
+        raise ValueError(
+            f"{op}: the last (vocabulary) dimension of logits must be contiguous (stride 1), got stride "
+            f"{logits.stride(-1)}"
+        )
+    if rows is not None:
+        if rows.dtype != torch.int64:
+            raise TypeError(f"{op}: rows must be int64, got {rows.dtype}")
+        _check_same_device(op, "rows", rows, logits)
+        _check_index_range(op, "rows", rows, logits.numel() // vocab if vocab else 0)
+
+
+def _check_blend(weight: Tensor, ids: Tensor, coeffs: Tensor) -> None:
+    op = "blend_embeddings"
+    _check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be [V, D], got shape {list(weight.shape)}")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{op}: ids must be int64, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{op}: ids must be [N, m], got shape {list(ids.shape)}")
+    if not coeffs.dtype.is_floating_point:
+        raise TypeError(f"{op}: coeffs must be a floating tensor, got {coeffs.dtype}")
+    if coeffs.shape != ids.shape:
+        raise ValueError(f"{op}: coeffs must have the shape of ids {list(ids.shape)}, got {list(coeffs.shape)}")
+    if ids.numel() >= _INT32_MAX:
+        raise ValueError(f"{op}: too many ids ({ids.numel()})")
+    _check_same_device(op, "ids", ids, weight)
+    _check_same_device(op, "coeffs", coeffs, weight)
+    _check_index_range(op, "ids", ids, weight.shape[0])
 
 
 def topk_entropy(
@@ -138,8 +224,11 @@ def topk_entropy(
         ``[..., k]``, the softmax over the k selected logits; ``neg_entropy`` fp32 ``[...]``, ``sum p log p``.
         A row holding NaN or ``+inf``, or no finite logit, gives NaN ``probs`` and ``neg_entropy`` (its ``ids`` are
         unspecified but in range).
+
+    Raises:
+        TypeError / ValueError / IndexError naming the argument, alike with and without the compiled extension.
     """
-    _check_k(k, logits.shape[-1])
+    _check_topk_entropy(logits, k, rows, temperature)
     if not _use_kernels(logits):
         return reference.topk_entropy(logits, k, rows, temperature)
     ids, probs, neg_entropy = torch.ops.softmask_ext.topk_entropy(logits.detach(), k, rows, float(temperature))
@@ -158,7 +247,11 @@ def blend_embeddings(weight: Tensor, ids: Tensor, coeffs: Tensor) -> Tensor:
         ``[N, D]`` in ``weight.dtype``. Differentiable with respect to ``weight`` (each table row's gradient is
         summed in fp32; deterministic under ``torch.use_deterministic_algorithms(True)``, and always on the CPU)
         and ``coeffs``.
+
+    Raises:
+        TypeError / ValueError / IndexError naming the argument, alike with and without the compiled extension.
     """
+    _check_blend(weight, ids, coeffs)
     if not _use_kernels(weight):
         return reference.blend_embeddings(weight, ids, coeffs)
     return torch.ops.softmask_ext.blend_embeddings(weight, ids, coeffs)

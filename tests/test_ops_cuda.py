@@ -1,6 +1,6 @@
 """The CUDA kernels against softmask_ext.reference (run on a GPU machine; skipped cleanly elsewhere): values in
 fp32/bf16/fp16, odd and misaligned shapes, invalid rows, gradients, deterministic mode, opcheck, and CUDA-graph
-capture of both ops."""
+capture of both ops. Every top-k/entropy test runs once per kernel variant (SOFTMASK_TOPK_VARIANT)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _ops_checks import (
@@ -34,6 +34,17 @@ CUDA = "cuda"
 cuda_logits = functools.partial(make_logits, device=CUDA)
 
 
+VARIANTS = ops.TOPK_VARIANTS
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch) -> str:
+    """Runs the test with the top-k/entropy kernel variant of the parameter (the extension reads the variable at
+    every call); the fixture value persists over a hypothesis test's examples."""
+    monkeypatch.setenv("SOFTMASK_TOPK_VARIANT", request.param)
+    return request.param
+
+
 def cuda_generator(seed: int) -> torch.Generator:
     return torch.Generator(device=CUDA).manual_seed(seed)
 
@@ -48,7 +59,7 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(previous)
 
 
-@settings(max_examples=30)
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(1, 40),
     vocab=st.one_of(st.integers(1, 70), st.integers(1000, 70000)),
@@ -60,7 +71,7 @@ def deterministic_algorithms():
     temperature=st.sampled_from([1.0, 0.5]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_topk_entropy_matches_reference(rows, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature,
+def test_topk_entropy_matches_reference(variant, rows, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature,
                                         seed):
     logits = cuda_logits((rows, vocab), dtype, scale, neg_inf_fraction, tie_levels, cuda_generator(seed))
     assert_topk_entropy_matches(logits, min(k_seed, vocab), temperature=temperature)
@@ -68,7 +79,7 @@ def test_topk_entropy_matches_reference(rows, vocab, k_seed, dtype, scale, neg_i
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 3, 5, 17, 32])
-def test_dream_vocabulary_with_rows(dtype, k):
+def test_dream_vocabulary_with_rows(variant, dtype, k):
     logits = cuda_logits((4, 64, 152064), dtype, scale=4.0)
     rows = torch.randint(0, 256, (300,), device=CUDA)
     assert_topk_entropy_matches(logits, k, rows=rows)
@@ -76,7 +87,7 @@ def test_dream_vocabulary_with_rows(dtype, k):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 5, 32])
-def test_many_rows_and_adversarial_orders(dtype, k):
+def test_many_rows_and_adversarial_orders(variant, dtype, k):
     """Enough rows for one block per row; rows whose values rise (every value a new maximum: the worst case for the
     running top-k and its shared threshold), fall, or are all equal (the lower index must win every tie)."""
     vocab = 20000
@@ -91,7 +102,7 @@ def test_many_rows_and_adversarial_orders(dtype, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [2, 3, 130])
 @pytest.mark.parametrize("tie_levels", [0, 3])
-def test_long_rows_split_over_blocks(dtype, rows, tie_levels):
+def test_long_rows_split_over_blocks(variant, dtype, rows, tie_levels):
     """Few long rows: each row is split over several blocks and merged by a second kernel (a NaN row included)."""
     logits = cuda_logits((rows, 262144), dtype, scale=4.0, tie_levels=tie_levels)
     logits[-1, 100_000] = float("nan")
@@ -100,7 +111,7 @@ def test_long_rows_split_over_blocks(dtype, rows, tie_levels):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_misaligned_rows_and_ties(dtype):
+def test_misaligned_rows_and_ties(variant, dtype):
     logits = cuda_logits((9, 1001), dtype, tie_levels=4)  # odd row length: rows start off 16-byte boundaries
     assert_topk_entropy_matches(logits, 5)
     assert_topk_entropy_matches(logits[:, 3:], 5)
@@ -109,12 +120,35 @@ def test_misaligned_rows_and_ties(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_invalid_rows_give_nan(dtype):
+def test_invalid_rows_give_nan(variant, dtype):
     logits = make_invalid_rows(5, dtype, device=CUDA)
     ids, probs, negh = ops.topk_entropy(logits, 3)
     assert torch.isnan(negh[:4]).all() and torch.isnan(probs[:4]).all() and not torch.isnan(negh[4])
     assert bool(((ids >= 0) & (ids < 3000)).all())
     assert_topk_entropy_matches(logits, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3, 5, 8, 32])
+def test_variants_agree_with_the_default(monkeypatch, dtype, k):
+    """Every variant selects the same ids as the default (one strict order) and the same probs and entropies up to
+    rounding, on Dream-sized rows with many ties, in both grid layouts (one block per row; rows split over blocks)."""
+    for rows in (2, 600):
+        logits = cuda_logits((rows, 152064), dtype, scale=4.0, tie_levels=200)
+        monkeypatch.setenv("SOFTMASK_TOPK_VARIANT", ops.DEFAULT_TOPK_VARIANT)
+        expected = ops.topk_entropy(logits, k)
+        for variant in VARIANTS:
+            monkeypatch.setenv("SOFTMASK_TOPK_VARIANT", variant)
+            ids, probs, negh = ops.topk_entropy(logits, k)
+            assert torch.equal(ids, expected[0]), variant
+            torch.testing.assert_close(probs, expected[1], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(negh, expected[2], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_variant_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("SOFTMASK_TOPK_VARIANT", "fastest")
+    with pytest.raises(ValueError, match="SOFTMASK_TOPK_VARIANT=fastest is not a kernel variant; expected one of"):
+        ops.topk_entropy(cuda_logits((2, 100), torch.float32), 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -146,7 +180,7 @@ def test_deterministic_backward_is_bitwise_reproducible(dtype):
     torch.testing.assert_close(first[1].cpu(), cpu[1], rtol=1e-4, atol=1e-3)
 
 
-def test_cuda_matches_cpu_kernels_bitwise_on_ids():
+def test_cuda_matches_cpu_kernels_bitwise_on_ids(variant):
     logits = cuda_logits((64, 152064), torch.bfloat16, scale=4.0)
     cuda_out = ops.topk_entropy(logits, 3)
     cpu_out = ops.topk_entropy(logits.cpu(), 3)
@@ -155,7 +189,7 @@ def test_cuda_matches_cpu_kernels_bitwise_on_ids():
     torch.testing.assert_close(cuda_out[2].cpu(), cpu_out[2], rtol=1e-4, atol=1e-4)
 
 
-def test_opcheck():
+def test_opcheck(variant):
     logits = cuda_logits((3, 4, 1500), torch.float32)
     torch.library.opcheck(torch.ops.softmask_ext.topk_entropy, (logits, 3, None, 1.0))
     torch.library.opcheck(
@@ -168,7 +202,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.softmask_ext.blend_embeddings, (weight, ids, coeffs))
 
 
-def test_cuda_graph_capture_of_both_ops():
+def test_cuda_graph_capture_of_both_ops(variant):
     vocab, dim, k = 32768, 256, 3
     logits = cuda_logits((2, 64, vocab), torch.bfloat16)
     weight = torch.randn(vocab, dim, device=CUDA, dtype=torch.bfloat16)
@@ -221,7 +255,7 @@ def test_cuda_graph_capture_of_backward():
     torch.testing.assert_close(static["gw"], expected_gw, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(variant):
     torch._dynamo.reset()
     logits = cuda_logits((2, 8, 3000), torch.bfloat16)
     weight = torch.randn(3000, 64, device=CUDA, requires_grad=True)

@@ -131,12 +131,7 @@ RowFn<T> row_fn_for_isa() {
 // The list size is a compile-time bucket >= k, so the top-k list lives in registers.
 template <typename T>
 RowFn<T> row_fn(int k) {
-  if (k <= 1) return row_fn_for_isa<T, 1>();
-  if (k <= 2) return row_fn_for_isa<T, 2>();
-  if (k <= 4) return row_fn_for_isa<T, 4>();
-  if (k <= 8) return row_fn_for_isa<T, 8>();
-  if (k <= 16) return row_fn_for_isa<T, 16>();
-  return row_fn_for_isa<T, kMaxK>();
+  return with_k_bucket(k, [](auto bucket) { return row_fn_for_isa<T, decltype(bucket)::value>(); });
 }
 
 }  // namespace

@@ -124,6 +124,20 @@ double neg_entropy_reference(const std::vector<float>& x, double temperature) {
   return h;
 }
 
+void test_k_buckets() {
+  int previous = 0;
+  for (int k = 1; k <= kMaxK; ++k) {
+    const int bucket = with_k_bucket(k, [](auto b) { return decltype(b)::value; });
+    CHECK(bucket >= k && bucket <= kMaxK, "k=%d is served by bucket %d", k, bucket);
+    CHECK(bucket >= previous, "buckets must not shrink as k grows (k=%d: %d after %d)", k, bucket, previous);
+    previous = bucket;
+  }
+  for (int k = 1; k <= 5; ++k) {
+    CHECK(with_k_bucket(k, [](auto b) { return decltype(b)::value; }) == k, "k=%d must have a bucket of its own", k);
+  }
+  CHECK(with_k_bucket(kMaxK, [](auto b) { return decltype(b)::value; }) == kMaxK, "the last bucket is kMaxK");
+}
+
 void test_entropy_state_merge() {
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 4.0f);
@@ -255,6 +269,7 @@ int main() {
   test_topk_against_sort<1>();
   test_topk_against_sort<4>();
   test_topk_against_sort<32>();
+  test_k_buckets();
   test_entropy_state_merge();
   test_cpu_topk_entropy<float>("f32");
   test_cpu_topk_entropy<bf16_t>("bf16");

@@ -9,20 +9,22 @@
 #include <cstdint>
 
 #include "dtypes.h"
+#include "topk_variants.h"
 
 namespace softmask::cuda {
 
 // Bytes of device workspace topk_entropy needs (0 when every row fits one thread block) on the current device.
 template <typename T>
-size_t topk_entropy_workspace_bytes(int64_t num_rows, int64_t vocab, int k);
+size_t topk_entropy_workspace_bytes(int64_t num_rows, int64_t vocab, int k, TopKVariant variant);
 
 // Same contract as softmask::cpu::topk_entropy; rows (if not null) must lie in [0, rows_total). When there are
 // too few rows to fill the card, each row is split over several blocks whose partial results go to `workspace`
-// (topk_entropy_workspace_bytes, queried on the same device) and are merged by a second kernel.
+// (topk_entropy_workspace_bytes, queried on the same device and for the same variant) and are merged by a second
+// kernel. Every variant gives the same ids and the same probs and neg_entropy up to rounding (topk_variants.h).
 template <typename T>
 cudaError_t topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, int64_t rows_total, const int64_t* rows,
                          int64_t num_rows, int k, float temperature, int64_t* ids, float* probs, float* neg_entropy,
-                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                         void* workspace, size_t workspace_bytes, TopKVariant variant, cudaStream_t stream);
 
 // out[n, :] = sum_j coeffs[n, j] * weight[ids[n, j], :] (weight [vocab, dim] contiguous), fp32 accumulation.
 template <typename T>

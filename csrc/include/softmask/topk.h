@@ -8,13 +8,41 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "config.h"
 
 namespace softmask {
 
 constexpr int32_t kEmptyIndex = INT32_MAX;
-constexpr int kMaxK = 32;
+constexpr int kMaxK = 32;  // the largest k the kernels serve (exposed to Python as softmask_ext._C.MAX_K)
+
+// The list sizes the CPU and CUDA kernels are compiled for: k is served by the smallest bucket >= k. Small k get a
+// bucket each (k = 1..5 are the common settings), larger k share a few, so the number of instances stays small.
+template <int K>
+using KBucket = std::integral_constant<int, K>;
+
+namespace detail {
+template <int First, int... Rest, typename F>
+decltype(auto) with_bucket_from(int k, F&& f) {
+  if constexpr (sizeof...(Rest) == 0) {
+    static_assert(First == kMaxK, "the last bucket must be kMaxK");
+    return f(KBucket<First>{});
+  } else {
+    static_assert(First < kMaxK, "buckets must be below kMaxK, in increasing order");
+    if (k <= First) return f(KBucket<First>{});
+    return with_bucket_from<Rest...>(k, std::forward<F>(f));
+  }
+}
+}  // namespace detail
+
+// Calls f(KBucket<K>{}) for the bucket that serves k (1 <= k <= kMaxK; larger k get kMaxK) and returns its result;
+// every instance of f must return the same type.
+template <typename F>
+decltype(auto) with_k_bucket(int k, F&& f) {
+  return detail::with_bucket_from<1, 2, 3, 4, 5, 8, 16, kMaxK>(k, std::forward<F>(f));
+}
 
 SOFTMASK_HD bool ranks_before(float va, int32_t ia, float vb, int32_t ib) {
   return va > vb || (va == vb && ia < ib);

@@ -1,0 +1,9 @@
+// Instances of the kExactBound variant of the CUDA top-k + negative entropy (topk_entropy_kernel.cuh), compiled apart
+// from the other variants so that the builds run in parallel.
+#include "topk_entropy_kernel.cuh"
+
+namespace softmask::cuda::topk_impl {
+
+SOFTMASK_TOPK_VARIANT_INSTANCES(, kExactBound)
+
+}  // namespace softmask::cuda::topk_impl
