@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (../shared/gpu.md): build the extension against this machine's torch, run the CUDA tests, run the kernel,
+# GPU check: build the extension against this machine's torch, run the CUDA tests, run the kernel,
 # decode and train benchmarks, and leave a log and JSON results in OUTDIR. On a machine without a GPU it dry-runs:
 # it builds the CPU extension, runs the same steps in their CPU modes with tiny budgets, and says what it skipped.
 #

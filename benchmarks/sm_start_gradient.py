@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import stdlib_dataset
-from softmask_ext.finetune import SHIPPED_MODEL, gate_centre
+from softmask_ext.finetune import gate_centre
 from softmask_ext.model import DreamModel, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import FINETUNE_NOISE, confidence_centre, masked_neg_entropy, scale_gradient

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .conventions import SHIPPED_MODEL, default_device, pad_or_eos
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import DreamConfig, DreamModel, load_tokenizer
 from .soft_mask import SoftMask
@@ -40,16 +41,14 @@ from .training import (AdapterConfig, NoiseSchedule, TrainConfig, Trainer, confi
                        masked_neg_entropy)
 from .training.fsdp import check_fsdp_request
 
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "tiny-coder"
 LARGE_MODEL_PARAMS = 10**9
 
-# `tiny` is the CPU demo on the shipped 1.4M-parameter model (about a minute on 2 idle cores). It starts the SM
-# parameters exactly as the paper does (scale ~1e-6, steepness 6.66, centre -0.75) and differs from the Dream recipe
-# where the model and the run are small: full fine-tuning at lr 1e-4 (3e-4 made the binary baseline worse than the
-# base model), short sequences, and an SM learning rate of 0.3 instead of 1e-2. Adam moves a raw (logit) parameter
+# `tiny` is the CPU demo on the shipped 1.4M-parameter model. It starts the SM parameters exactly as the paper does
+# (scale ~1e-6, steepness 6.66, centre -0.75) and differs from the Dream recipe where the model and the run are
+# small: full fine-tuning at lr 1e-4, short sequences, and an SM learning rate of 0.3 instead of 1e-2. Adam moves a raw (logit) parameter
 # by at most about lr per update and the scale must travel about 13 logit units from 1e-6 to an active blend; the
 # paper's Dream runs make tens of thousands of updates, this one about 300 SM updates under a cosine schedule.
-# Measured on the shipped model: README, fine-tuning.
+# What it does to the shipped model: docs/results.md ("The paper's claims in miniature").
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(adapter="full", lr=1e-4, sm_lr=0.3, sm_init_scale=0.0, sm_init_centre=-0.75, warmup_ratio=0.03,
                  clip=1.0, bf16=False, gradient_checkpointing=False, batch_size=8, grad_accum=1, max_length=128,
@@ -136,8 +135,7 @@ def initial_soft_mask(model: DreamModel, train: Any, settings: dict[str, Any], v
     process sees the same first batches and noise)."""
     centre = settings["sm_init_centre"]
     if centre == "auto":
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad,
+        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad_or_eos(model.config),
                                          NoiseSchedule(settings["t_min"], settings["t_max"]),
                                          batch_size=settings["batch_size"], seed=settings["seed"])
         centre = confidence_centre(neg_entropy)
@@ -199,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as ``args`` say; returns the run summary."""
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (expected a Dream checkpoint directory)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     env = init_distributed(device)
     check_fsdp_request(args.fsdp, env)
     if device.type == "cuda" and env.distributed:

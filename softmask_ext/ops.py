@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["topk_entropy", "blend_embeddings", "MAX_K", "EXTENSION_LOADED", "CUDA_KERNELS"]
+__all__ = ["topk_entropy", "blend_embeddings", "MAX_K", "EXTENSION_LOADED", "CUDA_KERNELS", "cpu_isa"]
 
 MAX_K = 32
 
@@ -39,6 +39,12 @@ def _load_extension():
 _C = _load_extension()
 EXTENSION_LOADED = _C is not None
 CUDA_KERNELS = bool(EXTENSION_LOADED and _C.with_cuda)
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels run with on this machine (chosen at run time), or ``None`` without the
+    compiled extension."""
+    return _C.cpu_isa() if EXTENSION_LOADED else None
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("softmask_ext::topk_entropy")

@@ -13,7 +13,8 @@ import torch
 
 from _training_helpers import MASK_ID, PAD_ID, random_examples, tiny_model
 from softmask_ext.data import BatchStream, stdlib_dataset
-from softmask_ext.finetune import SHIPPED_MODEL, initial_soft_mask
+from softmask_ext.conventions import SHIPPED_MODEL
+from softmask_ext.finetune import initial_soft_mask
 from softmask_ext.model import DreamModel, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import (FINETUNE_NOISE, confidence_centre, masked_neg_entropy, masked_token_loss,

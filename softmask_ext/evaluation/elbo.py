@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..conventions import RandomStream
 from ..soft_mask import SoftMask
 from ..training.noise import PRETRAIN_NOISE, NoiseSchedule, apply_noise, stream_generator
 from ..training.objective import masked_token_loss
@@ -41,7 +42,7 @@ from ..training.two_pass import model_logits, soft_mask_forward
 __all__ = ["ElboResult", "ELBO_STREAM", "estimate_elbo", "paired_difference"]
 
 #: Random-stream id of ELBO evaluation noise (training uses its own streams).
-ELBO_STREAM = 0x454C424F
+ELBO_STREAM = RandomStream.ELBO
 
 _Z95 = statistics.NormalDist().inv_cdf(0.975)
 

@@ -13,10 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from ..conventions import DTYPE_NAMES
 
 SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

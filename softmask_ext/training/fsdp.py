@@ -42,8 +42,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
 from ..model.dream import DecoderLayer
-from .adapters import FULL_WEIGHTS, PEFT_WEIGHTS, AdapterConfig
+from .adapters import AdapterConfig
 from .distributed import DistEnv
 from .two_pass import DiffusionTrainingForward, model_logits
 
@@ -179,12 +180,12 @@ def load_trainable_sharded(model: nn.Module, config: AdapterConfig, directory: P
     process's shard. Every trainable tensor must be in the checkpoint. Collective."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if config.kind == "full":
-        state = load_file(str(directory / FULL_WEIGHTS))
+        state = load_file(str(directory / MODEL_WEIGHTS))
         if model.config.tie_word_embeddings:
             trainable.discard("lm_head.weight")
     else:
         names = _peft_names(model)
-        saved = load_file(str(directory / PEFT_WEIGHTS))
+        saved = load_file(str(directory / ADAPTER_WEIGHTS))
         unknown = sorted(set(saved) - set(names))
         if unknown:
             raise ValueError(f"{directory}: adapter weights do not match the model: {unknown}")

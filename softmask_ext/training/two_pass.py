@@ -4,7 +4,7 @@ Pass 1 runs the model on the noised input ``x_t`` without gradient. Its logits (
 is applied inside :meth:`SoftMask.build_embeddings`) decide, for every masked position, the blend of the mask
 embedding with the embeddings of the top-k predicted tokens. Pass 2 runs the model on those embeddings with
 gradient: the loss reaches the model weights (or adapters), the embedding table through the blend, and the SM
-parameters through lam. Pass 1 builds no autograd graph, so its logits are constants (method.md section 3).
+parameters through lam. Pass 1 builds no autograd graph, so its logits are constants, as in the SM paper's training.
 """
 
 from __future__ import annotations
