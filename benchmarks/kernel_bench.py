@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from softmask_ext import SoftMask, ops, reference
+from softmask_ext.conventions import default_device
 
 import harness
 
@@ -225,7 +226,7 @@ def _print_table(results: list[Result], report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device().type)
     parser.add_argument("--quick", action="store_true", help="only the target configuration (fp32 and bf16)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from softmask_ext.conventions import SHIPPED_MODEL
+from softmask_ext.conventions import MODEL_WEIGHTS, SHIPPED_MODEL, default_device
 from softmask_ext.data import Example
 from softmask_ext.model import DreamConfig, DreamModel
 from softmask_ext.training import AdapterConfig, TrainConfig, Trainer
@@ -49,7 +49,7 @@ def build_model(device: torch.device, quick: bool) -> tuple[DreamModel, dict]:
             torch.set_default_dtype(torch.float32)
         return model, dict(seq=2048, batch=1, adapter=AdapterConfig(kind="dora", rank=16, alpha=16.0),
                            bf16=True, checkpointing=True)
-    if (SHIPPED_MODEL / "model.safetensors").exists():
+    if (SHIPPED_MODEL / MODEL_WEIGHTS).exists():
         model = DreamModel.from_pretrained(SHIPPED_MODEL)
     else:
         model = DreamModel(DreamConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
@@ -100,7 +100,7 @@ def time_modes(trainer: Trainer, device: torch.device, rounds: int, deadline: fl
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=str(default_device()))
     p.add_argument("--quick", action="store_true", help="tiny budgets (dry run)")
     p.add_argument("--budget-s", type=float, default=120.0, help="time budget of the timed steps, all modes")
     p.add_argument("--steps", type=int, default=10,

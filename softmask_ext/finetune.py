@@ -45,9 +45,10 @@ LARGE_MODEL_PARAMS = 10**9
 
 # `tiny` is the CPU demo on the shipped 1.4M-parameter model. It starts the SM parameters exactly as the paper does
 # (scale ~1e-6, steepness 6.66, centre -0.75) and differs from the Dream recipe where the model and the run are
-# small: full fine-tuning at lr 1e-4, short sequences, and an SM learning rate of 0.3 instead of 1e-2. Adam moves a raw (logit) parameter
-# by at most about lr per update and the scale must travel about 13 logit units from 1e-6 to an active blend; the
-# paper's Dream runs make tens of thousands of updates, this one about 300 SM updates under a cosine schedule.
+# small: full fine-tuning at lr 1e-4, short sequences, and an SM learning rate of 0.3 instead of 1e-2. Adam moves a
+# raw (logit) parameter by at most about lr per update and the scale must travel about 13 logit units from 1e-6 to
+# an active blend; the paper's Dream runs make tens of thousands of updates, this one about 300 SM updates under a
+# cosine schedule.
 # What it does to the shipped model: docs/results.md ("The paper's claims in miniature").
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(adapter="full", lr=1e-4, sm_lr=0.3, sm_init_scale=0.0, sm_init_centre=-0.75, warmup_ratio=0.03,

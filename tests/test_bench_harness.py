@@ -64,8 +64,21 @@ def test_device_time_on_a_gpu(graph_calls):
 
 def test_environment_record():
     env = harness.environment("cpu")
-    for key in ("command", "git_commit", "date_utc", "machine", "cpu", "cpu_count", "gpu", "python", "torch",
-                "cuda", "torch_threads", "extension_loaded", "cpu_isa"):
+    for key in (
+        "command",
+        "git_commit",
+        "date_utc",
+        "machine",
+        "cpu",
+        "cpu_count",
+        "gpu",
+        "python",
+        "torch",
+        "cuda",
+        "torch_threads",
+        "extension_loaded",
+        "cpu_isa",
+    ):
         assert key in env
     assert env["torch"] == torch.__version__ and env["gpu"] is None and env["cpu"]
 
@@ -74,7 +87,7 @@ def test_write_results_json_and_csv(tmp_path):
     rows = [{"a": 1, "b": 2.5}, {"a": 2, "c": "x"}]
     written = harness.write_results(tmp_path / "sub" / "r.json", {"rows": rows}, csv_rows=rows)
     on_disk = json.loads((tmp_path / "sub" / "r.json").read_text())
-    assert on_disk == written and list(on_disk)[0] == "environment" and on_disk["rows"] == rows
+    assert on_disk == written and next(iter(on_disk)) == "environment" and on_disk["rows"] == rows
     with open(tmp_path / "sub" / "r.csv") as f:
         table = list(csv.DictReader(f))
     assert [list(r) for r in table] == [["a", "b", "c"]] * 2
@@ -89,7 +102,11 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.slow
 def test_train_bench_runs_as_documented_without_out():
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "train_bench.py"), "--quick", "--device", "cpu"],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_bench.py"), "--quick", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "sm_step_over_binary" in result.stdout

@@ -14,6 +14,7 @@ from softmask_ext import SoftMask, conventions
 from softmask_ext.conventions import RandomStream, default_device, pad_or_eos
 
 PACKAGE = Path(conventions.__file__).resolve().parent
+ROOT = PACKAGE.parent
 
 
 def test_pad_or_eos():
@@ -27,7 +28,11 @@ def test_pad_or_eos():
 def test_random_stream_ids_are_fixed():
     # Recorded runs and checkpoints depend on these values: renumbering them changes every run's noise.
     assert {s.name: int(s) for s in RandomStream} == {
-        "NOISE": 1, "SM_COIN": 2, "VALIDATION": 3, "TORCH_RNG": 4, "ELBO": 0x454C424F,
+        "NOISE": 1,
+        "SM_COIN": 2,
+        "VALIDATION": 3,
+        "TORCH_RNG": 4,
+        "ELBO": 0x454C424F,
     }
 
 
@@ -49,15 +54,28 @@ def _code_constants(path: Path) -> list[str]:
         id(node.body[0].value)
         for node in ast.walk(tree)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
     }
-    return [n.value for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
 
 
 OWNED = {
-    "file names": lambda s: s in {conventions.MODEL_WEIGHTS, conventions.MODEL_INDEX, conventions.ADAPTER_CONFIG,
-                                  conventions.ADAPTER_WEIGHTS, conventions.SOFT_MASK_WEIGHTS},
+    "file names": lambda s: (
+        s
+        in {
+            conventions.MODEL_WEIGHTS,
+            conventions.MODEL_INDEX,
+            conventions.ADAPTER_CONFIG,
+            conventions.ADAPTER_WEIGHTS,
+            conventions.SOFT_MASK_WEIGHTS,
+        }
+    ),
     "the shipped model's folder": lambda s: s == "tiny-coder",
 }
 COPIED_CODE = {
@@ -67,8 +85,11 @@ COPIED_CODE = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(p for p in PACKAGE.rglob("*.py") if p.name != "conventions.py"),
-                         ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in [*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")] if p.name != "conventions.py"),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_no_copy_of_an_owned_convention(path):
     constants = _code_constants(path)
     for what, owned in OWNED.items():

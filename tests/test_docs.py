@@ -24,9 +24,19 @@ def test_named_result_files_exist(page):
     benchmarks/results/ prefix) is committed there."""
     text = page.read_text(encoding="utf-8")
     names = set(re.findall(r"`(?:benchmarks/results/)?([\w.-]+\.(?:json|png|log|csv))`", text))
-    generic = {"transparency_config.json", "config.json", "metadata.json", "metrics.jsonl", "summary.json",
-               "train_config.json", "adapter_config.json", "infill.png", "training.png", "kernel.json",
-               "results.json"}
+    generic = {
+        "transparency_config.json",
+        "config.json",
+        "metadata.json",
+        "metrics.jsonl",
+        "summary.json",
+        "train_config.json",
+        "adapter_config.json",
+        "infill.png",
+        "training.png",
+        "kernel.json",
+        "results.json",
+    }
     missing = sorted(n for n in names - generic if not (RESULTS / n).exists() and not any(ROOT.rglob(n)))
     assert not missing, f"{page.name} names result files that are not committed: {missing}"
 

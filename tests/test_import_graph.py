@@ -73,7 +73,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -126,9 +126,13 @@ def _private_uses(tree: ast.Module) -> list[str]:
             found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
             if any(part.startswith("_") for part in (node.module or "").split(".")):
                 found.append(node.module)
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-            if not (isinstance(node.value, ast.Name) and node.value.id == "self"):
-                found.append(f"{ast.unparse(node.value)}.{node.attr}")
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+        ):
+            found.append(f"{ast.unparse(node.value)}.{node.attr}")
     return found
 
 
