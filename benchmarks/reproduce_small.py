@@ -46,6 +46,8 @@ from softmask_ext.model import DreamModel, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer
 
+import harness
+
 TINY = {**FALLBACKS, **PRESETS["tiny"]}
 CONDITIONS = ("binary", "sm_same_updates", "sm_same_compute")
 TOKENS_PER_STEP = (1, 2, 4, 8)
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
     }
     name = args.name or ("reproduce_small_quick" if args.quick else "reproduce_small")
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = harness.write_results(args.out / f"{name}.json", report)
     curves = {
         c: {str(t): {m: summary[c][f"{short}@{t}"] for m, short in
                      (("token_accuracy", "acc"), ("exact_match", "exact"), ("parse_rate", "parse"))}

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import harness  # benchmarks/harness.py (pyproject's pytest pythonpath)
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import harness  # noqa: E402
 
 
 def test_timing_statistics():
