@@ -274,6 +274,7 @@ def plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     groups: dict[object, list[dict]] = {}
@@ -293,6 +294,11 @@ def plot(
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    for axis, log in ((ax.xaxis, logx), (ax.yaxis, logy)):
+        if log:  # plain numbers at 1, 2 and 5 times the powers of ten
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
     if group:
         ax.legend(title=group)
     ax.set_title(title)
