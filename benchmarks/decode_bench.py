@@ -22,19 +22,20 @@ fp32 (CPU preset); in bf16 Dream's loop ranks bf16-rounded confidences, full of 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dream_reference import authors_soft_embeddings, reference_generate
 from softmask_ext import DreamConfig, DreamModel, SoftMask
+from softmask_ext.conventions import DTYPE_NAMES, default_device
 from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt
 from softmask_ext.decoding.sampling import propose
+
+import harness
+from dream_reference import authors_soft_embeddings, reference_generate
 
 PRESETS = {
     # A shallow model with Dream's vocabulary: the vocabulary-sized work (LM head, softmax, SM) dominates.
@@ -44,14 +45,14 @@ PRESETS = {
         dtype="float32", prompt=64, new_tokens=64, steps=[16], batch=[1], repeats=3,
     ),
     # Dream-7B's shapes (DreamConfig's defaults).
-    # Runs take seconds and vary little on a GPU: one timed run each.
+    # Three timed runs each (the median and the range are recorded): at batch 1 the time per step of one provider
+    # has differed by a third between single runs.
     "gpu": dict(model={}, dtype="bfloat16", prompt=256, new_tokens=256, steps=[256, 128, 64], batch=[1, 8],
-                repeats=1),
+                repeats=3),
 }
-# The authors' example transparency_config.json (method.md section 3).
+# The example transparency_config.json of the SM paper's code release.
 SOFT_MASK = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.25, "transparency_centre": -1,
              "transparency_steepness": 5, "mixinputs_k": 1, "transparency_scheduling": "none"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,22 +70,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
+    """(seconds, fn's result) of one call, the device synchronised around it."""
+    ms, out = harness.timed(fn, device)
+    return ms / 1e3, out
+
+
+def step_logits(decoder: DiffusionDecoder) -> torch.Tensor:
+    """The logits a decoder's step reads (the rows that predict its region), through the model's public forward."""
+    inputs = {"inputs_embeds": decoder.embeds} if decoder.soft_mask is not None else {"input_ids": decoder.canvas}
+    return decoder.model(**inputs, attention_mask=decoder.attention_mask, position_ids=decoder.position_ids,
+                         logits_rows=decoder.logits_rows).logits
 
 
 def build_model(preset: dict, device: torch.device) -> DreamModel:
     config = DreamConfig(**preset["model"], max_position_embeddings=max(4096, preset["prompt"] + preset["new_tokens"]))
-    dtype = DTYPES[preset["dtype"]]
+    dtype = DTYPE_NAMES[preset["dtype"]]
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in the target dtype, directly on the device
     try:
@@ -135,7 +136,7 @@ class Provider:
         decoder = self.decoder
         decoder.load(self.prompt)
         decoder.noise.draw()
-        logits = decoder._logits(decoder.logits_rows)
+        logits = step_logits(decoder)
         opts = decoder.options
         return self._time_ms(lambda: propose(logits, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
                                              top_k=opts.top_k, token_noise=decoder.noise.token), reps)
@@ -165,8 +166,10 @@ class Provider:
             decoder = self.decoder
             decoder.canvas.copy_(x)
             decoder.embeds.copy_(model.get_input_embeddings()(x))
-            logits = decoder._logits(decoder.logits_rows)
-            work = lambda: decoder._soft_embeddings(logits)  # noqa: E731
+            logits = step_logits(decoder)
+            region = decoder.region.reshape(-1)  # the SM inputs the step builds (binary schedule: no progress)
+            embedding = decoder.embedding
+            work = lambda: self.soft_mask.soft_rows(logits, None, region, embedding, self.mask_id)  # noqa: E731
         return self._time_ms(work, reps)
 
 
@@ -181,7 +184,7 @@ def providers(soft_mask: SoftMask, cuda: bool) -> list[Provider]:
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     args.repeats = args.repeats or preset["repeats"]
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
                 measured[key] = ms
                 outputs[(provider.name, batch, steps)] = out
                 row.update(ms_per_step=ms, tokens_per_s=batch * new_tokens / seconds, seconds=seconds,
-                           extrapolated=False)
+                           timing=harness.Timing.of([1e3 * t for t in times]).to_dict(), extrapolated=False)
                 # The parts of a step, timed once per provider and batch (they do not depend on the step count).
                 parts = {"sm": provider.uses_sm, "propose": provider.name.startswith("engine_binary")}
                 for part, wanted in parts.items():
@@ -263,14 +266,12 @@ def main(argv=None) -> int:
     )
     print_table(report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        harness.write_results(args.out, report, device=device)
     return 0
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    """The issue's target ratios per (batch, steps): ours vs the authors' path and vs Dream's binary loop."""
+    """The target ratios per (batch, steps): ours vs the authors' path and vs Dream's binary loop."""
     by = {(r["provider"], r["batch"], r["steps"]): r for r in results}
     out = []
     for batch, steps in sorted({(r["batch"], r["steps"]) for r in results}):

@@ -28,7 +28,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,10 +36,13 @@ import torch
 from tqdm import tqdm
 
 from softmask_ext import SoftMask, ops, reference
+from softmask_ext.conventions import default_device
+
+import harness
 
 MASK_TOKEN_ID = 151666 % 32768  # any valid row; Dream's mask id when V = 152064
 DIM = 3584
-TARGET = dict(rows=64, vocab=152064, k=3, dtype="float32")  # issue 2's CPU target configuration
+TARGET = dict(rows=64, vocab=152064, k=3, dtype="float32")  # the CPU target configuration (docs/results.md)
 
 
 @dataclass
@@ -80,53 +82,20 @@ def sweep(device: str, quick: bool) -> list[Config]:
 
 
 class Timer:
-    """Median wall time of fn in milliseconds; CUDA events on a GPU."""
+    """Median time of fn in milliseconds (harness.time_fn: CUDA events on a GPU, wall time on the CPU)."""
 
     def __init__(self, device: str, repeats: int, min_seconds: float):
         self.device, self.repeats, self.min_seconds = device, repeats, min_seconds
 
     def __call__(self, fn: Callable[[], object], repeats: int | None = None) -> float:
         repeats = repeats or self.repeats
-        fn()  # warm-up (allocations, first-call dispatch)
-        times = []
-        start_all = time.perf_counter()
-        while len(times) < repeats or (time.perf_counter() - start_all < self.min_seconds and len(times) < 10 * repeats):
-            if self.device == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return harness.time_fn(fn, self.device, repeats=repeats, min_seconds=self.min_seconds).median_ms
 
 
 def device_ms(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> float:
     """Device time of one call of fn in milliseconds, without the host's dispatch: `calls` back-to-back calls are
     captured in one CUDA graph, and the median replay time is divided by `calls`."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the capture (allocator, lazy initialisation)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / calls)
-    return statistics.median(times)
+    return harness.device_time(fn, repeats=replays, graph_calls=calls).median_ms
 
 
 def copy_bandwidth_gb_per_s(timer: Timer) -> float:
@@ -203,7 +172,7 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
     summary = _summarise(results)
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "cpu_isa": ops._C.cpu_isa() if ops.EXTENSION_LOADED else None,
+        "cpu_isa": ops.cpu_isa(),
         "threads": threads if device == "cpu" else None,
         "torch": torch.__version__,
         "copy_bandwidth_gb_per_s": peak,
@@ -213,9 +182,11 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
     }
     _print_table(results, report)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+        harness.write_results(out, report, device=device)
+        lines = [dict(s, setting=f"{s['dtype']} V={s['vocab']} k={s['k']}") for s in summary]
+        harness.plot(out.with_suffix(".png"), lines, x="rows", y="speedup_vs_reference", group="setting", logx=True,
+                     logy=True, title=f"SM feedback, ours vs the PyTorch reference ({report['device']})",
+                     ylabel="speed-up (x)")
     return report
 
 
@@ -337,7 +308,7 @@ def _print_table(results: list[Result], report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device().type)
     parser.add_argument("--quick", action="store_true", help="only the target configuration (fp32 and bf16)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode)")
     parser.add_argument("--variants", action="store_true", help="compare the CUDA top-k/entropy kernel variants")

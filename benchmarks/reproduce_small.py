@@ -5,7 +5,7 @@ each over several seeds:
 
     binary             sm_prob = 0, S updates
     sm_same_updates    sm_prob = p, S updates
-    sm_same_compute    sm_prob = p, round(S / (1 + p)) updates: the issue's equal-compute budget, counting the extra
+    sm_same_compute    sm_prob = p, round(S / (1 + p)) updates: the equal-compute budget, counting the extra
                        no-grad forward of an SM batch as a whole step (an overestimate, so this condition is
                        handicapped rather than favoured)
 
@@ -18,7 +18,7 @@ then evaluate every trained model on
 With ``--ablations`` the SM-trained models are also evaluated without SM (plain forward, binary decoding).
 
 Prints mean +- std over seeds, writes ``reproduce_small.json`` and ``reproduce_small.png`` into ``--out``, and states
-whether the issue's goals held: SM at least as good as binary on the ELBO, and better on infill at >= 2 tokens per
+whether the goals held: SM at least as good as binary on the ELBO, and better on infill at >= 2 tokens per
 step by more than the seed-to-seed standard deviation.
 
 Full run (defaults): ``python benchmarks/reproduce_small.py``. Smoke test: ``--quick``. Each finished run's
@@ -39,13 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import collate, heldout_functions, stdlib_dataset
 from softmask_ext.evaluation import estimate_elbo, evaluate_infill, make_infill_examples, paired_difference, plot_infill
 from softmask_ext.model import load_model, load_tokenizer
-from softmask_ext.pretrain import ASSET_DIR
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer
 from softmask_ext.training.presets import FALLBACKS, PRESETS, gate_centre, initial_soft_mask
+
+import harness
 
 TINY = {**FALLBACKS, **PRESETS["tiny"]}
 CONDITIONS = ("binary", "sm_same_updates", "sm_same_compute")
@@ -63,7 +65,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, default=ASSET_DIR, help="the base model (binary MDLM)")
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="the base model (binary MDLM)")
     p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4),
                    help="comma-separated training seeds (>= 3 for a std)")
     p.add_argument("--steps", type=int, default=TINY["max_steps"], help="S: updates of the binary and same-updates runs")
@@ -189,7 +191,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def verdicts(summary: dict[str, dict[str, tuple[float, float]]], paired: dict[str, Any]) -> list[str]:
-    """The issue's two goals, checked on the measured numbers, in plain words."""
+    """The two goals, checked on the measured numbers, in plain words."""
     lines = []
     b = summary["binary"]
     for condition in ("sm_same_updates", "sm_same_compute"):
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
     }
     name = args.name or ("reproduce_small_quick" if args.quick else "reproduce_small")
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = harness.write_results(args.out / f"{name}.json", report)
     curves = {
         c: {str(t): {m: summary[c][f"{short}@{t}"] for m, short in
                      (("token_accuracy", "acc"), ("exact_match", "exact"), ("parse_rate", "parse"))}

@@ -11,17 +11,19 @@ top-1 accuracy at masked positions, and writes the numbers as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import stdlib_dataset
 from softmask_ext.model import load_model, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import FINETUNE_NOISE, confidence_centre, masked_neg_entropy, scale_gradient
-from softmask_ext.training.presets import SHIPPED_MODEL, gate_centre
+from softmask_ext.training.presets import gate_centre
+
+import harness
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,8 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"+- {row['dL_dscale_stderr']:.5f} (standard error over {args.batches} batches), negative in "
               f"{row['share_negative']:.0%} of the batches; pass-1 top-1 accuracy {row['pass1_top1_accuracy']:.3f}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        harness.write_results(args.out, {"rows": results})
     return results
 
 

@@ -33,6 +33,7 @@ import torch
 
 from .cli_errors import add_debug_flag, user_errors
 from .cpu_threads import configure_cpu_threads
+from .conventions import DTYPE_NAMES, SHIPPED_MODEL, default_device, pad_or_eos
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
 from .decoding import ALGS
 from .evaluation.elbo import estimate_elbo, paired_difference
@@ -42,11 +43,9 @@ from .evaluation.sandbox import Limits
 from .model import load_model, load_tokenizer
 from .model.family import load_config
 from .model.file_checks import check_weight_files
-from .pretrain import ASSET_DIR
-from .soft_mask import CONFIG_FILENAME, SoftMask
+from .soft_mask import SoftMask
 from .training.run_folder import check_writable
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASKS = ("elbo", "infill", "humaneval")
 
 
@@ -62,7 +61,7 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=ASSET_DIR,
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL,
                    help="checkpoint directory, or a fine-tuning run's adapter folder (default: the tiny model)")
     p.add_argument("--base-model", type=Path, default=None,
                    help="the base checkpoint of an adapter folder given as --model (default: the one it recorded)")
@@ -77,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="infill/humaneval: comma-separated (default 1,2,4,8 for infill, 1 for humaneval)")
     p.add_argument("--limit", type=int, default=None,
                    help="elbo: validation blocks; infill: functions (default 64); humaneval: problems")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored")
+    p.add_argument("--device", default=str(default_device()))
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: as stored")
     p.add_argument("--out", type=Path, default=None, help="results folder (default runs/eval/<model>/<task>)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256,
@@ -144,8 +143,7 @@ def resolve_soft_mask(model_dir: Path, option: str | None) -> SoftMask | None:
         return None
     if option is not None:
         return SoftMask.from_transparency_config(option)
-    default = model_dir / CONFIG_FILENAME
-    return SoftMask.from_transparency_config(default) if default.exists() else None
+    return SoftMask.beside(model_dir)
 
 
 def run_elbo(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None) -> dict:
@@ -154,7 +152,7 @@ def run_elbo(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, s
     else:
         data = stdlib_dataset(tokenizer, "validation", args.max_length)
     examples = [data[i] for i in range(min(len(data), args.limit or len(data)))]
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    pad = pad_or_eos(model.config)
     batches = [collate(examples[i:i + args.batch_size], pad) for i in range(0, len(examples), args.batch_size)]
     common = dict(num_samples=args.num_samples or 8, seed=args.seed, progress=not args.quiet)
     results = {"binary": estimate_elbo(model, batches, model.config.mask_token_id, **common).to_dict()}
@@ -215,7 +213,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     check_writable(out, "results folder")
     check_max_length(args)
     check_weight_files(args.model)
-    model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device, base_model=args.base_model)
+    model = load_model(args.model, dtype=DTYPE_NAMES.get(args.dtype), device=args.device, base_model=args.base_model)
     tokenizer = load_tokenizer(args.model)
     soft_mask = resolve_soft_mask(args.model, args.soft_mask)
     if soft_mask is not None:

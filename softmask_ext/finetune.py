@@ -43,13 +43,14 @@ import torch
 
 from .cli_errors import add_debug_flag, user_errors
 from .cpu_threads import configure_cpu_threads
+from .conventions import SHIPPED_MODEL, default_device
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import load_model, load_tokenizer
 from .model.family import load_config
 from .model.file_checks import check_weight_files
 from .training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer, init_distributed
 from .training.fsdp import check_fsdp_request
-from .training.presets import FALLBACKS, PRESETS, SHIPPED_MODEL, drop_token_ids, gate_centre, initial_soft_mask
+from .training.presets import FALLBACKS, PRESETS, drop_token_ids, gate_centre, initial_soft_mask
 from .training.run_folder import check_free_space, check_run_folder, check_writable, clear_run_folder
 
 LARGE_MODEL_PARAMS = 10**9
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite)
     check_writable(run_dir, "run folder")
     check_weight_files(args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     env = init_distributed(device)
     check_fsdp_request(args.fsdp, env)
     if device.type == "cuda" and env.distributed:

@@ -27,18 +27,16 @@ from .cpu_threads import configure_cpu_threads
 from .decoding import ALGS, diffusion_generate
 from .model import load_model, load_tokenizer
 from .model.file_checks import check_weight_files
-from .model.loading import ADAPTER_CONFIG
+from .conventions import ADAPTER_CONFIG, DTYPE_NAMES, SHIPPED_MODEL, default_device
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
-TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-coder"
 MASK_GLYPH = "\u2591"  # light shade: one per masked position
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help=f"checkpoint directory, or a fine-tuning run's adapter folder (default: the shipped "
-                                   f"tiny model, {TINY_MODEL})")
+                                   f"tiny model, {SHIPPED_MODEL})")
     p.add_argument("--base-model", help="the base checkpoint of an adapter folder given as --model (default: the one "
                                         "the adapters recorded)")
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -57,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alg-temp", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
     p.add_argument("--live", action="store_true", help="show the canvas being denoised, step by step (stderr)")
     add_debug_flag(p)
@@ -111,12 +109,12 @@ class LiveView:
 
 
 def _resolve_model_dir(arg: str | None) -> Path:
-    path = Path(arg) if arg else TINY_MODEL
+    path = Path(arg) if arg else SHIPPED_MODEL
     if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         if arg:
             raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json or {ADAPTER_CONFIG})")
         raise SystemExit(
-            f"error: the shipped tiny model is missing ({TINY_MODEL}); pass --model DIR with a model checkpoint"
+            f"error: the shipped tiny model is missing ({SHIPPED_MODEL}); pass --model DIR with a model checkpoint"
         )
     return path
 
@@ -137,13 +135,10 @@ def _soft_mask(args: argparse.Namespace, model_dir: Path) -> SoftMask | None:
         return None
     if args.soft_mask:
         return SoftMask.from_transparency_config(args.soft_mask)
-    beside = model_dir / CONFIG_FILENAME
-    if not beside.is_file():
-        return None
-    soft_mask = SoftMask.from_transparency_config(beside)  # None for a binary model's {"transparency_alg": "none"}
-    if soft_mask is not None:
-        print(f"using the soft-mask config {beside} (--binary to decode without)", file=sys.stderr)
-    return soft_mask
+    beside = SoftMask.beside(model_dir)
+    if beside is not None:
+        print(f"using the soft-mask config {model_dir / CONFIG_FILENAME} (--binary to decode without)", file=sys.stderr)
+    return beside
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     model_dir = _resolve_model_dir(args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)

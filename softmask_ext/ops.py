@@ -32,6 +32,7 @@ __all__ = [
     "FORCE_REFERENCE",
     "TOPK_VARIANTS",
     "DEFAULT_TOPK_VARIANT",
+    "cpu_isa",
 ]
 
 
@@ -60,6 +61,12 @@ FORCE_REFERENCE = os.environ.get("SOFTMASK_EXT_FORCE_REFERENCE", "") == "1"
 MAX_K: int = _C.MAX_K if EXTENSION_LOADED else 32
 TOPK_VARIANTS: tuple[str, ...] = tuple(_C.TOPK_VARIANTS) if EXTENSION_LOADED else ()
 DEFAULT_TOPK_VARIANT: str | None = _C.DEFAULT_TOPK_VARIANT if EXTENSION_LOADED else None
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels run with on this machine (chosen at run time), or ``None`` without the
+    compiled extension."""
+    return _C.cpu_isa() if EXTENSION_LOADED else None
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("softmask_ext::topk_entropy")

@@ -5,7 +5,8 @@ For a position that is still masked, SM feeds the model
     e = (1 - lam) * E[mask] + lam * sum_{i in topk(p)} pi_i * E[v_i],   lam = w_s * sigmoid(w_a * (negH - w_b))
 
 where ``p`` is the previous prediction for that position, ``pi`` its probabilities renormalised over the top-k,
-and ``negH = sum p log p`` (method.md sections 1-2). Every other position gets its plain token embedding.
+and ``negH = sum p log p`` (Hersche et al., *Soft-Masked Diffusion Language Models*, arXiv 2510.17206). Every
+other position gets its plain token embedding.
 
 The builder issues one fixed-shape call of each kernel for all the rows it is given: positions that are not
 masked are folded into the same blend with ``lam = 0``, so no data-dependent indexing happens and the whole
@@ -293,6 +294,14 @@ class SoftMask(nn.Module):
     def save_transparency_config(self, path: str | os.PathLike) -> str:
         """Write ``transparency_config.json`` (``path`` is the file or its folder); returns the file's path."""
         return write_transparency_config(path, self)
+
+    @classmethod
+    def beside(cls, model_dir: str | os.PathLike) -> "SoftMask | None":
+        """The soft-mask of the ``transparency_config.json`` in a model folder (fine-tuning writes one into its run
+        and ``final/`` folders), or ``None`` when there is none: what ``generate`` and ``evaluate`` decode with
+        unless told otherwise."""
+        path = os.path.join(os.fspath(model_dir), CONFIG_FILENAME)
+        return cls.from_transparency_config(path) if os.path.isfile(path) else None
 
     @classmethod
     def from_any(cls, soft_mask: "SoftMask | Mapping[str, Any] | str | os.PathLike | None" = None, **kwargs: Any) -> "SoftMask | None":

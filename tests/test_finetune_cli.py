@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from _training_helpers import CODE, make_model_dir
 from softmask_ext import SoftMask
-from softmask_ext.finetune import SHIPPED_MODEL, main, parse_args, resolve_settings
+from softmask_ext.conventions import SHIPPED_MODEL
+from softmask_ext.finetune import main, parse_args, resolve_settings
 from softmask_ext.model import DreamConfig
 
 

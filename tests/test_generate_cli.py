@@ -113,12 +113,12 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_missing_tiny_model_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(generate, "TINY_MODEL", tmp_path / "tiny-coder")
+    monkeypatch.setattr(generate, "SHIPPED_MODEL", tmp_path / "tiny-coder")
     with pytest.raises(SystemExit, match="the shipped tiny model is missing"):
         generate.main(["--prompt", "x"])
 
 
-@pytest.mark.skipif(not (generate.TINY_MODEL / "config.json").is_file(), reason="tiny model asset not shipped yet")
+@pytest.mark.skipif(not (generate.SHIPPED_MODEL / "config.json").is_file(), reason="tiny model asset not shipped yet")
 def test_runs_as_a_module_with_the_shipped_model():
     result = subprocess.run(
         [sys.executable, "-m", "softmask_ext.generate", "--prompt", "def add(a, b):", *ARGS],

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.model import DreamConfig, DreamModel, load_tokenizer
-from softmask_ext.pretrain import ASSET_DIR, MAX_WEIGHT_BYTES, main, unigram_cross_entropy
+from softmask_ext.pretrain import MAX_WEIGHT_BYTES, main, unigram_cross_entropy
 
 
 def test_unigram_cross_entropy_matches_the_definition():
@@ -39,12 +40,12 @@ def test_pretrain_writes_a_loadable_dream_model_directory(tmp_path):
     assert "nats" in (out / "README.md").read_text()
 
 
-@pytest.mark.skipif(not (ASSET_DIR / "model.safetensors").exists(), reason="the tiny model has not been built yet")
+@pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the tiny model has not been built yet")
 def test_shipped_model_is_small_trained_and_complete():
-    assert (ASSET_DIR / "model.safetensors").stat().st_size <= MAX_WEIGHT_BYTES
-    config = DreamConfig.from_pretrained(ASSET_DIR)
-    tokenizer = load_tokenizer(ASSET_DIR)
+    assert (SHIPPED_MODEL / "model.safetensors").stat().st_size <= MAX_WEIGHT_BYTES
+    config = DreamConfig.from_pretrained(SHIPPED_MODEL)
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
     assert len(tokenizer) == config.vocab_size and tokenizer.chat_template
-    metadata = json.loads((ASSET_DIR / "metadata.json").read_text())
+    metadata = json.loads((SHIPPED_MODEL / "metadata.json").read_text())
     # Measurably trained: clearly below a model that ignores context.
     assert metadata["heldout_loss_nats"] < metadata["unigram_baseline_nats"] - 0.5

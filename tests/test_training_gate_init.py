@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from _training_helpers import MASK_ID, PAD_ID, random_examples, tiny_model
+from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import BatchStream, stdlib_dataset
-from softmask_ext.finetune import SHIPPED_MODEL, initial_soft_mask
+from softmask_ext.finetune import initial_soft_mask
 from softmask_ext.model import DreamModel, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import (FINETUNE_NOISE, confidence_centre, masked_neg_entropy, masked_token_loss,
@@ -111,6 +112,6 @@ def test_start_gradient_benchmark_on_the_shipped_model(tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "grad.json"
     rows = script.main(["--batches", "2", "--batch-size", "2", "--max-chars", "300000", "--out", str(out)])
-    assert [r["centre"] for r in rows] == [-0.75, "auto"] and json.loads(out.read_text()) == rows
+    assert [r["centre"] for r in rows] == [-0.75, "auto"] and json.loads(out.read_text())["rows"] == rows
     assert rows[1]["centre_value"] < 0 and all(math.isfinite(r["dL_dscale_mean"]) for r in rows)
     assert all(0.0 <= r["pass1_top1_accuracy"] <= 1.0 for r in rows)

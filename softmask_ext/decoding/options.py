@@ -23,7 +23,7 @@ def _is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Dream's decoding parameters (method.md section 5), validated on construction."""
+    """Dream's decoding parameters (those of its ``diffusion_generate``), validated on construction."""
 
     max_new_tokens: int
     steps: int

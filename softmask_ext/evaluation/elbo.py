@@ -37,12 +37,13 @@ from ..diffusion.noise import PRETRAIN_NOISE, NoiseSchedule, stream_generator
 from ..diffusion.objective import masked_token_loss
 from ..diffusion.two_pass import model_logits, soft_mask_forward
 from ..model.family import family_of
+from ..conventions import RandomStream
 from ..soft_mask import SoftMask
 
 __all__ = ["ElboResult", "ELBO_STREAM", "ESTIMATOR", "estimate_elbo", "paired_difference"]
 
 #: Random-stream id of ELBO evaluation noise (training uses its own streams).
-ELBO_STREAM = 0x454C424F
+ELBO_STREAM = RandomStream.ELBO
 
 #: What :func:`estimate_elbo` computes, recorded in every result.
 ESTIMATOR = "unbiased: Monte Carlo over t and masks, no forced mask"

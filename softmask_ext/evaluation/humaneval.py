@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..conventions import pad_or_eos
 from .generation import generate_tokens
 from .sandbox import Limits, SandboxResult, run_python
 
@@ -134,7 +135,7 @@ def evaluate_humaneval(
         raise ValueError("no problems to evaluate")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_or_eos(tokenizer)
     stop_ids = set(tokenizer.all_special_ids)
     seed = decode.pop("seed", None)
     jobs = [(p, s) for p in problems for s in range(num_samples)]

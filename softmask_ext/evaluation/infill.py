@@ -4,7 +4,7 @@ Each example is a top-level function of a held-out standard-library module
 (:func:`softmask_ext.data.heldout_functions`), tokenised, with a span of ``L`` tokens hidden in its code body
 (after the signature and the docstring). The engine decodes the span between the tokens before and after it
 (:func:`.generation.infill_tokens`) in ``L / tokens_per_step`` steps: decoding more tokens per step is where
-soft-masking is claimed to help (method.md section 4).
+soft-masking is claimed to help (the SM paper, arXiv 2510.17206).
 
 Metrics per setting: token accuracy (share of span tokens right), exact match (share of spans entirely right) and
 parse rate (share of rebuilt functions that ``ast.parse`` accepts).
@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..conventions import pad_or_eos
 from ..data.stdlib_corpus import FunctionSource
 from .generation import infill_tokens
 
@@ -156,7 +157,7 @@ def evaluate_infill(
             raise ValueError(f"tokens_per_step {tps} must be >= 1 and divide the span length {span_length}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token, needed to fill the canvas after short suffixes")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_or_eos(tokenizer)
     # Batches of similar suffix length need little filling after the shorter suffixes.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].suffix))
     results: dict[str, dict[str, dict]] = {}

@@ -15,12 +15,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from ..conventions import DTYPE_NAMES
 
 from .transformer import validate_transformer_config
 
 SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConfigFile(ABC):

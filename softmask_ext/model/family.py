@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..conventions import ADAPTER_CONFIG
+
 __all__ = [
     "ModelFamily",
     "register_family",
@@ -135,7 +137,7 @@ def checkpoint_model_type(path: str, base_model: str | os.PathLike | None = None
     """``model_type`` of a checkpoint directory, following an adapter folder to its base checkpoint."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        adapter = os.path.join(path, "adapter_config.json")
+        adapter = os.path.join(path, ADAPTER_CONFIG)
         if not os.path.isfile(adapter):
             raise FileNotFoundError(f"{path!r} has neither config.json nor adapter_config.json")
         with open(adapter, encoding="utf-8") as f:

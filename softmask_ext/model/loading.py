@@ -29,13 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .transformer import DiffusionTransformer
+from ..conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPE_NAMES, MODEL_INDEX, MODEL_WEIGHTS
 
-SINGLE_FILE = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = tuple(DTYPE_NAMES.values())
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # Non-parameter buffers some exports contain; we compute them instead.
 IGNORED_TENSOR = re.compile(r".*rotary_emb\.inv_freq$")
@@ -132,7 +129,7 @@ def _load_merged_adapters(model_class: type[DiffusionTransformer], path: str, dt
 
 def _weight_map(path: str) -> dict[str, str]:
     """tensor name -> file name, from the index or from the single file's header."""
-    index_path = os.path.join(path, INDEX_FILE)
+    index_path = os.path.join(path, MODEL_INDEX)
     if os.path.exists(index_path):
         try:
             with open(index_path, encoding="utf-8") as f:
@@ -143,17 +140,17 @@ def _weight_map(path: str) -> dict[str, str]:
         if missing_shards:
             raise FileNotFoundError(f"{index_path!r} names shard files that are not there: {missing_shards}")
         return weight_map
-    single = os.path.join(path, SINGLE_FILE)
+    single = os.path.join(path, MODEL_WEIGHTS)
     if os.path.exists(single):
         with safe_open(single, framework="pt") as f:
-            return {name: SINGLE_FILE for name in f.keys()}
+            return {name: MODEL_WEIGHTS for name in f.keys()}
     pickled = sorted(os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat)))
     if pickled:
         raise ValueError(
             f"{path!r} holds only pickle-based weights ({', '.join(pickled)}); they are not loaded because unpickling "
             "can run arbitrary code. Convert them to safetensors (model.safetensors or shards + index) first."
         )
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}")
+    raise FileNotFoundError(f"no {MODEL_WEIGHTS} or {MODEL_INDEX} in {path!r}")
 
 
 def _check_tensors(path: str, weight_map: dict[str, str], expected: dict[str, tuple[int, ...]],
@@ -213,7 +210,7 @@ def save_pretrained(model: DiffusionTransformer, path: str | os.PathLike, max_sh
         shard_bytes += size
 
     os.makedirs(path, exist_ok=True)
-    names = [SINGLE_FILE] if len(shards) == 1 else \
+    names = [MODEL_WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     _remove_stale_weights(path, keep=set(names))
     for file_name, shard in zip(names, shards):
@@ -222,7 +219,7 @@ def save_pretrained(model: DiffusionTransformer, path: str | os.PathLike, max_sh
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
-        with open(os.path.join(path, INDEX_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(path, MODEL_INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
     dtype_name = str(model.dtype).removeprefix("torch.")
@@ -232,7 +229,7 @@ def save_pretrained(model: DiffusionTransformer, path: str | os.PathLike, max_sh
 def _remove_stale_weights(path: str, keep: set[str]) -> None:
     """Delete weight files of an earlier save that the new one does not overwrite (an old index would win)."""
     for name in os.listdir(path):
-        if name not in keep and (name in (SINGLE_FILE, INDEX_FILE) or SHARD_NAME.match(name)):
+        if name not in keep and (name in (MODEL_WEIGHTS, MODEL_INDEX) or SHARD_NAME.match(name)):
             os.remove(os.path.join(path, name))
 
 

@@ -9,12 +9,11 @@ from typing import Literal
 from torch import nn
 
 from ..model.family import family_of
+from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
 
 __all__ = ["AdapterConfig", "apply_adapters", "load_trainable", "ADAPTER_KINDS"]
 
 ADAPTER_KINDS = ("full", "lora", "dora")
-FULL_WEIGHTS = "model.safetensors"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def load_trainable(model: nn.Module, config: AdapterConfig, directory: Path) -> 
     from safetensors.torch import load_file
 
     if config.kind == "full":
-        state = load_file(str(directory / FULL_WEIGHTS))
+        state = load_file(str(directory / MODEL_WEIGHTS))
         tied_head = model.weight_name(model.get_output_embeddings()) if model.config.tie_word_embeddings else None
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if k != tied_head]:
@@ -74,6 +73,6 @@ def load_trainable(model: nn.Module, config: AdapterConfig, directory: Path) -> 
         return
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, load_file(str(directory / PEFT_WEIGHTS)))
+    result = set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
     if result.unexpected_keys:
         raise ValueError(f"{directory}: adapter weights do not match the model: {result.unexpected_keys}")

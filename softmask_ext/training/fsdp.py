@@ -44,7 +44,8 @@ from torch.distributed.tensor import DTensor
 
 from ..diffusion.two_pass import DiffusionTrainingForward, model_logits
 from ..model.family import family_of
-from .adapters import FULL_WEIGHTS, PEFT_WEIGHTS, AdapterConfig
+from .adapters import AdapterConfig
+from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
 from .distributed import DistEnv
 
 __all__ = [
@@ -180,12 +181,12 @@ def load_trainable_sharded(model: nn.Module, config: AdapterConfig, directory: P
     process's shard. Every trainable tensor must be in the checkpoint. Collective."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if config.kind == "full":
-        state = load_file(str(directory / FULL_WEIGHTS))
+        state = load_file(str(directory / MODEL_WEIGHTS))
         if model.config.tie_word_embeddings:
             trainable.discard("lm_head.weight")
     else:
         names = _peft_names(model)
-        saved = load_file(str(directory / PEFT_WEIGHTS))
+        saved = load_file(str(directory / ADAPTER_WEIGHTS))
         unknown = sorted(set(saved) - set(names))
         if unknown:
             raise ValueError(f"{directory}: adapter weights do not match the model: {unknown}")

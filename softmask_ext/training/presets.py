@@ -27,12 +27,12 @@ flags on top; experiments use the same dictionaries (never the CLI module).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..conventions import SHIPPED_MODEL
 from ..data import TOOL_CALL_TOKEN_IDS
 from ..soft_mask import SoftMask
 from .gate_init import confidence_centre, masked_neg_entropy
@@ -41,7 +41,6 @@ from ..diffusion.noise import NoiseSchedule
 __all__ = ["FALLBACKS", "PRESETS", "SHIPPED_MODEL", "drop_token_ids", "gate_centre", "initial_soft_mask"]
 
 #: The tiny code model shipped with the package (the CPU demo's default).
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-coder"
 
 _DREAM = dict(adapter="dora", rank=16, alpha=16.0, lora_dropout=0.0, lr=1e-5, sm_lr=1e-2, sm_init_scale=0.0,
               sm_init_centre=-0.75, warmup_ratio=0.03, clip=7.0, bf16=True, gradient_checkpointing=True, batch_size=1,

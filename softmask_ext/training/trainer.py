@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..conventions import SOFT_MASK_WEIGHTS, RandomStream, default_device, pad_or_eos
 from ..data import BatchStream, Example, collate
 from ..diffusion.noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
 from ..diffusion.objective import masked_token_loss, sequence_mean_loss
@@ -85,8 +86,6 @@ from .run_folder import RunFolderError, read_metrics, truncate_metrics
 
 __all__ = ["TrainConfig", "Trainer", "micro_batch_index"]
 
-# Independent random streams (see stream_generator).
-_NOISE_STREAM, _SM_COIN_STREAM, _EVAL_STREAM, _TORCH_RNG_STREAM = 1, 2, 3, 4
 _EVAL_SEED = 0  # validation noise is the same for every run, so runs can be compared pairwise
 
 
@@ -210,18 +209,14 @@ class Trainer:
     ) -> None:
         self.config = config
         self.env = env or DistEnv()
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device is not None else default_device()
         self.tokenizer = tokenizer
         self.val_data = val_data
         self.run_dir = Path(config.run_dir)
         self.model_config = model.config
         self.mask_token_id = int(model.config.mask_token_id)
         self.logit_shift = family_of(model).logit_shift
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-        if pad is None:
-            raise ValueError("the model config names neither a pad nor an eos token id; one is needed for padding")
-        self.pad_token_id = int(pad)
+        self.pad_token_id = pad_or_eos(model.config)
 
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -297,7 +292,7 @@ class Trainer:
     def _sm_coin(self, index: int) -> bool:
         if self.config.sm_prob == 0:
             return False
-        u = torch.rand((), generator=stream_generator(self.config.seed, _SM_COIN_STREAM, index)).item()
+        u = torch.rand((), generator=stream_generator(self.config.seed, RandomStream.SM_COIN, index)).item()
         return u < self.config.sm_prob
 
     # ------------------------------------------------------------------------------------------------ one step
@@ -307,7 +302,7 @@ class Trainer:
         cfg, env = self.config, self.env
         self.ddp.train()
         torch.manual_seed(int(torch.randint(2**62, (), generator=stream_generator(
-            cfg.seed, _TORCH_RNG_STREAM, self.step * env.world_size + env.rank))))
+            cfg.seed, RandomStream.TORCH_RNG, self.step * env.world_size + env.rank))))
         batches = [next(self.stream) for _ in range(cfg.grad_accum)]
         num_tokens = all_reduce_sum(sum(float((~b["prompt_mask"]).sum()) for b in batches), env, self.device)
         # The SM coin of every micro-batch of every process (FSDP keeps processes in lockstep with it).
@@ -323,7 +318,7 @@ class Trainer:
             sync = self.ddp.no_sync() if ddp and not last else contextlib.nullcontext()
             options = {"lockstep_pass1": any(coins[a])} if self.sharded else {}
             with sync:
-                loss = self._batch_loss(self.ddp, batch, stream_generator(cfg.seed, _NOISE_STREAM, index), soft,
+                loss = self._batch_loss(self.ddp, batch, stream_generator(cfg.seed, RandomStream.NOISE, index), soft,
                                         num_tokens, cfg.loss == "sequence", **options)
                 # DDP and FSDP average gradients over processes; the loss is already normalised over all of them
                 # (tokens) or a sum over all of them (sequence).
@@ -378,7 +373,7 @@ class Trainer:
             batch = collate([self.val_data[i] for i in range(j, min(j + b, len(self.val_data)))], self.pad_token_id)
             tokens += float((~batch["prompt_mask"]).sum()) * counted
             for name, soft in modes.items():
-                generator = stream_generator(_EVAL_SEED, _EVAL_STREAM, j)
+                generator = stream_generator(_EVAL_SEED, RandomStream.VALIDATION, j)
                 totals[name] += self._batch_loss(self.forward, batch, generator, soft, 1.0).item() * counted
         self.forward.train()
         tokens = all_reduce_sum(tokens, env, self.device)
@@ -525,7 +520,7 @@ class Trainer:
                      optimizer_state: dict[str, Any]) -> None:
         self._save_model(directory / "model", model_state)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
-                  str(directory / "soft_mask.safetensors"))
+                  str(directory / SOFT_MASK_WEIGHTS))
         write_transparency_config(directory / "transparency_config.json", self.trained_soft_mask)
         torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
                    directory / "optimizer.pt")
@@ -554,7 +549,7 @@ class Trainer:
                 raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has "
                                  f"{key}={getattr(self.config, key)}")
         (load_trainable_sharded if self.sharded else load_trainable)(self.model, self.config.adapter, path / "model")
-        self.soft_mask.load_state_dict(load_file(str(path / "soft_mask.safetensors"), device=str(self.device)))
+        self.soft_mask.load_state_dict(load_file(str(path / SOFT_MASK_WEIGHTS), device=str(self.device)))
         # Under FSDP every process reads the full state on the CPU and keeps its shard. Parameters that never had a
         # gradient (an SM parameter before the first SM batch) have no state, and must stay without.
         opt = torch.load(path / "optimizer.pt", map_location="cpu" if self.sharded else self.device, weights_only=True)
