@@ -158,4 +158,4 @@ def _peft_base(model: nn.Module) -> nn.Module | None:
 
 def _import_builtin_families() -> None:
     # The built-in families register themselves when their modules are imported.
-    from . import dream  # noqa: F401
+    from . import dream, mdlm  # noqa: F401
