@@ -31,7 +31,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +39,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .dream import (
-    DreamModel,
+from .family import ModelFamily, register_family
+from .transformer import (
+    LMOutput,
     RotaryEmbedding,
     _check_position_ids,
-    _describe,
-    _select_rows,
-    apply_rotary,
+    describe,
+    prepare_attention_mask,
+    select_rows,
+    self_attention,
 )
-from .family import ModelFamily, register_family
 
 __all__ = [
     "NEG_INFINITY",
     "DiTBlock",
     "MDLMConfig",
     "MDLMModel",
-    "MDLMOutput",
     "check_tokenizer",
     "load_mdlm",
     "save_mdlm",
@@ -174,12 +174,6 @@ class MDLMConfig:
         return getattr(self, key, default)
 
 
-class MDLMOutput(NamedTuple):
-    """Model output: ``out.logits``."""
-
-    logits: Tensor
-
-
 class LayerNorm(nn.Module):
     """LayerNorm without bias, computed in fp32 (as MDLM's DiT does), cast back before the weight."""
 
@@ -242,13 +236,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None) -> Tensor:
         """x [B, T, D], c [B, cond_dim], cos/sin [B, T, 1, head_dim/2] -> [B, T, D]."""
-        B, T, D = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        q, k, v = self.attn_qkv(modulate(self.norm1(x), shift1, scale1)).view(B, T, 3, self.n_heads, -1).unbind(2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=attn_mask)
-        attn = self.attn_out(attn.transpose(1, 2).reshape(B, T, D))
+        q, k, v = self.attn_qkv(modulate(self.norm1(x), shift1, scale1)).chunk(3, dim=-1)  # (three, heads, dim)
+        attn = self.attn_out(self_attention(q, k, v, cos, sin, attn_mask, self.n_heads, self.n_heads))
         x = x + gate1 * F.dropout(attn, self.dropout, self.training)
         mlp = self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x + gate2 * F.dropout(mlp, self.dropout, self.training)
@@ -330,7 +320,7 @@ class MDLMModel(nn.Module):
         position_ids: Tensor | None = None,
         logits_rows: Tensor | None = None,
         sigma: Tensor | None = None,
-    ) -> MDLMOutput:
+    ) -> LMOutput:
         """Logits with the mask class at ``-1e6`` (SUBS' first part; the carry-over is :func:`subs_log_probs`).
 
         Args:
@@ -338,18 +328,18 @@ class MDLMModel(nn.Module):
             attention_mask: [B, T], 1 for tokens and 0 for padding (padded keys are masked out; default positions
                 become ``cumsum(mask) - 1``), or a 4-D mask broadcastable to [B, heads, T, T].
             position_ids: int64 [B, T] or [T]; default 0..T-1 (MDLM's positions), below ``model_length``.
-            logits_rows: int64 [B, R] or flat [N] rows to project (see :meth:`DreamModel.forward`); None: all.
+            logits_rows: int64 [B, R] or flat [N] rows to project (see :meth:`DiffusionTransformer.forward`); None: all.
             sigma: fp32 [B] noise levels ``-log(alpha_t)``; read only when ``config.time_conditioning`` (otherwise
                 the conditioning is zero, as in MDLM).
 
         Returns:
-            :class:`MDLMOutput` with ``.logits`` in the model's dtype, [B, T, V] / [B, R, V] / [N, V].
+            :class:`LMOutput` with ``.logits`` in the model's dtype, [B, T, V] / [B, R, V] / [N, V].
         """
         h = self._input_embeddings(input_ids, inputs_embeds)
         B, T, _ = h.shape
         if T > self.config.model_length:
             raise ValueError(f"sequence length {T} exceeds the model's length {self.config.model_length}")
-        attn_mask, default_positions = DreamModel._prepare_mask(attention_mask, B, T, h.dtype)
+        attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
         if position_ids is None:
             position_ids = default_positions if default_positions is not None else (
                 torch.arange(T, device=h.device).expand(B, T))
@@ -366,23 +356,23 @@ class MDLMModel(nn.Module):
         cos, sin = backbone.rotary_emb(position_ids, h.dtype)
         for block in backbone.blocks:
             h = block(h, c, cos, sin, attn_mask)
-        logits = backbone.output_layer.linear(_select_rows(backbone.output_layer(h, c), logits_rows))
+        logits = backbone.output_layer.linear(select_rows(backbone.output_layer(h, c), logits_rows))
         logits[..., self.config.mask_token_id] += NEG_INFINITY
-        return MDLMOutput(logits)
+        return LMOutput(logits)
 
     def _input_embeddings(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
             if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be a 2-D [batch, seq] tensor, got {_describe(input_ids)}")
+                raise ValueError(f"input_ids must be a 2-D [batch, seq] tensor, got {describe(input_ids)}")
             if input_ids.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
             return self.backbone.vocab_embed(input_ids)
         if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 \
                 or inputs_embeds.shape[-1] != self.config.hidden_dim:
             raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_dim}], "
-                             f"got {_describe(inputs_embeds)}")
+                             f"got {describe(inputs_embeds)}")
         if inputs_embeds.dtype != self.dtype:
             raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model is {self.dtype}")
         return inputs_embeds
