@@ -1,4 +1,5 @@
-"""Evaluate a (soft-masked) masked diffusion model: ``python -m softmask_ext.evaluate --task elbo|infill|humaneval``.
+"""Evaluate a (soft-masked) masked diffusion model: ``python -m softmask_ext.evaluate --task elbo|infill|humaneval``
+(and ``--task ppl|genppl|mauve`` for MDLM-family checkpoints; see ``softmask_ext.mdlm_cli``).
 
 - ``elbo``: validation perplexity bound (MDLM negative ELBO per token, Monte Carlo over t with a fixed seed, 95%
   interval). Data: the held-out standard-library modules, or ``--data FILE`` (the fine-tuning formats). With an SM
@@ -33,12 +34,13 @@ from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
 from .evaluation.infill import evaluate_infill, make_infill_examples, plot_infill
 from .evaluation.sandbox import Limits
+from .mdlm_cli import MDLM_TASKS, evaluate_main
 from .model import DreamModel, load_tokenizer
 from .pretrain import ASSET_DIR
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TASKS = ("elbo", "infill", "humaneval")
+TASKS = ("elbo", "infill", "humaneval", *MDLM_TASKS)
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -85,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="humaneval: chat template (auto: when the model directory's name says Instruct)")
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per test program")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--sampler", default="mdlm", help="genppl/mauve (MDLM checkpoints): mdlm, remdm-cap, remdm-loop")
+    p.add_argument("--steps", type=int, default=None, help="genppl/mauve: sampling steps (default: one per token)")
+    p.add_argument("--samples", type=int, default=16, help="genppl/mauve: number of samples")
+    p.add_argument("--scorer", type=Path, default=None, help="genppl: local causal LM checkpoint directory")
+    p.add_argument("--feature-model", type=Path, default=None, help="mauve: local feature model directory")
     args = p.parse_args(argv)
     for name in ("num_samples", "limit", "batch_size", "span_length", "max_length", "max_new_tokens"):
         value = getattr(args, name)
@@ -165,6 +172,8 @@ def run_humaneval(args: argparse.Namespace, model: DreamModel, tokenizer: Any, s
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.task in MDLM_TASKS:  # MDLM-family checkpoints: ELBO perplexity, generative perplexity, MAUVE
+        return evaluate_main(args)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     try:

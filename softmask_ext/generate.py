@@ -22,7 +22,9 @@ from typing import TextIO
 import torch
 
 from .decoding import ALGS, diffusion_generate
+from .mdlm_cli import generate_main
 from .model import DreamModel, load_tokenizer
+from .model.family import checkpoint_model_type
 from .model.loading import ADAPTER_CONFIG
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
     p.add_argument("--live", action="store_true", help="show the canvas being denoised, step by step (stderr)")
+    p.add_argument("--sampler", default="mdlm", help="MDLM checkpoints: mdlm, remdm-cap or remdm-loop")
+    p.add_argument("--eta", type=float, help="MDLM checkpoints: ReMDM's remasking rate (default: ReMDM's)")
     return p
 
 
@@ -144,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = _resolve_model_dir(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if checkpoint_model_type(str(model_dir)) == "mdlm":  # MDLM/ReMDM sampling; --top-p is the nucleus
+        return generate_main(args, model_dir, device, DTYPES.get(args.dtype), _read_prompt(args))
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)

@@ -58,7 +58,7 @@ def elbo_perplexity(model: nn.Module, blocks: Sequence[Example], soft_mask: Soft
             generator = stream_generator(seed, _ELBO_STREAM, b * num_samples + r)
             t = antithetic_times(x0.shape[0], generator)
             x_t = mask_tokens(x0, t, model.config.mask_token_id, generator)
-            loss, count = mdlm_nll(model, x0, t, x_t, soft_mask=soft_mask)
+            loss, _ = mdlm_nll(model, x0, t, x_t, soft_mask=soft_mask)
             total += float(loss) / num_samples
         tokens += x0.numel()
     if tokens == 0:
