@@ -35,14 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from softmask_ext.data import BatchStream, stdlib_dataset  # noqa: E402
-from softmask_ext.decoding.mdlm_samplers import mdlm_generate  # noqa: E402
-from softmask_ext.evaluation.mdlm_metrics import elbo_perplexity, generative_perplexity  # noqa: E402
-from softmask_ext.model import load_tokenizer  # noqa: E402
-from softmask_ext.model.mdlm import MDLMConfig, MDLMModel  # noqa: E402
-from softmask_ext.pretrain import ASSET_DIR  # noqa: E402
-from softmask_ext.soft_mask import SoftMask  # noqa: E402
-from softmask_ext.training.mdlm_trainer import MDLMTrainer, mdlm_preset  # noqa: E402
+from softmask_ext.data import BatchStream, stdlib_dataset
+from softmask_ext.decoding.mdlm_samplers import mdlm_generate
+from softmask_ext.evaluation.mdlm_metrics import elbo_perplexity, generative_perplexity
+from softmask_ext.model import load_tokenizer
+from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
+from softmask_ext.pretrain import ASSET_DIR
+from softmask_ext.soft_mask import SoftMask
+from softmask_ext.training.mdlm_trainer import MDLMTrainer, mdlm_preset
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -36,6 +36,11 @@ def _model(seed=0):
     return model
 
 
+# Shared with tests/_mdlm_ddp_worker.py: the single-process run uses grad_accum=2 to see the same global batch.
+DDP_SETTINGS = {"max_steps": 3, "batch_size": 4, "warmup_steps": 1, "sm_prob": 0.5, "ema": 0.9, "lr": 1e-3,
+                "eval_batches": 1, "seed": 2}
+
+
 def _blocks(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [Example(torch.randint(0, 29, (16,), generator=g), torch.zeros(16, dtype=torch.bool)) for _ in range(n)]
@@ -174,3 +179,28 @@ def test_mauve_is_skipped_with_a_message_without_its_package():
         assert mauve_score(["a"], ["b"]) == {"skipped": MAUVE_MISSING}
     else:
         assert "skipped" in mauve_score(["a"], ["b"], feature_model=None)
+
+
+@pytest.mark.slow  # two torchrun processes
+def test_two_processes_match_one(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), "tests"])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "tests/_mdlm_ddp_worker.py", str(tmp_path / "ddp")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "one"), grad_accum=2,
+                                               **DDP_SETTINGS), _blocks(24), _blocks(4, seed=1))
+    single.train()
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sm_share"] for r in ddp] == [r["sm_share"] for r in one]
+    for a, b in zip(ddp, one):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    final = MDLMModel.from_pretrained(tmp_path / "ddp" / "final")
+    for (name, p), q in zip(final.named_parameters(), MDLMModel.from_pretrained(tmp_path / "one" / "final")
+                            .parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,6 +1,8 @@
 """MDLM training: binary pretraining and soft-masked (SM) continued pretraining of a DiT MDLM on packed text blocks.
 
-One optimizer step takes a global batch of ``batch_size`` blocks in ``grad_accum`` micro-batches. Times are MDLM's
+One optimizer step takes a global batch of ``batch_size`` blocks, split over the ``torchrun`` processes (gradients
+averaged as DDP does, so ``W`` processes give the result of one process with ``W`` times the accumulation steps) and
+into ``grad_accum`` micro-batches per process. Times are MDLM's
 per-sample antithetic draws over the global batch; every token is masked with probability ``1 - alpha_t`` (no forced
 mask); the loss is ``sum -log p / t`` over the step's masked tokens divided by the step's valid tokens. Each
 micro-batch flips a coin with probability ``sm_prob`` for the two-pass SM forward. AdamW (SM parameters in their own
@@ -28,6 +30,7 @@ from torch import nn
 from ..data import BatchStream, Example
 from ..soft_mask import SoftMask
 from .checkpoint import latest_checkpoint, write_checkpoint
+from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
 from .ema import EMA
 from .mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
 from .noise import stream_generator
@@ -39,7 +42,8 @@ _TIME_STREAM, _MASK_STREAM, _COIN_STREAM, _DROPOUT_STREAM, _EVAL_STREAM = 11, 12
 
 @dataclass
 class MDLMTrainConfig:
-    """Hyper-parameters of an MDLM run (``batch_size`` is the global batch of one optimizer step)."""
+    """Hyper-parameters of an MDLM run (``batch_size`` is the global batch of one optimizer step over all processes,
+    ``grad_accum`` the micro-batches of each process)."""
 
     run_dir: str
     max_steps: int
@@ -86,18 +90,24 @@ def mdlm_preset(name: str, **overrides: Any) -> MDLMTrainConfig:
 
 
 class MDLMTrainer:
-    """Single-process MDLM training over fixed-length blocks (``Example`` of equal length, all tokens valid).
+    """MDLM training over fixed-length blocks (``Example`` of equal length, all tokens valid), in one process or
+    data-parallel over ``torchrun`` processes (``env``; the model is replicated, rank 0 writes the files).
 
     Args:
         model: an MDLM-family model (trained in full).
         config: the run's hyper-parameters.
         train, validation: the blocks.
         soft_mask: the SM module to train (default: a fresh ``SoftMask(k=config.sm_k)`` when ``sm_prob > 0``).
+        env: the process group (:func:`softmask_ext.training.init_distributed`); default one process.
     """
 
     def __init__(self, model: nn.Module, config: MDLMTrainConfig, train: Sequence[Example],
-                 validation: Sequence[Example], soft_mask: SoftMask | None = None) -> None:
-        self.model, self.config, self.validation = model, config, validation
+                 validation: Sequence[Example], soft_mask: SoftMask | None = None, env: DistEnv | None = None) -> None:
+        env = env if env is not None else DistEnv()
+        if config.batch_size % (env.world_size * config.grad_accum):
+            raise ValueError(f"batch_size {config.batch_size} must split into {env.world_size} processes x "
+                             f"{config.grad_accum} micro-batches")
+        self.model, self.config, self.validation, self.env = model, config, validation, env
         device = model.get_input_embeddings().weight.device
         if soft_mask is None and config.sm_prob > 0:
             soft_mask = SoftMask(k=config.sm_k)
@@ -112,39 +122,51 @@ class MDLMTrainer:
             self.optimizer, lambda step: step / warmup if step < warmup else 1.0)
         self.ema = EMA(model, config.ema)
         pad = getattr(model.config, "pad_token_id", None)
-        self.stream = BatchStream(train, config.batch_size, pad if pad is not None else 0, config.seed)
+        self.stream = BatchStream(train, config.batch_size, pad if pad is not None else 0, config.seed,
+                                  rank=env.rank, world_size=env.world_size)
         self.run_dir = Path(config.run_dir)
         self.step = 0
 
     # ------------------------------------------------------------------------------------------------ training
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the step's loss (nats per token), the share of SM micro-batches, the lr."""
-        cfg, model = self.config, self.model
+        cfg, model, env = self.config, self.model, self.env
         model.train()
-        torch.manual_seed(int(stream_generator(cfg.seed, _DROPOUT_STREAM, self.step).initial_seed() >> 1))
-        batch = next(self.stream)["input_ids"].to(model.get_input_embeddings().weight.device)
-        times = antithetic_times(batch.shape[0], stream_generator(cfg.seed, _TIME_STREAM, self.step))
-        micro = cfg.batch_size // cfg.grad_accum
+        batch = next(self.stream)["input_ids"].to(model.get_input_embeddings().weight.device)  # this rank's slice
+        # Times over the global batch; this rank's slice, as BatchStream slices the blocks.
+        times = antithetic_times(cfg.batch_size, stream_generator(cfg.seed, _TIME_STREAM, self.step))
+        times = times[env.rank * batch.shape[0]:(env.rank + 1) * batch.shape[0]]
+        micro = batch.shape[0] // cfg.grad_accum
         total, soft_count = torch.zeros(()), 0
         self.optimizer.zero_grad(set_to_none=True)
         for a in range(cfg.grad_accum):
-            index = self.step * cfg.grad_accum + a
+            # The micro-batch's index in one process with world_size * grad_accum micro-batches.
+            index = (self.step * env.world_size + env.rank) * cfg.grad_accum + a
             x0, t = batch[a * micro:(a + 1) * micro], times[a * micro:(a + 1) * micro]
+            torch.manual_seed(stream_generator(cfg.seed, _DROPOUT_STREAM, index).initial_seed() >> 1)  # dropout
             x_t = mask_tokens(x0, t, model.config.mask_token_id, stream_generator(cfg.seed, _MASK_STREAM, index))
             coin = torch.rand((), generator=stream_generator(cfg.seed, _COIN_STREAM, index)).item()
             soft = self.soft_mask is not None and coin < cfg.sm_prob
             soft_count += soft
             loss_sum, _ = mdlm_nll(model, x0, t, x_t, soft_mask=self.soft_mask if soft else None)
-            (loss_sum / batch.numel()).backward()
+            (loss_sum / batch.numel()).backward()  # this process's mean; averaged over processes below
             total += loss_sum.detach().cpu()
+        # Averaging the per-process means gives the mean over the global batch. SM parameters get gradients only on
+        # steps where some process ran SM (elsewhere they stay without, as in one process).
+        device = batch.device
+        soft_total = all_reduce_sum(float(soft_count), env, device)
+        average_gradients(model.parameters(), env)
+        if self.soft_mask is not None and soft_total:
+            average_gradients(self.soft_mask.parameters(), env)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(model)
         self.step += 1
-        return {"step": self.step, "loss": float(total) / batch.numel(), "grad_norm": float(grad_norm),
-                "sm_share": soft_count / cfg.grad_accum, "lr": self.scheduler.get_last_lr()[0]}
+        return {"step": self.step, "loss": all_reduce_sum(float(total), env, device) / (batch.numel() * env.world_size),
+                "grad_norm": float(grad_norm), "sm_share": soft_total / (cfg.grad_accum * env.world_size),
+                "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -152,20 +174,27 @@ class MDLMTrainer:
         from ..evaluation.mdlm_metrics import elbo_perplexity
         with self.ema.averaged(self.model):
             return elbo_perplexity(self.model, self.validation, soft_mask=self.soft_mask,
-                                   batch_size=self.config.batch_size // self.config.grad_accum,
+                                   batch_size=self.config.batch_size // (self.config.grad_accum * self.env.world_size),
                                    max_batches=self.config.eval_batches, seed=self.config.seed)
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (resuming from the run directory's latest checkpoint); writes ``metrics.jsonl``,
         checkpoints, ``final/`` (EMA weights + ``transparency_config.json``) and ``summary.json``."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.env.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.env)
         self.resume()
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-            while self.step < self.config.max_steps:
-                log.write(json.dumps(self.train_step()) + "\n")
-                if self.config.save_every and self.step % self.config.save_every == 0:
-                    self.save_checkpoint()
+        while self.step < self.config.max_steps:
+            record = self.train_step()
+            if main:
+                with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+                    log.write(json.dumps(record) + "\n")
+            if self.config.save_every and self.step % self.config.save_every == 0:
+                self.save_checkpoint()
         summary = {"steps": self.step, "validation": self.evaluate(), "config": dataclasses.asdict(self.config)}
+        if not main:
+            return summary
         final = self.run_dir / "final"
         with self.ema.averaged(self.model):
             self.model.save_pretrained(final)
@@ -176,8 +205,8 @@ class MDLMTrainer:
         return summary
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        """Atomically write everything needed to continue exactly."""
+    def save_checkpoint(self) -> Path | None:
+        """Atomically write everything needed to continue exactly (rank 0 writes; returns its path there)."""
         def write(directory: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                       str(directory / "model.safetensors"))
@@ -190,7 +219,9 @@ class MDLMTrainer:
                        directory / "optimizer.pt")
             state = {"step": self.step, "data": self.stream.state_dict(), "config": dataclasses.asdict(self.config)}
             (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        return write_checkpoint(self.run_dir / "checkpoints", self.step, write)
+        path = write_checkpoint(self.run_dir / "checkpoints", self.step, write) if self.env.is_main else None
+        barrier(self.env)
+        return path
 
     def resume(self) -> bool:
         """Load the run directory's latest checkpoint, if any; True when one was loaded."""
