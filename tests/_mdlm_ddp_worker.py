@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 
 import torch
+from test_mdlm_training import DDP_SETTINGS, _blocks, _model
 
 from softmask_ext.training.distributed import init_distributed
 from softmask_ext.training.mdlm_trainer import MDLMTrainer, mdlm_preset
-from test_mdlm_training import DDP_SETTINGS, _blocks, _model
 
 if __name__ == "__main__":
     env = init_distributed(torch.device("cpu"))

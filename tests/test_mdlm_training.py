@@ -190,7 +190,7 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), "tests"])}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "tests/_mdlm_ddp_worker.py", str(tmp_path / "ddp")], env=env, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     single = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "one"), grad_accum=2,
                                                **DDP_SETTINGS), _blocks(24), _blocks(4, seed=1))
