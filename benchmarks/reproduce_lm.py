@@ -1,6 +1,6 @@
 """The paper's Table 1 in miniature: SM continued pretraining of a DiT MDLM against binary continued pretraining.
 
-    python benchmarks/reproduce_lm.py            # ~15 minutes on 2 CPU cores
+    python benchmarks/reproduce_lm.py            # minutes on 2 quiet CPU cores (--hidden/--blocks/... to grow it)
     python benchmarks/reproduce_lm.py --quick    # a smoke run of a minute
 
 Corpus: the Python standard library of the running interpreter (offline everywhere; held-out modules by a hash of
@@ -49,16 +49,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--length", type=int, default=64, help="tokens per block and per sample")
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--continue-steps", type=int, default=250)
-    p.add_argument("--scorer-steps", type=int, default=600)
+    p.add_argument("--length", type=int, default=32, help="tokens per block and per sample")
+    p.add_argument("--hidden", type=int, default=64, help="DiT width (and the scorer's)")
+    p.add_argument("--blocks", type=int, default=2, help="DiT blocks (and the scorer's layers)")
+    p.add_argument("--max-chars", type=int, default=2_000_000, help="training corpus size (characters of source)")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--continue-steps", type=int, default=150)
+    p.add_argument("--scorer-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sm-lr", type=float, default=0.1,
                    help="SM parameters' lr: the recipe's 1e-2 moves their raw values by ~lr per update, too little to "
                         "leave the zero initialisation in a few hundred updates (the paper trains 100k)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--samples", type=int, default=16, help="samples per model and step count")
+    p.add_argument("--samples", type=int, default=8, help="samples per model and step count")
     p.add_argument("--sampling-steps", default="64,256,1024")
     p.add_argument("--val-blocks", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
@@ -72,24 +75,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tiny_config(tokenizer, length: int) -> MDLMConfig:
-    return MDLMConfig(vocab_size=len(tokenizer), model_length=length, hidden_dim=128, cond_dim=32, n_blocks=3,
-                      n_heads=4, dropout=0.0, mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+def tiny_config(tokenizer, args: argparse.Namespace) -> MDLMConfig:
+    return MDLMConfig(vocab_size=len(tokenizer), model_length=args.length, hidden_dim=args.hidden, cond_dim=32,
+                      n_blocks=args.blocks, n_heads=4, dropout=0.0, mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
 
 
-def train_scorer(train, tokenizer, steps: int, batch_size: int, directory: Path) -> Path:
+def train_scorer(train, tokenizer, args: argparse.Namespace, directory: Path) -> Path:
     """A small GPT-2-architecture causal LM on the training blocks, saved with the tokenizer (the scorer)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     length = len(train[0].input_ids)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max(128, 2 * length), n_embd=128,
-                                    n_layer=3, n_head=4, bos_token_id=tokenizer.eos_token_id,
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max(128, 2 * length), n_embd=args.hidden,
+                                    n_layer=args.blocks, n_head=4, bos_token_id=tokenizer.eos_token_id,
                                     eos_token_id=tokenizer.eos_token_id))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3)
-    stream = BatchStream(train, batch_size, tokenizer.pad_token_id, seed=0)
+    stream = BatchStream(train, args.batch_size, tokenizer.pad_token_id, seed=0)
     lm.train()
-    for _ in range(steps):
+    for _ in range(args.scorer_steps):
         ids = next(stream)["input_ids"]
         loss = lm(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
@@ -117,16 +120,16 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tokenizer = load_tokenizer(ASSET_DIR)
-    train = stdlib_dataset(tokenizer, "train", args.length)
+    train = stdlib_dataset(tokenizer, "train", args.length, max_chars=args.max_chars)
     validation = stdlib_dataset(tokenizer, "validation", args.length)
     val_blocks = [validation[i] for i in range(min(len(validation), args.val_blocks))]
     work = Path(tempfile.mkdtemp(prefix="reproduce_lm_"))
     print(f"corpus: {len(train)} training blocks, {len(val_blocks)} held-out blocks of {args.length} tokens")
     try:
-        scorer = train_scorer(train, tokenizer, args.scorer_steps, args.batch_size, work / "scorer")
+        scorer = train_scorer(train, tokenizer, args, work / "scorer")
         print(f"scorer trained ({time.perf_counter() - started:.0f}s)")
         torch.manual_seed(0)
-        base = MDLMModel(tiny_config(tokenizer, args.length))
+        base = MDLMModel(tiny_config(tokenizer, args))
         common = {"batch_size": args.batch_size, "lr": 1e-3, "warmup_steps": 50, "ema": 0.999, "eval_batches": 2}
         pretrain = MDLMTrainer(base, mdlm_preset("mdlm-pretrain", run_dir=str(work / "pretrain"),
                                                  max_steps=args.pretrain_steps, **common), train, val_blocks)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                    for variant, records in runs.items()}
         report = {
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "model": {"hidden_dim": 128, "n_blocks": 3, "n_heads": 4, "length": args.length,
+            "model": {"hidden_dim": args.hidden, "n_blocks": args.blocks, "n_heads": 4, "length": args.length,
                       "vocab_size": len(tokenizer)},
             "pretrained_elbo_perplexity": pretrained["validation"]["perplexity"],
             "runs": runs,
