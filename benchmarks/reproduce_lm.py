@@ -9,8 +9,9 @@ blocks of ``--length`` tokens. Steps:
 
 1. a tiny DiT MDLM is pretrained binary (MDLM's recipe, scaled down);
 2. for each seed it is continued for the same number of updates (a) binary and (b) with SM (k = 3, sm_prob 0.8),
-   the authors' continued-pretraining recipe, except the SM learning rate (``--sm-lr``, 0.1 instead of 1e-2: the
-   paper's 100k updates become a few hundred here, and SM would otherwise stay at its zero initialisation);
+   the authors' continued-pretraining recipe, except the SM group's optimiser (``--sm-lr`` 0.1 instead of 1e-2 and
+   ``--sm-eps`` 1e-16 instead of 1e-8: the paper's 100k updates become a hundred and fifty here, and with the
+   recipe's settings SM would not leave its zero initialisation in that many);
 3. each continued model (EMA weights) gets its held-out perplexity from the ELBO (SM two-pass at evaluation for
    (b)), and samples of ``--length`` tokens drawn with MDLM's ancestral sampler at 64/256/1024 steps (SM feedback
    for (b)) are scored by a small causal LM (GPT-2 architecture) trained here on the same training blocks.
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sm-lr", type=float, default=0.1,
                    help="SM parameters' lr: the recipe's 1e-2 moves their raw values by ~lr per update, too little to "
                         "leave the zero initialisation in a few hundred updates (the paper trains 100k)")
+    p.add_argument("--sm-eps", type=float, default=1e-16,
+                   help="Adam eps of the SM group: the scale's gradient at its initialisation is ~1e-12, below the "
+                        "recipe's 1e-8, which would freeze it for far more updates than a miniature has")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=8, help="samples per model and step count")
     p.add_argument("--sampling-steps", default="64,256,1024")
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             for variant, preset in (("binary", "mdlm-pretrain"), ("soft_mask", "mdlm-sm-paper")):
                 model = MDLMModel.from_pretrained(work / "pretrain" / "final")
                 config = mdlm_preset(preset, run_dir=str(work / f"{variant}-{seed}"), max_steps=args.continue_steps,
-                                     seed=seed + 1, sm_lr=args.sm_lr, **{**common, "warmup_steps": 10})
+                                     seed=seed + 1, sm_lr=args.sm_lr, sm_eps=args.sm_eps, **{**common, "warmup_steps": 10})
                 trainer = MDLMTrainer(model, config, train, val_blocks)
                 trainer.train()
                 soft_mask: SoftMask | None = trainer.soft_mask

@@ -51,6 +51,7 @@ class MDLMTrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     sm_lr: float = 1e-2
+    sm_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 2500
     clip: float = 1.0
@@ -64,7 +65,7 @@ class MDLMTrainConfig:
     def __post_init__(self) -> None:
         checks = {"max_steps >= 1": self.max_steps >= 1, "batch_size >= 1": self.batch_size >= 1,
                   "grad_accum >= 1 dividing batch_size": self.grad_accum >= 1 and self.batch_size % self.grad_accum
-                  == 0, "lr > 0": self.lr > 0, "sm_lr > 0": self.sm_lr > 0, "weight_decay >= 0": self.weight_decay >= 0,
+                  == 0, "lr > 0": self.lr > 0, "sm_lr > 0": self.sm_lr > 0, "sm_eps > 0": self.sm_eps > 0, "weight_decay >= 0": self.weight_decay >= 0,
                   "warmup_steps >= 0": self.warmup_steps >= 0, "clip > 0": self.clip > 0,
                   "0 <= sm_prob <= 1": 0 <= self.sm_prob <= 1, "0 <= ema < 1": 0 <= self.ema < 1,
                   "eval_batches >= 1": self.eval_batches >= 1, "save_every >= 0": self.save_every >= 0}
@@ -115,7 +116,10 @@ class MDLMTrainer:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr,
                    "weight_decay": config.weight_decay}]
         if self.soft_mask is not None:
-            groups.append({"params": list(self.soft_mask.parameters()), "lr": config.sm_lr, "weight_decay": 0.0})
+            # Adam's eps of the SM group: at the paper's initialisation (scale 1e-6) the scale's gradient is ~1e-12,
+            # far below the usual 1e-8, so the recipe's SM parameters start moving only after many updates.
+            groups.append({"params": list(self.soft_mask.parameters()), "lr": config.sm_lr, "weight_decay": 0.0,
+                           "eps": config.sm_eps})
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
