@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from softmask_ext import ops
 from softmask_ext.data import BatchStream, stdlib_dataset
 from softmask_ext.decoding.mdlm_samplers import mdlm_generate
 from softmask_ext.evaluation.mdlm_metrics import elbo_perplexity, generative_perplexity
@@ -43,7 +44,10 @@ from softmask_ext.model import load_tokenizer
 from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 from softmask_ext.pretrain import ASSET_DIR
 from softmask_ext.soft_mask import SoftMask
+from softmask_ext.training.gate_init import confidence_centre
+from softmask_ext.training.mdlm_objective import antithetic_times, mask_tokens
 from softmask_ext.training.mdlm_trainer import MDLMTrainer, mdlm_preset
+from softmask_ext.training.noise import stream_generator
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -64,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sm-eps", type=float, default=1e-16,
                    help="Adam eps of the SM group: the scale's gradient at its initialisation is ~1e-12, below the "
                         "recipe's 1e-8, which would freeze it for far more updates than a miniature has")
+    p.add_argument("--sm-centre", default="auto",
+                   help="initial gate centre: 'auto' (the median confidence negH of the pretrained model at masked "
+                        "positions; a tiny model's predictions sit far below the paper's -0.75, where the gate is "
+                        "closed) or a number")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=8, help="samples per model and step count")
     p.add_argument("--sampling-steps", default="64,256,1024")
@@ -108,6 +116,22 @@ def train_scorer(train, tokenizer, args: argparse.Namespace, directory: Path) ->
     return directory
 
 
+@torch.no_grad()
+def median_confidence(model, train, batch_size: int, batches: int = 4) -> float:
+    """Median negH (sum p log p) of the model's predictions at the masked positions of a few noised training
+    batches: the gate centre that opens SM for half of them."""
+    model.eval()
+    values = []
+    for b in range(batches):
+        x0 = torch.stack([train[b * batch_size + i].input_ids for i in range(batch_size)])
+        generator = stream_generator(0, 99, b)
+        x_t = mask_tokens(x0, antithetic_times(batch_size, generator), model.config.mask_token_id, generator)
+        masked = x_t == model.config.mask_token_id
+        logits = model(input_ids=x_t).logits[masked]
+        values.append(ops.topk_entropy(logits, 1)[2])
+    return confidence_centre(torch.cat(values))
+
+
 def sample_texts(model, tokenizer, soft_mask, steps: int, samples: int, length: int, seed: int) -> list[str]:
     with torch.no_grad():
         ids = mdlm_generate(model, batch_size=samples, max_new_tokens=length, steps=steps, soft_mask=soft_mask,
@@ -140,15 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
         pretrained = pretrain.train()
         print(f"pretrained: ELBO perplexity {pretrained['validation']['perplexity']:.2f} "
               f"({time.perf_counter() - started:.0f}s)")
+        pretrained_model = MDLMModel.from_pretrained(work / "pretrain" / "final")
+        centre = (median_confidence(pretrained_model, train, args.batch_size) if args.sm_centre == "auto"
+                  else float(args.sm_centre))
+        print(f"SM gate centre {centre:.3f}")
         runs: dict[str, list[dict]] = {"binary": [], "soft_mask": []}
         for seed in range(args.seeds):
             for variant, preset in (("binary", "mdlm-pretrain"), ("soft_mask", "mdlm-sm-paper")):
                 model = MDLMModel.from_pretrained(work / "pretrain" / "final")
                 config = mdlm_preset(preset, run_dir=str(work / f"{variant}-{seed}"), max_steps=args.continue_steps,
                                      seed=seed + 1, sm_lr=args.sm_lr, sm_eps=args.sm_eps, **{**common, "warmup_steps": 10})
-                trainer = MDLMTrainer(model, config, train, val_blocks)
+                soft_mask = SoftMask(k=config.sm_k, centre=centre) if config.sm_prob > 0 else None
+                trainer = MDLMTrainer(model, config, train, val_blocks, soft_mask=soft_mask)
                 trainer.train()
-                soft_mask: SoftMask | None = trainer.soft_mask
                 with trainer.ema.averaged(model):
                     model.eval()
                     ppl = elbo_perplexity(model, val_blocks, soft_mask=soft_mask, batch_size=args.batch_size,
@@ -173,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model": {"hidden_dim": args.hidden, "n_blocks": args.blocks, "n_heads": 4, "length": args.length,
                       "vocab_size": len(tokenizer)},
             "pretrained_elbo_perplexity": pretrained["validation"]["perplexity"],
+            "sm_initial_centre": centre,
             "runs": runs,
             "summary": summary,
             "seconds": round(time.perf_counter() - started, 1),
