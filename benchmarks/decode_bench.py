@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--family", choices=("dream", "mdlm"), default="dream",
+                   help="mdlm: the SM share of an MDLM sampling step (mdlm_decode_bench.py)")
     return p.parse_args(argv)
 
 
@@ -184,6 +186,9 @@ def providers(soft_mask: SoftMask, cuda: bool) -> list[Provider]:
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.family == "mdlm":
+        from mdlm_decode_bench import main as mdlm_main
+        return mdlm_main(args)
     device = default_device()
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]

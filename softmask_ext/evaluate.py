@@ -1,4 +1,5 @@
-"""Evaluate a (soft-masked) masked diffusion model: ``python -m softmask_ext.evaluate --task elbo|infill|humaneval``.
+"""Evaluate a (soft-masked) masked diffusion model: ``python -m softmask_ext.evaluate --task elbo|infill|humaneval``
+(and ``--task ppl|genppl|mauve`` for MDLM-family checkpoints; see ``softmask_ext.mdlm_cli``).
 
 - ``elbo``: validation perplexity bound (MDLM negative ELBO per token, Monte Carlo over t with a fixed seed, 95%
   interval). Data: the held-out standard-library modules, or ``--data FILE`` (the fine-tuning formats). With an SM
@@ -40,13 +41,14 @@ from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
 from .evaluation.infill import evaluate_infill, make_infill_examples, plot_infill
 from .evaluation.sandbox import Limits
+from .mdlm_cli import MDLM_TASKS, evaluate_main
 from .model import load_model, load_tokenizer
 from .model.family import load_config
 from .model.file_checks import check_weight_files
 from .soft_mask import SoftMask
 from .training.run_folder import check_writable
 
-TASKS = ("elbo", "infill", "humaneval")
+TASKS = ("elbo", "infill", "humaneval", *MDLM_TASKS)
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -93,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="humaneval: chat template (auto: when the model directory's name says Instruct)")
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per test program")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--sampler", default="mdlm", help="genppl/mauve (MDLM checkpoints): mdlm, remdm-cap, remdm-loop")
+    p.add_argument("--steps", type=int, default=None, help="genppl/mauve: sampling steps (default: one per token)")
+    p.add_argument("--samples", type=int, default=16, help="genppl/mauve: number of samples")
+    p.add_argument("--scorer", type=Path, default=None, help="genppl: local causal LM checkpoint directory")
+    p.add_argument("--feature-model", type=Path, default=None, help="mauve: local feature model directory")
     add_debug_flag(p)
     args = p.parse_args(argv)
     for name in ("num_samples", "limit", "batch_size", "span_length", "max_length", "max_new_tokens"):
@@ -207,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run ``args.task`` and write its results; returns the report."""
+    if args.task in MDLM_TASKS:  # MDLM-family checkpoints: ELBO perplexity, generative perplexity, MAUVE
+        return evaluate_main(args)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     out = args.out or Path("runs") / "eval" / model_label(args.model) / args.task

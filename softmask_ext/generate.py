@@ -25,7 +25,9 @@ import torch
 from .cli_errors import add_debug_flag, user_errors
 from .cpu_threads import configure_cpu_threads
 from .decoding import ALGS, diffusion_generate
+from .mdlm_cli import generate_main
 from .model import load_model, load_tokenizer
+from .model.family import checkpoint_model_type
 from .model.file_checks import check_weight_files
 from .conventions import ADAPTER_CONFIG, DTYPE_NAMES, SHIPPED_MODEL, default_device
 from .soft_mask import CONFIG_FILENAME, SoftMask
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
     p.add_argument("--live", action="store_true", help="show the canvas being denoised, step by step (stderr)")
+    p.add_argument("--sampler", default="mdlm", help="MDLM checkpoints: mdlm, remdm-cap or remdm-loop")
+    p.add_argument("--eta", type=float, help="MDLM checkpoints: ReMDM's remasking rate (default: ReMDM's)")
     add_debug_flag(p)
     return p
 
@@ -155,6 +159,8 @@ def _generate(args: argparse.Namespace) -> int:
     model_dir = _resolve_model_dir(args.model)
     device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if checkpoint_model_type(str(model_dir)) == "mdlm":  # MDLM/ReMDM sampling; --top-p is the nucleus
+        return generate_main(args, model_dir, device, DTYPE_NAMES.get(args.dtype), _read_prompt(args))
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..soft_mask import SoftMask
 from .engine import DiffusionDecoder, LogitsHook, TokensHook
 from .generation_config import GENERATION_FIELDS, new_token_count, resolve_generation_config
+from .mdlm_samplers import generate_from_diffusion_api, is_mdlm_model
 from .options import DecodeOptions, Prompt, check_prompt
 
 __all__ = ["DecodeResult", "diffusion_generate"]
@@ -118,6 +119,13 @@ def diffusion_generate(
         - top-p keeps every token tied with the last one in the nucleus (Dream's sort leaves their order, and so which
           of them stay, unspecified);
     """
+    if is_mdlm_model(model):  # MDLM's and ReMDM's samplers (sampler=, eta=, ... in the keywords)
+        return generate_from_diffusion_api(
+            model, input_ids, attention_mask, max_new_tokens=max_new_tokens, steps=steps, temperature=temperature,
+            top_p=top_p, top_k=top_k, alg=alg, alg_temp=alg_temp, eps=eps, output_history=output_history,
+            return_dict_in_generate=return_dict_in_generate, generation_tokens_hook_func=generation_tokens_hook_func,
+            generation_logits_hook_func=generation_logits_hook_func, soft_mask=soft_mask, mask_token_id=mask_token_id,
+            generator=generator, seed=seed, cuda_graph=cuda_graph, **soft_mask_kwargs)
     keywords = {name: value for name, value in locals().items() if name in GENERATION_FIELDS}
     unknown = sorted(k for k in soft_mask_kwargs if not k.startswith(_SOFT_MASK_PREFIXES))
     if unknown:
