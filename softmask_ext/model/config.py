@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .transformer import validate_transformer_config
+
 SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,28 +51,7 @@ class DreamConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DreamConfig.{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is None and name != "mask_token_id":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"DreamConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        validate_transformer_config(self)
         if self.torch_dtype is not None and self.torch_dtype not in DTYPE_NAMES:
             raise ValueError(f"torch_dtype must be one of {sorted(DTYPE_NAMES)} or None, got {self.torch_dtype!r}")
 

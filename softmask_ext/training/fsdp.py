@@ -42,7 +42,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..model.dream import DecoderLayer
+from ..model.transformer import DecoderLayer
 from .adapters import FULL_WEIGHTS, PEFT_WEIGHTS, AdapterConfig
 from .distributed import DistEnv
 from .two_pass import DiffusionTrainingForward, model_logits
