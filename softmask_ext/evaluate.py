@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
-from .decoding import ALGS
+from .decoding import ALGS, add_fast_decoding_flags, fast_decoding_kwargs
 from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
-from .evaluation.infill import evaluate_infill, make_infill_examples, plot_infill
+from .evaluation.infill import (evaluate_infill, evaluate_infill_thresholds, make_infill_examples,
+                                plot_accuracy_vs_parallelism, plot_infill)
 from .evaluation.sandbox import Limits
 from .model import DreamModel, load_tokenizer
 from .pretrain import ASSET_DIR
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="humaneval: chat template (auto: when the model directory's name says Instruct)")
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per test program")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_fast_decoding_flags(p, threshold_sweep=True)
     args = p.parse_args(argv)
     for name in ("num_samples", "limit", "batch_size", "span_length", "max_length", "max_new_tokens"):
         value = getattr(args, name)
@@ -96,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [tps for tps in args.tokens_per_step if length % tps]
         if bad:
             p.error(f"--tokens-per-step {bad} must divide {flag} {length} (steps = length / tokens per step)")
+    if args.threshold and args.task == "humaneval" and len(args.threshold) > 1:
+        p.error("--threshold takes one value for humaneval (a sweep is for --task infill)")
     if not args.model.is_dir():
         p.error(f"--model {args.model} is not a directory")
     return args
@@ -134,9 +138,18 @@ def run_infill(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft
     examples = make_infill_examples(heldout_functions(), tokenizer, args.span_length, seed=args.seed,
                                     limit=args.limit or 64, max_tokens=max_tokens)
     variants = {"binary": None} if soft_mask is None else {"binary": None, "soft_mask": soft_mask}
+    if args.threshold:
+        results = evaluate_infill_thresholds(
+            model, tokenizer, examples, thresholds=args.threshold, soft_masks=variants, batch_size=args.batch_size,
+            progress=not args.quiet, alg=args.alg, temperature=args.temperature or 0.0, top_p=args.top_p,
+            seed=args.seed, **fast_decoding_kwargs(args, threshold=False))
+        plot_accuracy_vs_parallelism(results, str(out / "infill_threshold.png"),
+                                     title=f"{args.model.name}: span of {args.span_length} tokens")
+        return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
     results = evaluate_infill(model, tokenizer, examples, tokens_per_step=args.tokens_per_step or (1, 2, 4, 8),
                               soft_masks=variants, batch_size=args.batch_size, progress=not args.quiet,
-                              alg=args.alg, temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed)
+                              alg=args.alg, temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed,
+                              **fast_decoding_kwargs(args, threshold=False))
     plot_infill(results, str(out / "infill.png"), title=f"{args.model.name}: span of {args.span_length} tokens")
     return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
 
@@ -156,6 +169,7 @@ def run_humaneval(args: argparse.Namespace, model: DreamModel, tokenizer: Any, s
                 soft_mask=soft_mask, limits=limits, progress=not args.quiet, alg=args.alg,
                 temperature=0.1 if args.temperature is None else args.temperature,
                 top_p=0.9 if args.top_p is None else args.top_p, seed=args.seed,
+                **fast_decoding_kwargs(args, threshold=False), threshold=args.threshold[0] if args.threshold else None,
             )
             for record in result.pop("samples"):
                 samples.write(json.dumps({"tokens_per_step": tps, **record}) + "\n")
@@ -212,8 +226,11 @@ def _headline(report: dict) -> dict:
             headline["soft_mask_minus_binary"] = results["soft_mask_minus_binary"]
         return headline
     if task == "infill":
-        return {variant: {tps: round(m["token_accuracy"], 4) for tps, m in by_tps.items()}
-                for variant, by_tps in results.items()}
+        return {variant: {key: round(m["token_accuracy"], 4) if "threshold" not in m else
+                          {"token_accuracy": round(m["token_accuracy"], 4),
+                           "tokens_per_step": round(m["tokens_per_step"], 3)}
+                          for key, m in by_key.items()}
+                for variant, by_key in results.items()}
     return {tps: r["pass@1"] for tps, r in results.items()}
 
 

@@ -21,7 +21,7 @@ from typing import TextIO
 
 import torch
 
-from .decoding import ALGS, diffusion_generate
+from .decoding import ALGS, add_fast_decoding_flags, diffusion_generate, fast_decoding_kwargs
 from .model import DreamModel, load_tokenizer
 from .model.loading import ADAPTER_CONFIG
 from .soft_mask import CONFIG_FILENAME, SoftMask
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alg", choices=ALGS, default="entropy")
     p.add_argument("--alg-temp", type=float)
     p.add_argument("--seed", type=int, default=0)
+    add_fast_decoding_flags(p)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = diffusion_generate(
             model, input_ids, max_new_tokens=args.max_new_tokens, steps=steps, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp, seed=args.seed,
-            soft_mask=soft_mask, generation_tokens_hook_func=hook,
+            soft_mask=soft_mask, generation_tokens_hook_func=hook, **fast_decoding_kwargs(args),
         )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -97,6 +97,8 @@ def llada_cached(model, prompt, *, steps, gen_length, block_length, temperature=
         start = prompt_len + num_block * block_length
         end = start + block_length
         counts = num_transfer_tokens((x[:, start:end] == mask_id).sum(1), steps)
+        if embeds is not None:  # a block starts from plain embeddings everywhere
+            embeds = model.get_input_embeddings().weight[x]
         block_initial = [max(int((x[b, start:end] == mask_id).sum()), 1) for b in range(batch)]
 
         def decide(logits, i, first):
@@ -154,6 +156,8 @@ def dream_blocks(model, prompt, *, steps, max_new_tokens, block_length, cache, t
         start = prompt_len + num_block * block_length
         end = start + block_length
         block_initial = [max(int((x[b, start:end] == mask_id).sum()), 1) for b in range(batch)]
+        if embeds is not None:  # a block starts from plain embeddings everywhere
+            embeds = model.get_input_embeddings().weight[x]
 
         def decide(shifted, i, first, first_only):
             """Unmask in the block from Dream-shifted ``logits`` ``[B, Q, V]`` of the positions ``first ..``."""

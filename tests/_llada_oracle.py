@@ -14,9 +14,9 @@ engine's documented rules, so that tests can compare token for token:
 - equal confidences go to the earlier position (``torch.topk`` leaves their order unspecified);
 - with a threshold, a block takes at most ``block_length`` steps (each step unmasks at least one position, unless the
   model predicts the mask token itself, where the published loop would go on for ever);
-- soft-masking: after each step the block's still-masked positions get the blend of this step's predictions, every
-  other position its plain embedding; the schedules' progress is the block's masks left over its masks when the
-  block started.
+- soft-masking: each block starts from plain embeddings; after each step the block's still-masked positions get the
+  blend of this step's predictions, every other position its plain embedding; the schedules' progress is the
+  block's masks left over its masks when the block started.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def llada_generate(model, prompt, attention_mask=None, *, steps, gen_length, blo
         block_mask_index = x[:, start:end] == mask_id
         counts = num_transfer_tokens(block_mask_index.sum(1), steps)
         block_initial = [max(int(block_mask_index[b].sum()), 1) for b in range(batch)]
+        if embeds is not None:  # a block starts from plain embeddings everywhere
+            embeds = model.get_input_embeddings().weight[x]
         i = 0
         while True:
             gumbel, scores = draw_noise((batch, block_length), weight.shape[0], temperature, remasking, generator)

@@ -59,7 +59,8 @@ def test_transfer_counts_follow_llada():
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-@pytest.mark.parametrize("blocks", [(12, 6), (4, 6), (3, 4)], ids=["one-block", "three-blocks", "four-blocks"])
+@pytest.mark.parametrize("blocks", [(12, 6), (4, 6), pytest.param((3, 4), marks=pytest.mark.slow)],
+                         ids=["one-block", "three-blocks", "four-blocks"])
 def test_matches_llada_generate(model, remasking, temperature, blocks):
     block_length, steps = blocks
     ours, theirs = both(model, prompts(), gen_length=12, steps=steps, block_length=block_length,
@@ -67,7 +68,8 @@ def test_matches_llada_generate(model, remasking, temperature, blocks):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("sm", SOFT_MASKS[:3])
+@pytest.mark.parametrize("sm", [SOFT_MASKS[0], pytest.param(SOFT_MASKS[1], marks=pytest.mark.slow),
+                                SOFT_MASKS[2]])
 def test_soft_masking_matches_dense_formulation(model, sm):
     ours, theirs = both(model, prompts(), gen_length=12, steps=6, block_length=4, temperature=0.5, soft_mask=sm)
     assert torch.equal(ours, theirs)
@@ -83,7 +85,7 @@ def test_cfg_matches_llada_generate(model, sm):
     assert not torch.equal(ours, plain)
 
 
-@pytest.mark.parametrize("threshold", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("threshold", [0.05, pytest.param(0.3, marks=pytest.mark.slow), 1.0])
 @pytest.mark.parametrize("sm", [None, SOFT_MASKS[1]])
 def test_threshold_matches_fast_dllm_rule(model, threshold, sm):
     ours, theirs = both(model, prompts(), gen_length=12, steps=3, block_length=4, threshold=threshold, soft_mask=sm,

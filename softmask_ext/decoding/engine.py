@@ -281,6 +281,12 @@ class DiffusionDecoder:
     def start_block(self, index: int) -> None:
         """Point the step at block ``index``: its columns and rows, its query window, its per-step counts."""
         device = self.block_cols.device
+        if index and self.soft_mask is not None:
+            # The finished block leaves the SM window with plain embeddings (even a position still holding the mask
+            # token, where the model predicted the mask token itself).
+            width = self.embeds.shape[-1]
+            plain = self.embedding[self.canvas.gather(1, self.window)]
+            self.embeds.scatter_(1, self.window.unsqueeze(-1).expand(-1, -1, width), plain)
         start = self.decode_from + index * self.block_length
         self._block_start = start
         cols = torch.arange(start, start + self.block_length, device=device)

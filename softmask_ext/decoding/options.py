@@ -78,7 +78,7 @@ class DecodeOptions:
         if self.threshold is not None:
             if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
                 raise ValueError(f"threshold must be in (0, 1] or None, got {self.threshold!r}")
-            if self.alg == "origin":
+            if self.alg == "origin" and not self.fast_dllm_compat:
                 raise ValueError("threshold needs a confidence: alg 'origin' has none (use maskgit_plus, "
                                  "topk_margin, entropy, low_confidence or random)")
             if self.alg_temp:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KVCache", "CacheView"]
+__all__ = ["KVCache", "CacheView", "LayerCache"]
 
 
 class KVCache:
@@ -63,10 +63,19 @@ class CacheView:
         """``T``, the number of key positions every query attends to."""
         return self.cache.length
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write the forward's ``k``, ``v`` ``[B, Q, n_kv_heads, head_dim]`` (rotated) into ``layer``'s columns;
-        returns that layer's whole ``K``, ``V`` ``[B, T, n_kv_heads, head_dim]``."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys.index_copy_(1, self.columns, k)
-        values.index_copy_(1, self.columns, v)
-        return keys, values
+    def layer(self, index: int) -> "LayerCache":
+        return LayerCache(self.cache.keys[index], self.cache.values[index], self.columns)
+
+
+class LayerCache:
+    """One attention layer's K/V buffers and the columns the current forward runs."""
+
+    def __init__(self, keys: Tensor, values: Tensor, columns: Tensor) -> None:
+        self.keys, self.values, self.columns = keys, values, columns
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the forward's ``k``, ``v`` ``[B, Q, n_kv_heads, head_dim]`` (rotated) into their columns; returns
+        the layer's whole ``K``, ``V`` ``[B, T, n_kv_heads, head_dim]``."""
+        self.keys.index_copy_(1, self.columns, k)
+        self.values.index_copy_(1, self.columns, v)
+        return self.keys, self.values
