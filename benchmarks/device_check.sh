@@ -6,7 +6,7 @@
 #   bash benchmarks/device_check.sh OUTDIR
 #
 # Environment: SKIP="decode train" leaves out steps by name (kernel_tests, kernel_bench, cuda_tests, decode,
-# decode_sampling, train);
+# decode_sampling, decode_modes, decode_modes_llada, train);
 # DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those two benchmarks.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
@@ -70,6 +70,13 @@ wanted decode && run $py "$repo/benchmarks/decode_bench.py" $quick --budget-s "$
 step "decode benchmark, the paper's sampling (temperature 0.1, top-p 0.9)"
 wanted decode_sampling && run $py "$repo/benchmarks/decode_bench.py" $quick --temperature 0.1 --top-p 0.9 \
     --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench_sampling.json"
+
+step "fast decoding modes: Dream's loop, plain, block+prefix, block+dual (bf16, Dream-7B / LLaDA-8B shape)"
+modes_tokens=$([ -n "$gpu" ] && echo 1024 || echo 64)  # the CPU dry run: a short generation
+wanted decode_modes && run $py "$repo/benchmarks/decode_bench.py" --modes dream,plain,prefix,dual \
+    --new-tokens "$modes_tokens" --block-length 32 --threshold 0.9 --out "$out/decode_modes.json"
+wanted decode_modes_llada && run $py "$repo/benchmarks/decode_bench.py" --family llada --modes plain,prefix,dual \
+    --new-tokens "$modes_tokens" --block-length 32 --threshold 0.9 --out "$out/decode_modes_llada.json"
 
 step "train benchmark"
 wanted train && run $py "$repo/benchmarks/train_bench.py" $quick --budget-s "${TRAIN_BUDGET_S:-40}" --out "$out/train_bench.json"

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
-from .decoding import ALGS, add_fast_decoding_flags, fast_decoding_kwargs
+from .decoding import ALGS, add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
 from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
 from .evaluation.infill import (evaluate_infill, evaluate_infill_thresholds, make_infill_examples,
                                 plot_accuracy_vs_parallelism, plot_infill)
 from .evaluation.sandbox import Limits
-from .model import DreamModel, load_tokenizer
+from .model import load_model, load_tokenizer
 from .pretrain import ASSET_DIR
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
@@ -115,7 +115,7 @@ def resolve_soft_mask(model_dir: Path, option: str | None) -> SoftMask | None:
     return SoftMask.from_transparency_config(default) if default.exists() else None
 
 
-def run_elbo(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_mask: SoftMask | None) -> dict:
+def run_elbo(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None) -> dict:
     if args.data is not None:
         data = load_dataset(args.data, tokenizer, args.max_length)
     else:
@@ -132,7 +132,7 @@ def run_elbo(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_m
     return {"num_blocks": len(examples), "results": results}
 
 
-def run_infill(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_mask: SoftMask | None,
+def run_infill(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None,
                out: Path) -> dict:
     max_tokens = min(model.config.max_position_embeddings, args.max_length)
     examples = make_infill_examples(heldout_functions(), tokenizer, args.span_length, seed=args.seed,
@@ -141,20 +141,21 @@ def run_infill(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft
     if args.threshold:
         results = evaluate_infill_thresholds(
             model, tokenizer, examples, thresholds=args.threshold, soft_masks=variants, batch_size=args.batch_size,
-            progress=not args.quiet, alg=args.alg, temperature=args.temperature or 0.0, top_p=args.top_p,
-            seed=args.seed, **fast_decoding_kwargs(args, threshold=False))
+            progress=not args.quiet, temperature=args.temperature or 0.0, seed=args.seed,
+            **dream_keywords(model, alg=args.alg, top_p=args.top_p), **fast_decoding_kwargs(args, threshold=False))
         plot_accuracy_vs_parallelism(results, str(out / "infill_threshold.png"),
                                      title=f"{args.model.name}: span of {args.span_length} tokens")
         return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
     results = evaluate_infill(model, tokenizer, examples, tokens_per_step=args.tokens_per_step or (1, 2, 4, 8),
                               soft_masks=variants, batch_size=args.batch_size, progress=not args.quiet,
-                              alg=args.alg, temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed,
+                              temperature=args.temperature or 0.0, seed=args.seed,
+                              **dream_keywords(model, alg=args.alg, top_p=args.top_p),
                               **fast_decoding_kwargs(args, threshold=False))
     plot_infill(results, str(out / "infill.png"), title=f"{args.model.name}: span of {args.span_length} tokens")
     return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
 
 
-def run_humaneval(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_mask: SoftMask | None,
+def run_humaneval(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None,
                   out: Path) -> dict:
     chat = args.chat == "yes" or (args.chat == "auto" and "instruct" in args.model.resolve().name.lower())
     problems = load_problems(args.limit)
@@ -166,9 +167,9 @@ def run_humaneval(args: argparse.Namespace, model: DreamModel, tokenizer: Any, s
             result = evaluate_humaneval(
                 model, tokenizer, problems, chat=chat, max_new_tokens=args.max_new_tokens,
                 steps=args.max_new_tokens // tps, num_samples=args.num_samples or 1, batch_size=args.batch_size,
-                soft_mask=soft_mask, limits=limits, progress=not args.quiet, alg=args.alg,
-                temperature=0.1 if args.temperature is None else args.temperature,
-                top_p=0.9 if args.top_p is None else args.top_p, seed=args.seed,
+                soft_mask=soft_mask, limits=limits, progress=not args.quiet,
+                temperature=0.1 if args.temperature is None else args.temperature, seed=args.seed,
+                **dream_keywords(model, alg=args.alg, top_p=0.9 if args.top_p is None else args.top_p),
                 **fast_decoding_kwargs(args, threshold=False), threshold=args.threshold[0] if args.threshold else None,
             )
             for record in result.pop("samples"):
@@ -182,8 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     try:
-        model = DreamModel.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=args.device,
-                                           base_model=args.base_model)
+        model = load_model(args.model, dtype=DTYPES.get(args.dtype), device=args.device, base_model=args.base_model)
         tokenizer = load_tokenizer(args.model)
         soft_mask = resolve_soft_mask(args.model, args.soft_mask)
     except (OSError, ValueError) as e:  # a bad checkpoint or config: a message, not a traceback

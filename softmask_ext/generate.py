@@ -1,4 +1,4 @@
-"""Generate text with a Dream checkpoint by (soft-masked) diffusion decoding.
+"""Generate text with a Dream or LLaDA checkpoint (any supported family) by (soft-masked) diffusion decoding.
 
     python -m softmask_ext.generate --model DIR --prompt "Write a function that reverses a string."
     python -m softmask_ext.generate --prompt-file task.txt --soft-mask DIR/transparency_config.json --live
@@ -21,8 +21,8 @@ from typing import TextIO
 
 import torch
 
-from .decoding import ALGS, add_fast_decoding_flags, diffusion_generate, fast_decoding_kwargs
-from .model import DreamModel, load_tokenizer
+from .decoding import ALGS, add_fast_decoding_flags, diffusion_generate, dream_keywords, fast_decoding_kwargs
+from .model import load_model, load_tokenizer
 from .model.loading import ADAPTER_CONFIG
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
@@ -111,7 +111,7 @@ def _resolve_model_dir(arg: str | None) -> Path:
         if arg:
             raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json or {ADAPTER_CONFIG})")
         raise SystemExit(
-            f"error: the shipped tiny model is missing ({TINY_MODEL}); pass --model DIR with a Dream checkpoint"
+            f"error: the shipped tiny model is missing ({TINY_MODEL}); pass --model DIR with a model checkpoint"
         )
     return path
 
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)
-        model = DreamModel.from_pretrained(model_dir, dtype=dtype, device=device, base_model=args.base_model).eval()
+        model = load_model(model_dir, dtype=dtype, device=device, base_model=args.base_model).eval()
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -168,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = diffusion_generate(
             model, input_ids, max_new_tokens=args.max_new_tokens, steps=steps, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp, seed=args.seed,
-            soft_mask=soft_mask, generation_tokens_hook_func=hook, **fast_decoding_kwargs(args),
+            **dream_keywords(model, top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp),
+            seed=args.seed, soft_mask=soft_mask, generation_tokens_hook_func=hook, **fast_decoding_kwargs(args),
         )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -22,9 +22,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from _decoding_oracle import _filtered_probs, _token_and_confidence
-from _llada_oracle import block_soft_embeddings, draw_noise, gumbel_argmax, num_transfer_tokens, transfer_index
+from _llada_oracle import (
+    block_soft_embeddings,
+    draw_noise,
+    gumbel_argmax,
+    num_transfer_tokens,
+    transfer_index,
+)
 
 
 def _rotate(x, positions, theta):
@@ -101,7 +106,7 @@ def llada_cached(model, prompt, *, steps, gen_length, block_length, temperature=
             embeds = model.get_input_embeddings().weight[x]
         block_initial = [max(int((x[b, start:end] == mask_id).sum()), 1) for b in range(batch)]
 
-        def decide(logits, i, first):
+        def decide(logits, i, first, start=start, end=end, counts=counts, block_initial=block_initial):
             """Unmask in the block from ``logits`` ``[B, Q, V]`` of the positions ``first ..``."""
             nonlocal embeds
             gumbel, scores = draw_noise((batch, block_length), vocab, temperature, remasking, generator)
@@ -159,7 +164,7 @@ def dream_blocks(model, prompt, *, steps, max_new_tokens, block_length, cache, t
         if embeds is not None:  # a block starts from plain embeddings everywhere
             embeds = model.get_input_embeddings().weight[x]
 
-        def decide(shifted, i, first, first_only):
+        def decide(shifted, i, first, first_only, start=start, end=end, block_initial=block_initial):
             """Unmask in the block from Dream-shifted ``logits`` ``[B, Q, V]`` of the positions ``first ..``."""
             nonlocal embeds
             token_noise = None

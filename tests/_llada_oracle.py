@@ -22,7 +22,6 @@ engine's documented rules, so that tests can compare token for token:
 from __future__ import annotations
 
 import torch
-
 from _decoding_oracle import _soft_embeddings
 
 

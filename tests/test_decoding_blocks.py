@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _fastdllm_oracle import dream_blocks, llada_cached
-from softmask_ext import SoftMask
-from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
 from test_decoding import SOFT_MASKS, tiny_model
 from test_decoding_llada import MASK, no_shift_model, prompts
+
+from softmask_ext import SoftMask
+from softmask_ext.decoding import (
+    DecodeOptions,
+    DiffusionDecoder,
+    check_prompt,
+    diffusion_generate,
+)
 
 CACHED = ["prefix", "dual"]
 

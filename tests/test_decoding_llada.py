@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _llada_oracle import llada_generate, num_transfer_tokens
+from test_decoding import SOFT_MASKS
+
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.decoding import diffusion_generate
 from softmask_ext.model.dream import DecoderLayer
 from softmask_ext.model.family import ModelFamily
-from test_decoding import SOFT_MASKS
 
 MASK = 96
 

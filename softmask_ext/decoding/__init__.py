@@ -7,10 +7,22 @@ decoding, on a CUDA-graph-ready engine.
 """
 
 from .api import DecodeResult, diffusion_generate
-from .cli import add_fast_decoding_flags, fast_decoding_kwargs
+from .cli import add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
 from .engine import DiffusionDecoder
 from .options import CACHE_MODES, DecodeOptions, Prompt, check_prompt
 from .sampling import ALGS, REMASKING
 
-__all__ = ["ALGS", "CACHE_MODES", "REMASKING", "DecodeOptions", "DecodeResult", "DiffusionDecoder", "Prompt",
-           "add_fast_decoding_flags", "check_prompt", "diffusion_generate", "fast_decoding_kwargs"]
+__all__ = [
+           "ALGS",
+           "CACHE_MODES",
+           "REMASKING",
+           "DecodeOptions",
+           "DecodeResult",
+           "DiffusionDecoder",
+           "Prompt",
+           "add_fast_decoding_flags",
+           "check_prompt",
+           "diffusion_generate",
+           "dream_keywords",
+           "fast_decoding_kwargs",
+]

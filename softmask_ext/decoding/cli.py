@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from torch import nn
+
+from ..model.family import family_of
 from .options import CACHE_MODES
 
-__all__ = ["add_fast_decoding_flags", "fast_decoding_kwargs"]
+__all__ = ["add_fast_decoding_flags", "dream_keywords", "fast_decoding_kwargs"]
 
 
 def add_fast_decoding_flags(parser: argparse.ArgumentParser, threshold_sweep: bool = False) -> None:
@@ -34,3 +37,9 @@ def fast_decoding_kwargs(args: argparse.Namespace, threshold: bool = True) -> di
     """The ``diffusion_generate`` keywords of those flags (without the threshold when ``threshold`` is False)."""
     kwargs = {"block_length": args.block_length, "cache": args.cache}
     return {**kwargs, "threshold": args.threshold} if threshold else kwargs
+
+
+def dream_keywords(model: nn.Module, **kwargs: Any) -> dict[str, Any]:
+    """The CLIs' Dream-only decoding flags (``--alg``, ``--top-p``, ...) for a Dream-style model; nothing for a
+    LLaDA-style one, which decodes with its own remasking rule (``diffusion_generate`` rejects Dream's keywords)."""
+    return {} if "remasking" in family_of(model).default_decoding else kwargs

@@ -52,7 +52,7 @@ from .options import DecodeOptions, Prompt
 from .sampling import StepNoise, propose, select_transfers
 from .schedule import step_ratios
 
-__all__ = ["DiffusionDecoder", "TokensHook", "LogitsHook"]
+__all__ = ["DiffusionDecoder", "LogitsHook", "TokensHook"]
 
 # Dream's hook signatures: (step or None, canvas [B, T], logits [B, T, V] or None) -> canvas / logits.
 TokensHook = Callable[[int | None, Tensor, Tensor | None], Tensor]

@@ -23,8 +23,15 @@ from tqdm import tqdm
 from ..data.stdlib_corpus import FunctionSource
 from .generation import infill_tokens
 
-__all__ = ["InfillExample", "make_infill_examples", "score_infill", "evaluate_infill", "evaluate_infill_thresholds",
-           "plot_infill", "plot_accuracy_vs_parallelism"]
+__all__ = [
+    "InfillExample",
+    "evaluate_infill",
+    "evaluate_infill_thresholds",
+    "make_infill_examples",
+    "plot_accuracy_vs_parallelism",
+    "plot_infill",
+    "score_infill",
+]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KVCache", "CacheView", "LayerCache"]
+__all__ = ["CacheView", "KVCache", "LayerCache"]
 
 
 class KVCache:
@@ -39,7 +39,7 @@ class KVCache:
         self.batch, self.length = batch, length
 
     @classmethod
-    def for_model(cls, model: nn.Module, *, batch: int, length: int) -> "KVCache":
+    def for_model(cls, model: nn.Module, *, batch: int, length: int) -> KVCache:
         """A cache sized from ``model.config`` (``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``) in the
         dtype and on the device of its input embeddings."""
         config: Any = model.config
@@ -47,7 +47,7 @@ class KVCache:
         return cls(layers=config.num_hidden_layers, batch=batch, length=length, kv_heads=config.num_key_value_heads,
                    head_dim=config.head_dim, dtype=weight.dtype, device=weight.device)
 
-    def at(self, columns: Tensor) -> "CacheView":
+    def at(self, columns: Tensor) -> CacheView:
         """The cache as one forward sees it: it runs the positions ``columns`` (int64 ``[Q]``, ascending)."""
         return CacheView(self, columns)
 
@@ -63,7 +63,7 @@ class CacheView:
         """``T``, the number of key positions every query attends to."""
         return self.cache.length
 
-    def layer(self, index: int) -> "LayerCache":
+    def layer(self, index: int) -> LayerCache:
         return LayerCache(self.cache.keys[index], self.cache.values[index], self.columns)
 
 
