@@ -3,6 +3,7 @@ authors' dense soft-masking path, on a randomly initialised model (speed does no
 
     python benchmarks/decode_bench.py                      # GPU preset on CUDA, CPU preset otherwise
     python benchmarks/decode_bench.py --preset cpu --out benchmarks/results/decode_bench_cpu.json
+    python benchmarks/decode_bench.py --modes dream,plain,prefix,dual --new-tokens 512 --threads 2   # fast decoding
 
 Providers, all decoding the same prompts with the same settings:
     dream_reference   Dream's own binary decoding loop (full logits every step, host syncs, no graphs)
@@ -22,16 +23,21 @@ fp32 (CPU preset); in bf16 Dream's loop ranks bf16-rounded confidences, full of 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
+from functools import partial
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.conventions import DTYPE_NAMES, default_device
-from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt
+from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
+from softmask_ext.model.llada import LLaDAModel
+from softmask_ext.model.llada_config import LLaDAConfig
 from softmask_ext.decoding.sampling import propose
 
 import harness
@@ -53,6 +59,9 @@ PRESETS = {
 # The example transparency_config.json of the SM paper's code release.
 SOFT_MASK = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.25, "transparency_centre": -1,
              "transparency_steepness": 5, "mixinputs_k": 1, "transparency_scheduling": "none"}
+# --modes: Dream's own loop; our engine over the whole sequence, one token per step; blocks with a prefix / dual K/V
+# cache and threshold parallel decoding.
+MODES = ("dream", "plain", "prefix", "dual")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,8 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--family", choices=("dream", "mdlm"), default="dream",
-                   help="mdlm: the SM share of an MDLM sampling step (mdlm_decode_bench.py)")
+    p.add_argument("--modes", help=f"comma-separated, from {MODES}: compare the decoding modes (with and without SM) "
+                                   "instead of the providers")
+    p.add_argument("--new-tokens", default="256,512,1024", help="--modes: comma-separated generation lengths")
+    p.add_argument("--block-length", type=int, default=32, help="--modes: block length of prefix/dual")
+    p.add_argument("--threshold", type=float, default=0.9, help="--modes: threshold of prefix/dual")
+    p.add_argument("--family", choices=("dream", "llada", "mdlm"), default="dream",
+                   help="--modes: a random model of this family (LLaDA: no Dream loop); mdlm: the SM share of an "
+                        "MDLM sampling step (mdlm_decode_bench.py)")
     return p.parse_args(argv)
 
 
@@ -78,27 +93,24 @@ def timed(fn, device):
     return ms / 1e3, out
 
 
-def step_logits(decoder: DiffusionDecoder) -> torch.Tensor:
-    """The logits a decoder's step reads (the rows that predict its region), through the model's public forward."""
-    inputs = {"inputs_embeds": decoder.embeds} if decoder.soft_mask is not None else {"input_ids": decoder.canvas}
-    return decoder.model(**inputs, attention_mask=decoder.attention_mask, position_ids=decoder.position_ids,
-                         logits_rows=decoder.logits_rows).logits
-
-
-def build_model(preset: dict, device: torch.device) -> DreamModel:
-    config = DreamConfig(**preset["model"], max_position_embeddings=max(4096, preset["prompt"] + preset["new_tokens"]))
+def build_model(preset: dict, device: torch.device, family: str = "dream") -> torch.nn.Module:
+    positions = max(4096, preset["prompt"] + preset["new_tokens"])
+    if family == "llada":  # the preset's shape (the GPU preset's defaults: LLaDA-8B's) with LLaDA's vocabulary
+        config, model_class = LLaDAConfig(**preset["model"], max_position_embeddings=positions), LLaDAModel
+    else:
+        config, model_class = DreamConfig(**preset["model"], max_position_embeddings=positions), DreamModel
     dtype = DTYPE_NAMES[preset["dtype"]]
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in the target dtype, directly on the device
     try:
         with torch.device(device):
-            model = DreamModel(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     # Random weights at the pretraining scale predict a near-uniform distribution over 152k tokens, where rounding
     # alone decides between positions; a larger LM head gives peaked predictions, as a trained model makes, so that
     # the token agreement between providers means something. Speed is unaffected.
-    model.lm_head.weight.detach().normal_(std=3.0 / config.hidden_size**0.5)
+    model.get_output_embeddings().weight.detach().normal_(std=3.0 / model.config.hidden_size**0.5)
     return model.eval()
 
 
@@ -138,7 +150,7 @@ class Provider:
         decoder = self.decoder
         decoder.load(self.prompt)
         decoder.noise.draw()
-        logits = step_logits(decoder)
+        logits = decoder._logits("full", decoder.full_rows)
         opts = decoder.options
         return self._time_ms(lambda: propose(logits, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
                                              top_k=opts.top_k, token_noise=decoder.noise.token), reps)
@@ -168,10 +180,8 @@ class Provider:
             decoder = self.decoder
             decoder.canvas.copy_(x)
             decoder.embeds.copy_(model.get_input_embeddings()(x))
-            logits = step_logits(decoder)
-            region = decoder.region.reshape(-1)  # the SM inputs the step builds (binary schedule: no progress)
-            embedding = decoder.embedding
-            work = lambda: self.soft_mask.soft_rows(logits, None, region, embedding, self.mask_id)  # noqa: E731
+            logits = decoder._logits("full", decoder.full_rows)
+            work = lambda: decoder._soft_embeddings(logits)  # noqa: E731
         return self._time_ms(work, reps)
 
 
@@ -198,6 +208,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats, args.budget_s = 1, min(args.budget_s, 30.0)
     torch.manual_seed(args.seed)
+    if args.modes:
+        return run_modes(args, preset_name, preset, device)
     started = time.perf_counter()
 
     model = build_model(preset, device)
@@ -273,6 +285,112 @@ def main(argv=None) -> int:
     if args.out:
         harness.write_results(args.out, report, device=device)
     return 0
+
+
+def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int:
+    """tokens/s, forward passes (NFE) and ms per forward of each mode, binary and SM, at each generation length.
+
+    ``dream`` and ``plain`` take one token per step over the whole sequence; every step has the same shapes, so they are
+    timed over a few steps and their time for ``N`` steps is extrapolated (marked so). ``prefix`` and ``dual`` decode
+    in blocks with threshold parallel decoding: their step counts depend on the predictions, so they run in full.
+    """
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or (args.family == "llada" and "dream" in modes):
+        raise SystemExit(f"--modes: unknown or unavailable modes {unknown or ['dream']} (choose from {MODES}; "
+                         "Dream's loop needs --family dream)")
+    lengths = [int(n) for n in args.new_tokens.split(",")]
+    model = build_model(dict(preset, new_tokens=max(lengths)), device, args.family)
+    soft_mask = SoftMask.from_any(SOFT_MASK).to(device)
+    mask_id = model.config.mask_token_id
+    forwards = [0]
+    handle = model.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
+    probe_steps = 4
+    rows = []
+    started = time.perf_counter()
+    ids = torch.randint(0, mask_id, (1, preset["prompt"]), generator=torch.Generator().manual_seed(args.seed))
+    ids = ids.to(device)
+    for new_tokens in lengths:
+        for mode in modes:
+            for sm in (False, True):
+                sm_module = soft_mask if sm else None
+                if mode == "dream":
+                    steps = probe_steps
+                    call = partial(reference_generate, model, ids, max_new_tokens=new_tokens, steps=steps,
+                                   mask_token_id=mask_id, soft_mask=sm_module, alg=args.alg)
+                else:
+                    fast = mode != "plain"
+                    steps = new_tokens if fast else probe_steps
+                    keywords = dict(block_length=args.block_length, threshold=args.threshold, cache=mode) if fast else {}
+                    if args.family == "dream":
+                        keywords["alg"] = "maskgit_plus" if fast else args.alg
+                    call = partial(diffusion_generate, model, ids, max_new_tokens=new_tokens, steps=steps,
+                                   soft_mask=sm_module, **keywords)
+                if device.type == "cuda":
+                    call()  # warm-up (graph capture)
+                forwards[0] = 0
+                seconds, _ = timed(call, device)
+                nfe = forwards[0]
+                extrapolated = nfe == probe_steps and steps == probe_steps
+                ms = 1000 * seconds / nfe
+                total_s = ms * new_tokens / 1000 if extrapolated else seconds
+                nfe_total = new_tokens if extrapolated else nfe
+                rows.append(dict(mode=mode, sm=sm, new_tokens=new_tokens, tokens_per_s=new_tokens / total_s,
+                                 nfe=nfe_total, ms_per_step=ms, seconds=total_s, extrapolated=extrapolated))
+                print(f"{mode:<8}{'SM' if sm else 'binary':<8}{new_tokens:>6} tokens: {new_tokens / total_s:9.1f} "
+                      f"tokens/s, NFE {nfe_total:>5}, {ms:8.2f} ms/step" + (" (extrapolated)" if extrapolated else ""),
+                      file=sys.stderr)
+    handle.remove()
+    summary = {}
+    for new_tokens in lengths:
+        tps = {(r["mode"], r["sm"]): r["tokens_per_s"] for r in rows if r["new_tokens"] == new_tokens}
+        entry = {f"sm_vs_binary_{m}": tps[(m, True)] / tps[(m, False)] for m in modes}
+        for fast in ("prefix", "dual"):
+            for base in ("plain", "dream"):
+                if fast in modes and base in modes:
+                    entry[f"{fast}_vs_{base}"] = tps[(fast, False)] / tps[(base, False)]
+        summary[str(new_tokens)] = entry
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    report = dict(device=device_name, preset=preset_name, family=args.family, dtype=preset["dtype"],
+                  prompt=preset["prompt"], vocab=model.config.vocab_size, layers=model.config.num_hidden_layers,
+                  hidden=model.config.hidden_size, block_length=args.block_length, threshold=args.threshold,
+                  alg=args.alg, soft_mask=SOFT_MASK, torch=torch.__version__, threads=torch.get_num_threads(),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.perf_counter() - started,
+                  results=rows, summary=summary)
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        plot_modes(report, str(Path(args.out).with_suffix(".png")))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def plot_modes(report: dict, path: str) -> None:
+    """tokens/s per mode (binary and SM bars), one panel per generation length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["new_tokens"] for r in report["results"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), constrained_layout=True,
+                             squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        rows = [r for r in report["results"] if r["new_tokens"] == n]
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        for offset, sm in ((-0.2, False), (0.2, True)):
+            values = [next(r["tokens_per_s"] for r in rows if r["mode"] == m and r["sm"] == sm) for m in modes]
+            ax.bar([i + offset for i in range(len(modes))], values, width=0.4, label="SM" if sm else "binary")
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_yscale("log")
+        ax.set_title(f"{n} new tokens")
+        ax.set_ylabel("tokens/s")
+    axes[0][0].legend()
+    fig.suptitle(f"{report['device']}, {report['family']}, block {report['block_length']}, "
+                 f"threshold {report['threshold']}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -9,8 +9,8 @@
 #   bash benchmarks/device_check.sh OUTDIR
 #
 # Environment: SKIP="train decode" leaves out steps by name (build, kernel_tests, variants, kernel_bench, cuda_tests,
-# decode, decode_sampling, train); SKIP=build uses the source tree as it is (with its in-place build) instead of
-# installing it. DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those benchmarks.
+# decode, decode_sampling, decode_modes, decode_modes_llada, train); SKIP=build uses the source tree as it is (with
+# its in-place build) instead of installing it. DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those benchmarks.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
 mkdir -p "$out"
@@ -102,10 +102,12 @@ step "6. decode benchmark, the paper's sampling (temperature 0.1, top-p 0.9)"
 wanted decode_sampling && run $py "$repo/benchmarks/decode_bench.py" $quick --temperature 0.1 --top-p 0.9 \
     --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench_sampling.json"
 
-# --- 7. decoding modes of the decoding engine (block-wise, prefix/dual cache, threshold parallel decoding) ---
-# Their rows join here, each as one `wanted <name> && run ... --out "$out/<name>.json"` line with a budget, listed
-# in the SKIP names above. (Placeholder for the decoding-engine benchmarks; nothing runs here yet.)
-# --- end of 7 ---
+step "7. decoding modes: Dream's loop, plain, block+prefix, block+dual (bf16, Dream-7B / LLaDA-8B shape)"
+modes_tokens=$([ -n "$gpu" ] && echo 1024 || echo 64)  # the CPU dry run: a short generation
+wanted decode_modes && run $py "$repo/benchmarks/decode_bench.py" --modes dream,plain,prefix,dual \
+    --new-tokens "$modes_tokens" --block-length 32 --threshold 0.9 --out "$out/decode_modes.json"
+wanted decode_modes_llada && run $py "$repo/benchmarks/decode_bench.py" --family llada --modes plain,prefix,dual \
+    --new-tokens "$modes_tokens" --block-length 32 --threshold 0.9 --out "$out/decode_modes_llada.json"
 
 step "8. train benchmark"
 wanted train && run $py "$repo/benchmarks/train_bench.py" $quick --budget-s "${TRAIN_BUDGET_S:-40}" --out "$out/train_bench.json"

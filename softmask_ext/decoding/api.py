@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..model.family import family_of
 from ..soft_mask import SoftMask
 from .engine import DiffusionDecoder, LogitsHook, TokensHook
 from .generation_config import GENERATION_FIELDS, new_token_count, resolve_generation_config
 from .mdlm_samplers import generate_from_diffusion_api, is_mdlm_model
 from .options import DecodeOptions, Prompt, check_prompt
+from .sampling import REMASKING
 
 __all__ = ["DecodeResult", "diffusion_generate"]
 
@@ -66,13 +68,22 @@ def diffusion_generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     cuda_graph: bool | None = None,
+    block_length: int | None = None,
+    threshold: float | None = None,
+    cache: str | None = None,
+    use_cache: bool = False,
+    dual_cache: bool = False,
+    fast_dllm_compat: bool = False,
+    remasking: str | None = None,
+    cfg_scale: float | None = None,
     **soft_mask_kwargs: Any,
 ) -> Tensor | DecodeResult:
-    """Masked-diffusion decoding as Dream's reference ``diffusion_generate``, with optional soft-masking.
+    """Masked-diffusion decoding as Dream's reference ``diffusion_generate`` (or LLaDA's ``generate`` for LLaDA
+    models), block-wise with K/V caches and threshold parallel decoding as Fast-dLLM, with optional soft-masking.
 
     Args:
-        model: a :class:`softmask_ext.DreamModel` (or a module with its forward signature, ``config`` and
-            ``get_input_embeddings()``).
+        model: a :class:`softmask_ext.DreamModel`, a LLaDA model, or a module with their forward signature,
+            ``config``, ``get_input_embeddings()`` and a model family.
         input_ids: int64 ``[B, P]`` prompts, left-padded when their lengths differ. Mask tokens in them are decoded
             too, as Dream does (infilling: prefix, masks, suffix, and ``max_new_tokens=0``).
         attention_mask: ``[B, P]`` 1 for tokens, 0 for left padding (positions are ``cumsum(mask) - 1``).
@@ -85,12 +96,27 @@ def diffusion_generate(
             one token per step. More steps than masks is allowed, as in Dream: a step whose share
             ``int(masks * (1 - s/t))`` rounds to 0 unmasks nothing (and the last step unmasks everything left).
         temperature, top_p, top_k: Dream's filters and sampling (``temperature == 0``, the default: argmax).
-        alg: ``"origin"`` (each mask unmasks with probability ``1 - s/t``), ``"maskgit_plus"`` (most probable
-            first), ``"topk_margin"`` (largest top-1 minus top-2 first), ``"entropy"`` (lowest entropy first).
+        alg: Dream models: ``"origin"`` (default; each mask unmasks with probability ``1 - s/t``),
+            ``"maskgit_plus"`` (most probable first), ``"topk_margin"`` (largest top-1 minus top-2 first),
+            ``"entropy"`` (lowest entropy first).
         alg_temp: when > 0, the positions to unmask are sampled from ``softmax(confidence / alg_temp)``.
-        eps: final time of ``timesteps = linspace(1, eps, steps + 1)`` (default 1e-3).
+        eps: final time of ``timesteps = linspace(1, eps, steps + 1)`` (default 1e-3; per block).
         num_return_sequences: each prompt is decoded this many times (its rows repeated, as Dream's
             ``repeat_interleave``); the output has ``B * num_return_sequences`` rows, each with its own noise.
+        remasking: LLaDA models: ``"low_confidence"`` (default; fp64 probability of the chosen token) or
+            ``"random"``; sampling is LLaDA's Gumbel-max in fp64 at ``temperature``, and each block's masks are split
+            evenly over its steps (the remainder to the first steps).
+        cfg_scale: LLaDA models: classifier-free guidance (``0``: off); the unconditional pass sees the prompt as
+            masks, and the logits are ``uncond + (cfg_scale + 1) * (cond - uncond)``.
+        block_length: decode in blocks of this many positions, left to right (it must divide the decoded length;
+            ``steps`` must be a multiple of the number of blocks). Default: one block.
+        threshold: in ``(0, 1]``: each step unmasks every masked position of the block whose confidence reaches it,
+            and the most confident one in any case (``steps`` then only sets the block count check).
+        cache: ``"none"`` (default), ``"prefix"`` or ``"dual"``; ``use_cache=True`` means ``"prefix"`` and
+            ``dual_cache=True`` means ``"dual"`` (Fast-dLLM's names).
+        fast_dllm_compat: Dream models with a cache: Fast-dLLM's Dream loop, token for token (each block's first
+            forward commits the block's first position; fixed-count steps rank by negative entropy whatever ``alg``
+            says, threshold steps by ``p(x0)``).
         output_history, return_dict_in_generate: as in Dream; history needs both.
         generation_tokens_hook_func: ``f(step, x, logits) -> x``, called before the first step (``step=None``) and
             after each step's unmasking; it may edit the decoded region (from the first mask token of any prompt on).
@@ -136,6 +162,11 @@ def diffusion_generate(
         raise ValueError("the model's config has no mask_token_id; pass mask_token_id=")
     max_positions = getattr(config, "max_position_embeddings", None)
     prompt_len = input_ids.shape[-1] if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else 0
+    llada = "remasking" in family_of(model).default_decoding
+    alg, eps = _family_keywords(llada, alg=g["alg"], eps=g["eps"], top_p=g["top_p"], top_k=g["top_k"],
+                                alg_temp=g["alg_temp"], remasking=remasking, cfg_scale=cfg_scale,
+                                fast_dllm_compat=fast_dllm_compat,
+                                hooks=generation_tokens_hook_func or generation_logits_hook_func)
     options = DecodeOptions(
         max_new_tokens=new_token_count(g, prompt_len, max_positions),
         steps=1 if g["steps"] is None else g["steps"],  # None: one token per step, once the prompts' masks are counted
@@ -143,9 +174,14 @@ def diffusion_generate(
         temperature=0.0 if g["temperature"] is None else g["temperature"],
         top_p=g["top_p"],
         top_k=g["top_k"],
-        alg="origin" if g["alg"] is None else g["alg"],
+        alg=alg,
         alg_temp=g["alg_temp"],
-        eps=1e-3 if g["eps"] is None else g["eps"],
+        eps=eps,
+        block_length=block_length,
+        threshold=threshold,
+        cache=_cache_mode(cache, use_cache, dual_cache),
+        cfg_scale=cfg_scale or 0.0,
+        fast_dllm_compat=fast_dllm_compat,
     )
     device = model.get_input_embeddings().weight.device
     prompt = check_prompt(input_ids, attention_mask, options, vocab_size=config.vocab_size,
@@ -200,6 +236,44 @@ def _check_special_tokens(g: Mapping[str, Any], prompt: Prompt, vocab_size: int)
     if pad is not None and prompt.attention_mask is None and bool((prompt.input_ids == pad).any()):
         warnings.warn("Padding was detected but no attention mask is passed here. For correct generation results, "
                       "please set `attention_mask` when batch-padding inputs.", UserWarning, stacklevel=3)
+
+
+def _family_keywords(llada: bool, *, alg: str | None, eps: float | None, remasking: str | None,
+                     cfg_scale: float | None, fast_dllm_compat: bool, hooks: Any, **dream_only: Any
+                     ) -> tuple[str, float]:
+    """(alg, eps) for the model's family; keywords of the other family are errors, never ignored."""
+    if llada:
+        given = [name for name, value in (("alg", alg), ("eps", eps), *dream_only.items(),
+                                          ("fast_dllm_compat", fast_dllm_compat or None),
+                                          ("generation hooks", hooks)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: Dream's decoding keywords, not LLaDA's (use remasking=, "
+                             "cfg_scale=, temperature=)")
+        remasking = "low_confidence" if remasking is None else remasking
+        if remasking not in REMASKING:
+            raise ValueError(f"unknown remasking {remasking!r}; expected one of {REMASKING}")
+        return remasking, 1e-3
+    for name, value in (("remasking", remasking), ("cfg_scale", cfg_scale)):
+        if value is not None:
+            raise ValueError(f"{name} is a LLaDA decoding keyword; a Dream model takes alg= (and has no "
+                             "classifier-free guidance)")
+    if alg in REMASKING:
+        raise ValueError(f"alg {alg!r} is LLaDA's remasking rule; a Dream model takes one of the Dream algs")
+    return ("origin" if alg is None else alg), (1e-3 if eps is None else eps)
+
+
+def _cache_mode(cache: str | None, use_cache: bool, dual_cache: bool) -> str:
+    """The cache mode from ``cache=`` or Fast-dLLM's ``use_cache=`` / ``dual_cache=``; conflicts are errors."""
+    for name, value in (("use_cache", use_cache), ("dual_cache", dual_cache)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    implied = "dual" if dual_cache else "prefix" if use_cache else None
+    if cache is None:
+        return implied or "none"
+    if implied is not None and cache != implied:
+        flag = "dual_cache=True" if dual_cache else "use_cache=True"
+        raise ValueError(f"cache={cache!r} conflicts with {flag} (which means cache={implied!r}); pass one of them")
+    return cache
 
 
 def _soft_mask_on(soft_mask: SoftMask | None, device: torch.device) -> SoftMask | None:

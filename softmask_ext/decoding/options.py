@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .sampling import ALGS
+from .sampling import ALGS, REMASKING
 
-__all__ = ["DecodeOptions", "Prompt", "check_prompt"]
+__all__ = ["CACHE_MODES", "DecodeOptions", "Prompt", "check_prompt"]
+
+# none: every step runs the whole sequence; prefix: K/V before the block cached once per block; dual: the suffix's too.
+CACHE_MODES: tuple[str, ...] = ("none", "prefix", "dual")
 
 
 def _is_int(value: object) -> bool:
@@ -23,7 +26,15 @@ def _is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Dream's decoding parameters (those of its ``diffusion_generate``), validated on construction."""
+    """Decoding parameters, validated on construction: Dream's (``alg`` in :data:`ALGS`) or LLaDA's (``alg`` one of
+    its remasking rules, :data:`REMASKING`), and the block-wise settings shared by both.
+
+    Block-wise settings: ``block_length`` (``None``: one block over the whole decoded region), ``threshold``
+    (confidence-threshold parallel decoding instead of fixed per-step counts), ``cache`` (one of
+    :data:`CACHE_MODES`), ``cfg_scale`` (classifier-free guidance, the prompt masked for the unconditional pass) and
+    ``fast_dllm_compat`` (Fast-dLLM's Dream loop: its refresh forward commits the block's first position, and its
+    fixed-count steps rank by negative entropy whatever ``alg`` says).
+    """
 
     max_new_tokens: int
     steps: int
@@ -34,6 +45,11 @@ class DecodeOptions:
     alg: str = "origin"
     alg_temp: float | None = None
     eps: float = 1e-3
+    block_length: int | None = None
+    threshold: float | None = None
+    cache: str = "none"
+    cfg_scale: float = 0.0
+    fast_dllm_compat: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -48,12 +64,37 @@ class DecodeOptions:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
-        if self.alg not in ALGS:
-            raise ValueError(f"unknown alg {self.alg!r}; expected one of {ALGS}")
+        if self.alg not in ALGS + REMASKING:
+            raise ValueError(f"unknown alg {self.alg!r}; expected one of {ALGS} (Dream) or {REMASKING} (LLaDA)")
         if self.alg_temp is not None and (not _is_number(self.alg_temp) or self.alg_temp < 0):
             raise ValueError(f"alg_temp must be a finite number >= 0 or None, got {self.alg_temp!r}")
         if not _is_number(self.eps) or not 0 <= self.eps < 1:  # eps = 0: s = 0 only on the last step, as in Dream
             raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        if self.block_length is not None and (not _is_int(self.block_length) or self.block_length < 1):
+            raise ValueError(f"block_length must be an int >= 1 or None, got {self.block_length!r}")
+        if self.threshold is not None:
+            if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
+                raise ValueError(f"threshold must be in (0, 1] or None, got {self.threshold!r}")
+            if self.alg == "origin" and not self.fast_dllm_compat:
+                raise ValueError("threshold needs a confidence: alg 'origin' has none (use maskgit_plus, "
+                                 "topk_margin, entropy, low_confidence or random)")
+            if self.alg_temp:
+                raise ValueError("threshold and alg_temp cannot be combined: a threshold unmasks by confidence")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache {self.cache!r}; expected one of {CACHE_MODES}")
+        if not _is_number(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
+        if self.fast_dllm_compat and (self.alg not in ALGS or self.cache == "none"):
+            raise ValueError("fast_dllm_compat reproduces Fast-dLLM's cached Dream loop: it needs a Dream alg and "
+                             "cache='prefix' or 'dual'")
+
+    @property
+    def llada(self) -> bool:
+        """LLaDA's rules: Gumbel-max sampling and evenly split per-step counts (else Dream's)."""
+        return self.alg in REMASKING
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.mask_token_id >= vocab_size:

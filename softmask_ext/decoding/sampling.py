@@ -10,6 +10,14 @@ and can be captured in a CUDA graph:
 - ``alg_temp`` sampling of ``k`` positions without replacement from ``softmax(conf / alg_temp)`` is Gumbel-top-k,
   ``topk(conf / alg_temp + G)`` with ``G = -log E``;
 - ``origin`` unmasks each still-masked position when its uniform draw is below ``1 - s/t``.
+
+LLaDA's remasking rules (:data:`REMASKING`) come with LLaDA's sampler: Gumbel-max in fp64 over the whole vocabulary,
+``argmax(exp(z) / (-log u) ** temperature)`` with one uniform ``u`` per logit (the same formula, so the same token for
+the same noise), and ``low_confidence`` ranks by the fp64 softmax probability of the chosen token; ``random`` ranks by
+a uniform draw per position.
+
+With a ``threshold``, every masked position whose confidence reaches it is unmasked, and the most confident one in
+any case (Fast-dLLM's parallel decoding); the count is then data-dependent but the shapes are not.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ALGS", "StepNoise", "filter_logits", "propose", "select_transfers"]
+__all__ = ["ALGS", "REMASKING", "StepNoise", "filter_logits", "propose", "select_transfers"]
 
+# Dream's algorithms, and LLaDA's remasking rules (which also choose LLaDA's sampler and per-step counts).
 ALGS: tuple[str, ...] = ("origin", "maskgit_plus", "topk_margin", "entropy")
+REMASKING: tuple[str, ...] = ("low_confidence", "random")
 
 # Dream's entropy confidence adds this inside the log.
 _LOG_EPS = 1e-10
@@ -123,15 +133,20 @@ def propose(
     """A token and its confidence for every logits row.
 
     Args:
-        logits: ``[..., V]`` logits of the positions to decide (any float dtype; processed in fp32).
-        token_noise: fp64 ``[...]`` uniform draws in ``[0, 1)``, one per row, required when ``temperature > 0``,
-            ignored otherwise.
+        logits: ``[..., V]`` logits of the positions to decide (any float dtype; processed in fp32, fp64 for
+            :data:`REMASKING`).
+        token_noise: required when ``temperature > 0``, ignored otherwise: fp64 ``[...]`` uniform draws in
+            ``[0, 1)``, one per row, for Dream's algorithms; fp64 ``[..., V]``, one per logit, for LLaDA's
+            Gumbel-max (:data:`REMASKING`).
 
     Returns:
-        ``tokens`` int64 ``[...]`` (argmax at temperature 0, a sample otherwise) and ``confidence`` fp32 ``[...]``:
-        ``p(token)`` for ``maskgit_plus``, ``p1 - p2`` for ``topk_margin``, ``sum p log(p + 1e-10)`` for
-        ``entropy`` (all from the filtered distribution), ``None`` for ``origin``.
+        ``tokens`` int64 ``[...]`` (argmax at temperature 0, a sample otherwise) and ``confidence`` ``[...]``:
+        fp32 ``p(token)`` for ``maskgit_plus``, ``p1 - p2`` for ``topk_margin``, ``sum p log(p + 1e-10)`` for
+        ``entropy`` (all from the filtered distribution); fp64 ``p(token)`` at temperature 1 for
+        ``low_confidence``; ``None`` for ``origin`` and ``random`` (ranked by noise).
     """
+    if alg in REMASKING:
+        return _propose_llada(logits, alg=alg, temperature=temperature, gumbel_uniform=token_noise)
     probs = torch.softmax(filter_logits(logits, temperature, top_p, top_k), dim=-1, dtype=torch.float32)
     if temperature > 0:
         tokens = _inverse_cdf(probs, token_noise)
@@ -151,22 +166,41 @@ def propose(
     return tokens, conf
 
 
+def _propose_llada(logits: Tensor, *, alg: str, temperature: float,
+                   gumbel_uniform: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """LLaDA's ``add_gumbel_noise`` + argmax, and its ``low_confidence`` score (fp64 throughout)."""
+    if temperature > 0:
+        tokens = (logits.double().exp() / (-torch.log(gumbel_uniform)) ** temperature).argmax(-1)
+    else:
+        tokens = logits.argmax(-1)
+    if alg == "random":
+        return tokens, None
+    probs = torch.softmax(logits.double(), dim=-1)
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def select_transfers(
     masked: Tensor,
     *,
     alg: str,
     confidence: Tensor | None,
-    ratio: Tensor,
+    ratio: Tensor | None,
     alg_temp: float | None,
     select_noise: Tensor | None,
+    count: Tensor | None = None,
+    threshold: float | None = None,
 ) -> Tensor:
-    """Which positions to unmask this step, bool ``[B, L]`` (``L``: the decoded region's positions).
+    """Which positions to unmask this step, bool ``[B, L]`` (``L``: the positions decided, a region or a block).
 
     Args:
         masked: bool ``[B, L]``, positions still masked before the step.
-        confidence: fp32 ``[B, L]`` (confidence-ranked algorithms).
-        ratio: fp32 ``[1]``, this step's ``1 - s/t`` (1 on the last step).
-        select_noise: fp32 ``[B, L]``: uniform draws for ``origin``, Gumbel draws when ``alg_temp`` > 0.
+        confidence: ``[B, L]`` (confidence-ranked algorithms).
+        ratio: fp32 ``[1]``, this step's ``1 - s/t`` (1 on the last step); unused when ``count`` is given.
+        select_noise: fp32 ``[B, L]``: uniform draws for ``origin`` and ``random`` (the latter's confidence),
+            Gumbel draws when ``alg_temp`` > 0.
+        count: int64 ``[B, 1]``, how many to unmask per row (LLaDA's precomputed counts), instead of ``ratio``.
+        threshold: unmask every masked position whose confidence is at least ``threshold``, and the most
+            confident one in any case (``count`` and ``ratio`` unused).
 
     ``origin`` unmasks each masked position with probability ``ratio``. The other algorithms unmask, in each row,
     Dream's ``int(n_mask * ratio)`` most confident positions (float32 product, as the reference); ties in confidence
@@ -177,7 +211,16 @@ def select_transfers(
     """
     if alg == "origin":
         return masked & (select_noise < ratio)
-    count = (masked.sum(-1, keepdim=True, dtype=torch.float32) * ratio).long()
+    if alg == "random":
+        confidence = select_noise
+    if threshold is not None:
+        # Rank 0 (the most confident masked position) always goes; no rank is needed beyond it.
+        score = confidence.masked_fill(~masked, float("-inf"))
+        first = score.argmax(-1, keepdim=True)
+        best = torch.zeros_like(masked).scatter_(-1, first, True)
+        return masked & (best | (confidence >= threshold))
+    if count is None:
+        count = (masked.sum(-1, keepdim=True, dtype=torch.float32) * ratio).long()
     score = confidence
     if alg_temp:
         score = score / alg_temp + select_noise
@@ -191,8 +234,9 @@ def select_transfers(
 class StepNoise:
     """Noise buffers of one decoding run, refilled from ``generator`` before every step.
 
-    Draw order per step (tests replay it): ``token`` (fp64 uniform, ``[B, L]``) when ``temperature > 0``, then
-    ``select``: uniform ``[B, L]`` for ``origin``, ``-log Exp(1)`` (Gumbel) ``[B, L]`` when ``alg_temp`` > 0.
+    Draw order per step (tests replay it): ``token`` (fp64 uniform, ``[B, L]``; ``[B, L, V]`` for LLaDA's
+    Gumbel-max) when ``temperature > 0``, then ``select``: uniform ``[B, L]`` for ``origin`` and ``random``,
+    ``-log Exp(1)`` (Gumbel) ``[B, L]`` when ``alg_temp`` > 0.
     """
 
     def __init__(
@@ -204,10 +248,12 @@ class StepNoise:
         alg_temp: float | None,
         device: torch.device,
         generator: torch.Generator | None,
+        vocab_size: int | None = None,
     ) -> None:
         self.generator = generator
-        self.token = torch.empty(*shape, dtype=torch.float64, device=device) if temperature > 0 else None
-        self.select_uniform = alg == "origin"
+        token_shape = (*shape, vocab_size) if alg in REMASKING else shape
+        self.token = torch.empty(*token_shape, dtype=torch.float64, device=device) if temperature > 0 else None
+        self.select_uniform = alg in ("origin", "random")
         self.select = torch.empty(*shape, device=device) if self.select_uniform or alg_temp else None
 
     def draw(self) -> None:

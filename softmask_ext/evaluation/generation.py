@@ -35,13 +35,18 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tens
 
 def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int, **kwargs: Any) -> Tensor:
     """Run the engine on left-padded prompts; returns the final canvas ``[B, P + N]`` (on the CPU)."""
+    return _decode_with_history(model, prompts, pad_token_id, **kwargs)[0]
+
+
+def _decode_with_history(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int,
+                         output_history: bool = False, **kwargs: Any) -> tuple[Tensor, list[Tensor] | None]:
     input_ids, attention_mask = _left_pad(prompts, pad_token_id)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = diffusion_generate(model, input_ids.to(device),
-                                 attention_mask=None if attention_mask is None else attention_mask.to(device), **kwargs)
-    sequences = out if isinstance(out, Tensor) else out.sequences
-    return sequences.cpu()
+                                 attention_mask=None if attention_mask is None else attention_mask.to(device),
+                                 output_history=output_history, return_dict_in_generate=True, **kwargs)
+    return out.sequences.cpu(), out.history
 
 
 def generate_tokens(
@@ -75,15 +80,17 @@ def infill_tokens(
     pad_token_id: int,
     fill_token_id: int,
     soft_mask: SoftMask | None = None,
+    return_steps: bool = False,
     **decode: Any,
-) -> list[list[int]]:
+) -> list[list[int]] | tuple[list[list[int]], list[int]]:
     """Decode a span of ``span_length`` masks between each prefix and its suffix, in ``steps`` steps.
 
     Each prompt is its prefix, the span's masks, its suffix and, after shorter suffixes, ``fill_token_id`` (Dream ends
     a generation with eos), so that the spans line up; the engine decodes the masks in the prompts
     (``max_new_tokens=0``), ``span_length / steps`` tokens per step, without hooks (a CUDA graph on the GPU).
 
-    returns: per example, the ``span_length`` decoded token ids
+    returns: per example, the ``span_length`` decoded token ids; with ``return_steps``, also per example the steps
+    its span took (with a ``threshold`` a row can finish before the batch does)
     """
     if len(prefixes) != len(suffixes):
         raise ValueError(f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
@@ -93,7 +100,12 @@ def infill_tokens(
     width = max(len(s) for s in suffixes)
     prompts = [[*prefix, *[mask_token_id] * span_length, *suffix, *[fill_token_id] * (width - len(suffix))]
                for prefix, suffix in zip(prefixes, suffixes)]
-    canvas = _decode(model, prompts, pad_token_id, max_new_tokens=0, steps=steps, soft_mask=soft_mask,
-                     mask_token_id=mask_token_id, **decode)
+    canvas, history = _decode_with_history(model, prompts, pad_token_id, output_history=return_steps,
+                                           max_new_tokens=0, steps=steps, soft_mask=soft_mask,
+                                           mask_token_id=mask_token_id, **decode)
     end = canvas.shape[1] - width
-    return canvas[:, end - span_length:end].tolist()
+    spans = canvas[:, end - span_length:end].tolist()
+    if not return_steps:
+        return spans
+    done = torch.stack([(x[:, end - span_length:end] != mask_token_id).all(-1).cpu() for x in history])  # [S, B]
+    return spans, (done.long().argmax(0) + 1).where(done.any(0), torch.tensor(len(history))).tolist()

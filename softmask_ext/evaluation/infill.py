@@ -24,7 +24,15 @@ from ..conventions import pad_or_eos
 from ..data.stdlib_corpus import FunctionSource
 from .generation import infill_tokens
 
-__all__ = ["InfillExample", "make_infill_examples", "score_infill", "evaluate_infill", "plot_infill"]
+__all__ = [
+    "InfillExample",
+    "evaluate_infill",
+    "evaluate_infill_thresholds",
+    "make_infill_examples",
+    "plot_accuracy_vs_parallelism",
+    "plot_infill",
+    "score_infill",
+]
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,79 @@ def evaluate_infill(
             results[variant][str(tps)] = score_infill(examples, predictions, tokenizer)
     bar.close()
     return results
+
+
+def evaluate_infill_thresholds(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[InfillExample],
+    *,
+    thresholds: Sequence[float],
+    soft_masks: Mapping[str, Any] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    **decode: Any,
+) -> dict[str, dict[str, dict]]:
+    """Accuracy under parallelism: decode every span with confidence-threshold parallel decoding at each threshold.
+
+    Besides :func:`score_infill`'s metrics, each setting reports ``tokens_per_step``: span tokens over the steps the
+    spans took (each example counted until its own span is decoded), and its ``threshold``.
+    returns: ``{variant: {str(threshold): metrics}}``
+    """
+    variants = dict(soft_masks) if soft_masks is not None else {"binary": None}
+    span_length = len(examples[0].span)
+    if any(len(e.span) != span_length for e in examples):
+        raise ValueError("all examples must hide spans of the same length")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].suffix))
+    results: dict[str, dict[str, dict]] = {}
+    bar = tqdm(total=len(variants) * len(thresholds) * len(examples), desc="infill", disable=not progress)
+    for variant, soft_mask in variants.items():
+        results[variant] = {}
+        for threshold in thresholds:
+            predictions: list[list[int]] = [[] for _ in examples]
+            steps_taken = 0
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                spans, steps = infill_tokens(
+                    model, [examples[i].prefix for i in chunk], [examples[i].suffix for i in chunk],
+                    span_length=span_length, steps=span_length, pad_token_id=pad_id,
+                    fill_token_id=tokenizer.eos_token_id, soft_mask=soft_mask, threshold=threshold,
+                    return_steps=True, **decode)
+                for i, span in zip(chunk, spans):
+                    predictions[i] = span
+                steps_taken += sum(steps)
+                bar.update(len(chunk))
+            metrics = score_infill(examples, predictions, tokenizer)
+            metrics.update(threshold=threshold, tokens_per_step=span_length * len(examples) / steps_taken)
+            results[variant][str(threshold)] = metrics
+    bar.close()
+    return results
+
+
+def plot_accuracy_vs_parallelism(results: Mapping[str, Mapping[str, Mapping[str, float]]], path: str,
+                                 title: str = "") -> None:
+    """Token accuracy and exact match against mean tokens per step (a threshold sweep), one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("token_accuracy", "exact_match")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), constrained_layout=True)
+    for variant, by_threshold in results.items():
+        points = sorted(by_threshold.values(), key=lambda m: m["tokens_per_step"])
+        for ax, metric in zip(axes, metrics):
+            ax.plot([m["tokens_per_step"] for m in points], [m[metric] for m in points], marker="o", label=variant)
+    for ax, metric in zip(axes, metrics):
+        ax.set_xlabel("mean tokens per step")
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_infill(results: Mapping[str, Mapping[str, Mapping[str, float]]], path: str, title: str = "") -> None:

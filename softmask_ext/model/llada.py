@@ -20,6 +20,7 @@ from torch import nn
 from .family import ModelFamily, register_family
 from .llada_config import LLaDAConfig
 from .loading import load_pretrained, save_pretrained
+from .kv_cache import LayerCache
 from .transformer import DecoderStack, DiffusionTransformer, RMSNorm, qkv_projections, self_attention, swiglu
 
 __all__ = ["LLaDABlock", "LLaDAModel"]
@@ -41,10 +42,10 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
         h = self.attn_norm(x)
         x = x + self.attn_out(self_attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, attn_mask,
-                                             self.n_heads, self.n_kv_heads))
+                                             self.n_heads, self.n_kv_heads, kv_cache))
         h = self.ff_norm(x)
         return x + self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h)))
 

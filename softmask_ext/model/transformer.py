@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kv_cache import CacheView, LayerCache
+
 try:  # optional: used for unmasked fp16/bf16 attention on CUDA, SDPA otherwise
     from flash_attn import flash_attn_func
 except ImportError:
@@ -132,13 +134,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attn_mask: torch.Tensor | None, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None, n_heads: int, n_kv_heads: int,
+                   kv_cache: LayerCache | None = None) -> torch.Tensor:
     """Bidirectional grouped-query attention of projected inputs.
 
     Args:
         q: [B, T, n_heads * D]; k, v: [B, T, n_kv_heads * D] (the outputs of the q/k/v projections).
         cos, sin: rotary tables [B, T, 1, D/2] from :class:`RotaryEmbedding`.
-        attn_mask: None, or a mask broadcastable to [B, heads, T, T] (bool: True = may attend; or additive float).
+        attn_mask: None, or a mask broadcastable to [B, heads, T, T] (bool: True = may attend; or additive float);
+            with a cache, to [B, heads, T, T_cache].
+        kv_cache: this layer's static K/V cache (:mod:`.kv_cache`): the rotated K and V of the T positions run are
+            written into their columns, and the queries attend to all T_cache cached positions.
 
     Returns:
         [B, T, n_heads * D], ready for the output projection.
@@ -148,6 +154,8 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     q = apply_rotary(q.view(B, T, n_heads, head_dim), cos, sin)
     k = apply_rotary(k.view(B, T, n_kv_heads, head_dim), cos, sin)
     v = v.view(B, T, n_kv_heads, head_dim)
+    if kv_cache is not None:
+        k, v = kv_cache.update(k, v)
     if _can_use_flash_attn(q, attn_mask):
         out = flash_attn_func(q, k, v, causal=False)
     else:
@@ -193,9 +201,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
         out = self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, attn_mask,
-                             self.n_heads, self.n_kv_heads)
+                             self.n_heads, self.n_kv_heads, kv_cache)
         return self.o_proj(out)
 
 
@@ -223,8 +231,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+                attn_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -243,14 +251,17 @@ class DecoderStack(nn.Module, ABC):
         """(the decoder layers in order, the final norm)."""
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, D] input embeddings -> [B, T, D] final hidden states (after the final norm)."""
+                attn_mask: torch.Tensor | None, kv_cache: CacheView | None = None) -> torch.Tensor:
+        """[B, T, D] input embeddings -> [B, T, D] final hidden states (after the final norm); a layer's
+        ``forward(h, cos, sin, attn_mask[, kv_cache])`` gets its cache when ``kv_cache`` is given."""
         layers, norm = self.layers_and_norm()
         cos, sin = self.rotary_emb(position_ids, h.dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in layers:
+        for index, layer in enumerate(layers):
             if checkpointing:
                 h = checkpoint(layer, h, cos, sin, attn_mask, **self.checkpoint_kwargs)
+            elif kv_cache is not None:
+                h = layer(h, cos, sin, attn_mask, kv_cache.layer(index))
             else:
                 h = layer(h, cos, sin, attn_mask)
         return norm(h)
@@ -350,6 +361,7 @@ class DiffusionTransformer(nn.Module, ABC):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_rows: torch.Tensor | None = None,
+        kv_cache: CacheView | None = None,
     ) -> LMOutput:
         """Logits of a bidirectional pass.
 
@@ -366,12 +378,21 @@ class DiffusionTransformer(nn.Module, ABC):
                 int64 [B, R]: per-sequence row indices into T -> logits [B, R, V];
                 int64 [N]: flat indices into the B*T rows (row b*T + t) -> logits [N, V].
                 None: all rows -> logits [B, T, V]. Indices are not range-checked on the device.
+            kv_cache: a static K/V cache as one forward sees it (``KVCache.at(columns)``, :mod:`.kv_cache`): the
+                T positions run are the cache's ``columns``; they write their K/V there and attend to every cached
+                position. Then `position_ids` are required and a 2-D `attention_mask` covers the cache's positions.
 
         Returns:
             LMOutput with `.logits` in the model's dtype.
         """
         h = self._input_embeddings(input_ids, inputs_embeds)
         B, T, _ = h.shape
+        if kv_cache is not None:
+            if position_ids is None or (attention_mask is not None and attention_mask.dim() != 2):
+                raise ValueError("a forward with kv_cache needs position_ids and a 2-D attention_mask (or none)")
+            attn_mask, _ = prepare_attention_mask(attention_mask, B, kv_cache.length, h.dtype)
+            h = self.decoder_stack()(h, _check_position_ids(position_ids, B, T), attn_mask, kv_cache)
+            return LMOutput(self.get_output_embeddings()(select_rows(h, logits_rows)))
         attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
         if position_ids is None:
             position_ids = default_positions if default_positions is not None else (
