@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from softmask_ext.data import Example
-from softmask_ext.model import DreamConfig, DreamModel
+from softmask_ext.model import DreamConfig, DreamModel, load_model
 from softmask_ext.training import AdapterConfig, TrainConfig, Trainer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "softmask_ext" / "assets" / "tiny-coder"
@@ -46,7 +46,7 @@ def build_model(device: torch.device, quick: bool) -> tuple[DreamModel, dict]:
         return model, dict(seq=2048, batch=1, adapter=AdapterConfig(kind="dora", rank=16, alpha=16.0),
                            bf16=True, checkpointing=True)
     if (SHIPPED / "model.safetensors").exists():
-        model = DreamModel.from_pretrained(SHIPPED)
+        model = load_model(SHIPPED)
     else:
         model = DreamModel(DreamConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2, mask_token_id=1,

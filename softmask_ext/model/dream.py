@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import DreamConfig
 from .family import ModelFamily, register_family
+from .loading import load_pretrained, save_pretrained
 from .transformer import DecoderLayer, DecoderStack, DiffusionTransformer, LMOutput, RMSNorm
 
 DreamOutput = LMOutput  # the name Dream's users know
@@ -41,6 +42,8 @@ class DreamModel(DiffusionTransformer):
     `DreamModel.from_pretrained(path, dtype=None, device=None)`.
     """
 
+    config_class = DreamConfig
+
     def __init__(self, config: DreamConfig) -> None:
         super().__init__()
         if not isinstance(config, DreamConfig):
@@ -49,8 +52,7 @@ class DreamModel(DiffusionTransformer):
         self.name_or_path: str | None = None  # absolute, set by from_pretrained; PEFT records it in adapter configs
         self.model = DreamBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -70,12 +72,10 @@ class DreamModel(DiffusionTransformer):
                         base_model: str | os.PathLike | None = None) -> "DreamModel":
         """Load a Dream/Qwen2 checkpoint directory (safetensors only), or a folder of LoRA/DoRA adapters merged into
         their base model; see `softmask_ext.model.loading`."""
-        from .loading import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, base_model=base_model)
+        return load_pretrained(cls, path, dtype=dtype, device=device, base_model=base_model)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write config.json and safetensors (sharded with an index when larger than `max_shard_size`)."""
-        from .loading import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def diffusion_generate(self, *args, **kwargs):
@@ -96,4 +96,6 @@ DreamModel.family = register_family(ModelFamily(
     load=_load_dream,
     decoder_layer=DecoderLayer,
     default_decoding={"alg": "entropy", "eps": 1e-3},
+    adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    config_class=DreamConfig,
 ))

@@ -288,6 +288,15 @@ class DiffusionTransformer(nn.Module, ABC):
     def embed_tokens(self) -> nn.Embedding:
         return self.get_input_embeddings()
 
+    def weight_name(self, module: nn.Module) -> str:
+        """State-dict name of a submodule's weight, e.g. of the embedding table or of the LM head."""
+        return next(f"{name}.weight" for name, m in self.named_modules() if m is module)
+
+    def tie_weights(self) -> None:
+        """Share the embedding table with the LM head when the config ties them (no-op otherwise)."""
+        if self.config.tie_word_embeddings:
+            self.get_output_embeddings().weight = self.get_input_embeddings().weight
+
     def reset_parameters(self, std: float = 0.02) -> None:
         """Random init as Qwen2/Dream/LLaDA pretraining does: N(0, std) weights, zero biases and pad row, unit
         norms."""

@@ -3,7 +3,7 @@
 One noise level ``t`` is drawn per batch; every response token is then replaced by the mask token independently with
 probability ``t``. Prompt tokens and padding are never masked. A row whose draw masked nothing gets one response
 token masked anyway (chosen uniformly), so every row contributes to the loss. The loss weight of the MDLM ELBO for a
-linear schedule is ``1 / t`` (method.md section 3).
+linear schedule is ``1 / t``.
 
 Randomness comes from an explicit ``torch.Generator`` so that training, resumption and evaluation can replay the
 exact same noise (see :func:`stream_generator`).
