@@ -45,9 +45,9 @@ from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 from softmask_ext.pretrain import ASSET_DIR
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training.gate_init import confidence_centre
-from softmask_ext.training.mdlm_objective import antithetic_times, mask_tokens
+from softmask_ext.diffusion.mdlm_objective import antithetic_times, mask_tokens
 from softmask_ext.training.mdlm_trainer import MDLMTrainer, mdlm_preset
-from softmask_ext.training.noise import stream_generator
+from softmask_ext.diffusion.noise import stream_generator
 
 RESULTS = ROOT / "benchmarks" / "results"
 

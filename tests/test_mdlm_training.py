@@ -11,6 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from softmask_ext.data import Example
+from softmask_ext.diffusion.mdlm_objective import (
+    antithetic_times,
+    mask_tokens,
+    mdlm_nll,
+)
 from softmask_ext.evaluation.mdlm_metrics import (
     MAUVE_MISSING,
     elbo_perplexity,
@@ -20,7 +25,6 @@ from softmask_ext.evaluation.mdlm_metrics import (
 from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training.ema import EMA
-from softmask_ext.training.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
 from softmask_ext.training.mdlm_trainer import MDLM_PRESETS, MDLMTrainer, mdlm_preset
 
 TINY = MDLMConfig(vocab_size=30, model_length=16, hidden_dim=32, cond_dim=8, n_blocks=2, n_heads=4, dropout=0.1)

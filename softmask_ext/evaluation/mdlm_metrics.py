@@ -24,8 +24,8 @@ from torch import nn
 
 from ..data import Example
 from ..soft_mask import SoftMask
-from ..training.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
-from ..training.noise import stream_generator
+from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
+from ..diffusion.noise import stream_generator
 
 __all__ = ["MAUVE_MISSING", "elbo_perplexity", "generative_perplexity", "mauve_score"]
 

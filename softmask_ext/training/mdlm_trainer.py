@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import BatchStream, Example
+from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
+from ..diffusion.noise import stream_generator
 from ..soft_mask import SoftMask
 from .checkpoint import latest_checkpoint, write_checkpoint
 from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
 from .ema import EMA
-from .mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
-from .noise import stream_generator
 
 __all__ = ["MDLM_PRESETS", "MDLMTrainConfig", "MDLMTrainer", "mdlm_preset"]
 
