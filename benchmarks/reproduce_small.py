@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import collate, heldout_functions, stdlib_dataset
 from softmask_ext.evaluation import estimate_elbo, evaluate_infill, make_infill_examples, paired_difference, plot_infill
 from softmask_ext.finetune import FALLBACKS, PRESETS, gate_centre, initial_soft_mask
-from softmask_ext.model import DreamModel, load_tokenizer
+from softmask_ext.model import load_model, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer
 
@@ -117,9 +118,9 @@ def condition_settings(args: argparse.Namespace, condition: str) -> tuple[float,
     return args.sm_prob, max(1, round(args.steps / (1 + args.sm_prob)))
 
 
-def train_one(args: argparse.Namespace, train_data: Any, condition: str, seed: int) -> tuple[DreamModel, SoftMask]:
+def train_one(args: argparse.Namespace, train_data: Any, condition: str, seed: int) -> tuple[nn.Module, SoftMask]:
     sm_prob, steps = condition_settings(args, condition)
-    model = DreamModel.from_pretrained(args.model, dtype=torch.float32)
+    model = load_model(args.model, dtype=torch.float32)
     config = TrainConfig(
         run_dir=str(args.work_dir / f"{condition}-seed{seed}"), max_steps=steps, batch_size=args.batch_size,
         lr=args.lr, sm_lr=args.sm_lr, weight_decay=TINY["weight_decay"], warmup_ratio=TINY["warmup_ratio"],
@@ -134,7 +135,7 @@ def train_one(args: argparse.Namespace, train_data: Any, condition: str, seed: i
     return trainer.model.eval(), trainer.soft_mask.eval()
 
 
-def evaluate_model(args: argparse.Namespace, model: DreamModel, soft_mask: SoftMask | None, tokenizer: Any,
+def evaluate_model(args: argparse.Namespace, model: nn.Module, soft_mask: SoftMask | None, tokenizer: Any,
                    val_batches: list, examples: list) -> dict[str, Any]:
     """ELBO and infill of one model: plain forward and binary decoding without SM parameters, the two-pass SM
     forward and SM decoding with them (and, with ``--ablations``, the plain/binary ones as well)."""
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         t0 = time.perf_counter()
         if condition == "base":
-            model = DreamModel.from_pretrained(args.model, dtype=torch.float32, device=args.device).eval()
+            model = load_model(args.model, dtype=torch.float32, device=args.device).eval()
             soft_mask = None
         else:
             model, soft_mask = train_one(args, train_data, condition, seed)

@@ -19,7 +19,7 @@ import torch
 from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import stdlib_dataset
 from softmask_ext.finetune import gate_centre
-from softmask_ext.model import DreamModel, load_tokenizer
+from softmask_ext.model import load_model, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import FINETUNE_NOISE, confidence_centre, masked_neg_entropy, scale_gradient
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    model = DreamModel.from_pretrained(args.model, dtype=torch.float32)
+    model = load_model(args.model, dtype=torch.float32)
     tokenizer = load_tokenizer(args.model)
     data = stdlib_dataset(tokenizer, "train", args.seq_len, args.max_chars)
     common = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -32,7 +32,7 @@ import torch
 
 from softmask_ext.conventions import MODEL_WEIGHTS, SHIPPED_MODEL, default_device
 from softmask_ext.data import Example
-from softmask_ext.model import DreamConfig, DreamModel
+from softmask_ext.model import DreamConfig, DreamModel, load_model
 from softmask_ext.training import AdapterConfig, TrainConfig, Trainer
 
 from harness import Timing, plot, timed, write_results
@@ -50,7 +50,7 @@ def build_model(device: torch.device, quick: bool) -> tuple[DreamModel, dict]:
         return model, dict(seq=2048, batch=1, adapter=AdapterConfig(kind="dora", rank=16, alpha=16.0),
                            bf16=True, checkpointing=True)
     if (SHIPPED_MODEL / MODEL_WEIGHTS).exists():
-        model = DreamModel.from_pretrained(SHIPPED_MODEL)
+        model = load_model(SHIPPED_MODEL)
     else:
         model = DreamModel(DreamConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2, mask_token_id=1,

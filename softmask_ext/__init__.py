@@ -1,7 +1,8 @@
 """softmask-ext: soft-masking for masked diffusion language models.
 
-Fused kernels (:mod:`softmask_ext.ops`), the learnable soft-mask (:class:`SoftMask`), the Dream model
-(:class:`DreamModel`), a soft-masked diffusion decoding engine, fine-tuning and evaluation.
+Fused kernels (:mod:`softmask_ext.ops`), the learnable soft-mask (:class:`SoftMask`), the Dream and LLaDA models
+(:class:`DreamModel`, :class:`LLaDAModel`, any checkpoint through :func:`load_model`), a soft-masked diffusion
+decoding engine, fine-tuning and evaluation.
 
 Heavy submodules load on first use, so ``import softmask_ext`` stays cheap.
 """
@@ -18,6 +19,8 @@ _EXPORTS = {
     "SoftMask": "softmask_ext.soft_mask",
     "DreamModel": "softmask_ext.model",
     "DreamConfig": "softmask_ext.model",
+    "LLaDAModel": "softmask_ext.model",
+    "LLaDAConfig": "softmask_ext.model",
     "load_tokenizer": "softmask_ext.model",
     "load_model": "softmask_ext.model",
     "diffusion_generate": "softmask_ext.decoding",

@@ -34,7 +34,7 @@ from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
 from .evaluation.infill import evaluate_infill, make_infill_examples, plot_infill
 from .evaluation.sandbox import Limits
-from .model import DreamModel, load_tokenizer
+from .model import load_model, load_tokenizer
 from .soft_mask import SoftMask
 
 TASKS = ("elbo", "infill", "humaneval")
@@ -109,7 +109,7 @@ def resolve_soft_mask(model_dir: Path, option: str | None) -> SoftMask | None:
     return SoftMask.beside(model_dir)
 
 
-def run_elbo(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_mask: SoftMask | None) -> dict:
+def run_elbo(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None) -> dict:
     if args.data is not None:
         data = load_dataset(args.data, tokenizer, args.max_length)
     else:
@@ -126,7 +126,7 @@ def run_elbo(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_m
     return {"num_blocks": len(examples), "results": results}
 
 
-def run_infill(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_mask: SoftMask | None,
+def run_infill(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None,
                out: Path) -> dict:
     max_tokens = min(model.config.max_position_embeddings, args.max_length)
     examples = make_infill_examples(heldout_functions(), tokenizer, args.span_length, seed=args.seed,
@@ -139,7 +139,7 @@ def run_infill(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft
     return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
 
 
-def run_humaneval(args: argparse.Namespace, model: DreamModel, tokenizer: Any, soft_mask: SoftMask | None,
+def run_humaneval(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None,
                   out: Path) -> dict:
     chat = args.chat == "yes" or (args.chat == "auto" and "instruct" in args.model.resolve().name.lower())
     problems = load_problems(args.limit)
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     try:
-        model = DreamModel.from_pretrained(args.model, dtype=DTYPE_NAMES.get(args.dtype), device=args.device,
-                                           base_model=args.base_model)
+        model = load_model(args.model, dtype=DTYPE_NAMES.get(args.dtype), device=args.device,
+                           base_model=args.base_model)
         tokenizer = load_tokenizer(args.model)
         soft_mask = resolve_soft_mask(args.model, args.soft_mask)
     except (OSError, ValueError) as e:  # a bad checkpoint or config: a message, not a traceback

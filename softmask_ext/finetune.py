@@ -5,7 +5,7 @@ soft-masking on the Python standard library's source (the held-out modules of
 :mod:`softmask_ext.data.stdlib_corpus` for validation), on a CPU in a few minutes, and prints the validation loss
 with and without SM and where everything was written.
 
-For a real model: ``--model DIR`` (a Dream checkpoint) and ``--data FILE`` (JSONL / JSON / Parquet chat
+For a real model: ``--model DIR`` (a Dream or LLaDA checkpoint) and ``--data FILE`` (JSONL / JSON / Parquet chat
 ``messages``, ``prompt``/``response``, or text). Hyper-parameters come from a preset, then from explicit flags:
 
 * ``tiny`` (default for models under 1B parameters): full fine-tuning, the settings of the CPU demo (about a minute);
@@ -35,7 +35,8 @@ import torch
 
 from .conventions import SHIPPED_MODEL, default_device, pad_or_eos
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
-from .model import DreamConfig, DreamModel, load_tokenizer
+from .model import load_model, load_tokenizer
+from .model.family import load_config
 from .soft_mask import SoftMask
 from .training import (AdapterConfig, NoiseSchedule, TrainConfig, Trainer, confidence_centre, init_distributed,
                        masked_neg_entropy)
@@ -66,7 +67,8 @@ FALLBACKS: dict[str, Any] = dict(sm_eps=1e-8, rank=16, alpha=16.0, lora_dropout=
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.finetune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="Dream checkpoint directory")
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL,
+                   help="checkpoint directory of any supported family (Dream, LLaDA)")
     p.add_argument("--data", type=Path, nargs="+", default=None,
                    help="training data files or folders (default: the standard-library corpus)")
     p.add_argument("--val-data", type=Path, nargs="+", default=None,
@@ -131,7 +133,7 @@ def gate_centre(text: str) -> float | str:
     return value
 
 
-def initial_soft_mask(model: DreamModel, train: Any, settings: dict[str, Any], verbose: bool) -> SoftMask:
+def initial_soft_mask(model: torch.nn.Module, train: Any, settings: dict[str, Any], verbose: bool) -> SoftMask:
     """The SM parameters to start from; an ``auto`` centre is measured on the base model (rank-independent: every
     process sees the same first batches and noise)."""
     centre = settings["sm_init_centre"]
@@ -147,14 +149,14 @@ def initial_soft_mask(model: DreamModel, train: Any, settings: dict[str, Any], v
     return SoftMask(k=settings["k"], scale=settings["sm_init_scale"], centre=centre)
 
 
-def estimate_parameters(config: DreamConfig) -> int:
+def estimate_parameters(config: Any) -> int:
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
     per_layer = 2 * h * config.num_attention_heads * config.head_dim + 2 * h * kv + 3 * h * i
     return layers * per_layer + 2 * config.vocab_size * h
 
 
-def resolve_settings(args: argparse.Namespace, config: DreamConfig) -> dict[str, Any]:
+def resolve_settings(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """Explicit flags, else the preset, else the fallbacks."""
     preset = args.preset or ("dream-paper" if estimate_parameters(config) >= LARGE_MODEL_PARAMS else "tiny")
     settings = {**FALLBACKS, **PRESETS[preset], "preset": preset}
@@ -197,18 +199,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune as ``args`` say; returns the run summary."""
     if not (args.model / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: no config.json there (expected a Dream checkpoint directory)")
+        raise SystemExit(f"--model {args.model}: no config.json there (expected a model checkpoint directory)")
     device = torch.device(args.device) if args.device else default_device()
     env = init_distributed(device)
     check_fsdp_request(args.fsdp, env)
     if device.type == "cuda" and env.distributed:
         device = torch.device("cuda", env.local_rank)
-    model_config = DreamConfig.from_pretrained(args.model)
+    model_config = load_config(args.model)
     s = resolve_settings(args, model_config)
     # Frozen bases are kept in bf16 (the adapters train in fp32 under autocast); trained weights stay fp32.
     dtype = torch.bfloat16 if s["bf16"] and device.type == "cuda" and s["adapter"] != "full" else torch.float32
     # Several processes: load on the CPU, so that a model FSDP will shard never has to fit one GPU whole.
-    model = DreamModel.from_pretrained(args.model, dtype=dtype, device="cpu" if env.distributed else device)
+    model = load_model(args.model, dtype=dtype, device="cpu" if env.distributed else device)
     tokenizer = load_tokenizer(args.model)
     train, val = load_data(args, tokenizer, s)
     world = env.world_size

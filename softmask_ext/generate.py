@@ -1,4 +1,4 @@
-"""Generate text with a Dream checkpoint by (soft-masked) diffusion decoding.
+"""Generate text with a Dream or LLaDA checkpoint (any supported family) by (soft-masked) diffusion decoding.
 
     python -m softmask_ext.generate --model DIR --prompt "Write a function that reverses a string."
     python -m softmask_ext.generate --prompt-file task.txt --soft-mask DIR/transparency_config.json --live
@@ -23,7 +23,7 @@ import torch
 
 from .conventions import ADAPTER_CONFIG, DTYPE_NAMES, SHIPPED_MODEL, default_device
 from .decoding import ALGS, diffusion_generate
-from .model import DreamModel, load_tokenizer
+from .model import load_model, load_tokenizer
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
 MASK_GLYPH = "\u2591"  # light shade: one per masked position
@@ -108,7 +108,7 @@ def _resolve_model_dir(arg: str | None) -> Path:
         if arg:
             raise SystemExit(f"error: {path} is not a checkpoint directory (no config.json or {ADAPTER_CONFIG})")
         raise SystemExit(
-            f"error: the shipped tiny model is missing ({SHIPPED_MODEL}); pass --model DIR with a Dream checkpoint"
+            f"error: the shipped tiny model is missing ({SHIPPED_MODEL}); pass --model DIR with a model checkpoint"
         )
     return path
 
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         soft_mask = _soft_mask(args, model_dir)
         tokenizer = load_tokenizer(model_dir)
-        model = DreamModel.from_pretrained(model_dir, dtype=dtype, device=device, base_model=args.base_model).eval()
+        model = load_model(model_dir, dtype=dtype, device=device, base_model=args.base_model).eval()
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .model.family import prediction_row_index
 
 __all__ = ["SoftMask", "ALGS", "SCHEDULES", "CONFIG_FILENAME"]
 
@@ -168,8 +169,8 @@ class SoftMask(nn.Module):
         Args:
             logits: ``[..., V]`` the previous pass's logits (any float dtype; treated as constants).
             rows: int64 ``[R]``: for each position, the row of ``logits.reshape(-1, V)`` that predicts it
-                (already shifted for Dream models); ``None`` when row ``r`` of ``logits`` already predicts
-                position ``r``.
+                (already aligned by the model family's ``logit_shift``); ``None`` when row ``r`` of ``logits``
+                already predicts position ``r``.
             input_ids: int64 ``[R]``: the current token at each position; positions holding ``mask_token_id``
                 get the soft blend, all others their plain embedding.
             embedding_weight: ``[V, D]`` the input embedding table.
@@ -216,7 +217,7 @@ class SoftMask(nn.Module):
         logits: Tensor,
         embedding_weight: Tensor,
         mask_token_id: int,
-        shift: bool = True,
+        logit_shift: int,
         progress: float | Tensor | None = None,
     ) -> Tensor:
         """Input embeddings of a whole sequence from the previous pass's logits.
@@ -226,8 +227,8 @@ class SoftMask(nn.Module):
             logits: ``[B, T, V]`` raw logits of the previous pass over the same sequence.
             embedding_weight: ``[V, D]`` the input embedding table.
             mask_token_id: id of the mask token.
-            shift: Dream's convention: the prediction for position ``i`` is logits row ``i - 1``
-                (row 0 for position 0).
+            logit_shift: the model family's (``family_of(model).logit_shift``): 1 when the prediction for
+                position ``i`` is logits row ``i - 1`` (row 0 for position 0; Dream), 0 when it is row ``i`` (LLaDA).
             progress: schedule input, a float or a tensor broadcastable to ``[B, T]`` (e.g. ``[B, 1]``).
 
         Returns:
@@ -239,9 +240,7 @@ class SoftMask(nn.Module):
                 f"and {tuple(logits.shape)}"
             )
         batch, length = input_ids.shape
-        pos = torch.arange(length, device=input_ids.device)
-        if shift:
-            pos = (pos - 1).clamp_min(0)
+        pos = prediction_row_index(torch.arange(length, device=input_ids.device), logit_shift)
         rows = (torch.arange(batch, device=input_ids.device)[:, None] * length + pos).reshape(-1)
         if isinstance(progress, Tensor):
             progress = torch.broadcast_to(progress, (batch, length)).reshape(-1)

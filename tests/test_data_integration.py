@@ -12,7 +12,7 @@ from softmask_ext.model.config import DreamConfig
 from softmask_ext.model.dream import DreamModel
 from softmask_ext.model.tokenizer import load_tokenizer
 from softmask_ext.training.adapters import AdapterConfig
-from softmask_ext.training.noise import FINETUNE_NOISE, sample_noise, stream_generator
+from softmask_ext.diffusion.noise import FINETUNE_NOISE, sample_noise, stream_generator
 from softmask_ext.training.trainer import TrainConfig, Trainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"

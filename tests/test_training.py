@@ -93,14 +93,14 @@ def test_loss_uses_dream_shift_weight_and_per_token_normalisation():
     masked[0, [0, 3]] = True
     masked[1, 6] = True
     t, n = 0.4, 10
-    shifted = shift_logits(logits)
+    shifted = shift_logits(logits, 1)
     expected = sum(F.cross_entropy(shifted[b, i], targets[b, i]) for b, i in masked.nonzero().tolist()) / t / n
-    got = masked_token_loss(logits, targets, masked, t, n)
+    got = masked_token_loss(logits, targets, masked, t, n, 1)
     torch.testing.assert_close(got, expected)
     # Position 0 is predicted from row 0 itself (the shift repeats the first row).
     only_first = torch.zeros_like(masked)
     only_first[0, 0] = True
-    torch.testing.assert_close(masked_token_loss(logits, targets, only_first, 1.0, 1),
+    torch.testing.assert_close(masked_token_loss(logits, targets, only_first, 1.0, 1, 1),
                                F.cross_entropy(logits[0, 0], targets[0, 0]))
 
 
@@ -108,18 +108,18 @@ def test_loss_is_computed_in_fp32_from_bf16_logits():
     logits = torch.randn(1, 5, 9).bfloat16()
     targets = torch.randint(0, 9, (1, 5))
     masked = torch.ones(1, 5, dtype=torch.bool)
-    out = masked_token_loss(logits, targets, masked, 0.5, 5)
+    out = masked_token_loss(logits, targets, masked, 0.5, 5, 1)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, masked_token_loss(logits.float(), targets, masked, 0.5, 5))
+    torch.testing.assert_close(out, masked_token_loss(logits.float(), targets, masked, 0.5, 5, 1))
 
 
 def test_loss_rejects_bad_shapes_and_t():
     with pytest.raises(ValueError, match="expected logits"):
         masked_token_loss(torch.randn(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool),
-                          0.5, 1)
+                          0.5, 1, 1)
     with pytest.raises(ValueError, match="t must be in"):
         masked_token_loss(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long),
-                          torch.ones(1, 3, dtype=torch.bool), 0.0, 1)
+                          torch.ones(1, 3, dtype=torch.bool), 0.0, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------------ two-pass SM
@@ -138,7 +138,7 @@ def test_soft_mask_forward_is_pass2_on_blended_embeddings_of_pass1():
     ids, noised = _noised()
     with torch.no_grad():
         first = model(input_ids=noised.x_t).logits
-        embeds = sm.build_embeddings(noised.x_t, first, model.get_input_embeddings().weight, MASK_ID, shift=True)
+        embeds = sm.build_embeddings(noised.x_t, first, model.get_input_embeddings().weight, MASK_ID, logit_shift=1)
         expected = model(inputs_embeds=embeds).logits
         got = soft_mask_forward(model, sm, noised.x_t, None, MASK_ID)
     torch.testing.assert_close(got, expected)
@@ -152,7 +152,7 @@ def test_pass1_builds_no_graph_and_gradients_reach_sm_parameters_and_embeddings(
     model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.requires_grad))
     logits = soft_mask_forward(model, sm, noised.x_t, None, MASK_ID)
     assert seen == [False, True], "pass 1 must run without autograd, pass 2 with it"
-    masked_token_loss(logits, ids, noised.masked, noised.t, ids.numel()).backward()
+    masked_token_loss(logits, ids, noised.masked, noised.t, ids.numel(), 1).backward()
     for name in ("raw_scale", "raw_steepness", "raw_centre"):
         grad = getattr(sm, name).grad
         assert grad is not None and grad.abs() > 0, f"no gradient reached {name}"
@@ -169,7 +169,7 @@ def test_gradients_reach_adapters_through_pass2(kind):
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
     logits = soft_mask_forward(peft_model, sm, noised.x_t, None, MASK_ID)
-    masked_token_loss(logits, ids, noised.masked, noised.t, ids.numel()).backward()
+    masked_token_loss(logits, ids, noised.masked, noised.t, ids.numel(), 1).backward()
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(any(k in n for k in ("lora_", "magnitude")) for n in trainable)
     assert sum("q_proj" in n for n in trainable) and sum("o_proj" in n for n in trainable)

@@ -94,7 +94,7 @@ def test_scale_gradient_matches_a_finite_difference_of_the_sm_loss():
             with torch.no_grad():
                 logits = soft_mask_forward(model.eval(), soft_mask, noised.x_t, batch["attention_mask"], MASK_ID)
                 values.append(float(masked_token_loss(logits, batch["input_ids"], noised.masked, noised.t,
-                                                      int(response.sum()))))
+                                                      int(response.sum()), 1)))
         return torch.tensor(values, dtype=torch.float64)
 
     slope = (losses(0.3 + step) - losses(0.3 - step)) / (2 * step)

@@ -78,7 +78,7 @@ def diffusion_generate(
         output_history, return_dict_in_generate: as in Dream; history needs both.
         generation_tokens_hook_func: ``f(step, x, logits) -> x``, called before the first step (``step=None``) and
             after each step's unmasking; it may edit the decoded region (from the first mask token of any prompt on).
-        generation_logits_hook_func: ``f(step, x, logits) -> logits`` on the full shifted logits ``[B, P + N, V]``.
+        generation_logits_hook_func: ``f(step, x, logits) -> logits`` on the full logits ``[B, P + N, V]``, row i predicting position i.
             Either hook makes the loop compute logits for every position and run eagerly.
         soft_mask: a :class:`SoftMask`, a ``transparency_config`` dict or a path to one; the authors' keywords
             (``transparency_scale=..., mixinputs_k=...``) are accepted instead. ``None``: plain (binary) masks.

@@ -4,8 +4,9 @@ A run over ``B`` prompts of (left-padded) length ``P`` with ``N`` new tokens kee
 decoded region starts at ``S``: the first mask token in any prompt (Dream decodes those too), else ``P``; the region
 ``S .. P+N-1`` has ``L = P + N - S`` positions. A run repeats :meth:`DiffusionDecoder.step`:
 
-1. forward pass, projecting through the LM head only the hidden rows ``S-1 .. P+N-2``, which predict the region's
-   positions (Dream's one-position shift; position 0 takes row 0) -> logits ``[B, L, V]``;
+1. forward pass, projecting through the LM head only the hidden rows that predict the region's positions (by the
+   model family's ``logit_shift``: rows ``S-1 .. P+N-2`` for Dream, position 0 taking row 0; rows ``S .. P+N-1`` for
+   LLaDA) -> logits ``[B, L, V]``;
 2. propose a token and a confidence for each position of the region, and unmask the masked positions the algorithm
    chooses (time ratios precomputed on the host, counts and selection on the device on fixed shapes, noise drawn
    before the step);
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..model.family import align_logits, family_of, prediction_row_index
 from ..soft_mask import SoftMask
 from .options import DecodeOptions, Prompt
 from .sampling import StepNoise, propose, select_transfers
@@ -93,8 +95,8 @@ class DiffusionDecoder:
         self.canvas = torch.empty(batch, total, dtype=torch.int64, device=device)
         self.attention_mask = torch.ones(batch, total, dtype=torch.bool, device=device) if padded else None
         self.position_ids = torch.arange(total, device=device).expand(batch, total).contiguous()
-        # Hidden row i predicts position i + 1 (position 0 takes row 0): rows S-1 .. P+N-2 feed the region.
-        self.logits_rows = (torch.arange(decode_from - 1, total - 1, device=device).clamp_min(0)
+        self.logit_shift = family_of(model).logit_shift
+        self.logits_rows = (prediction_row_index(torch.arange(decode_from, total, device=device), self.logit_shift)
                             .expand(batch, -1).contiguous())
         # Masks per row when the run starts (after the tokens hook's first edit): the SM schedules' denominator.
         self.initial_masks = torch.ones(batch, 1, device=device)
@@ -243,10 +245,10 @@ class DiffusionDecoder:
 
     # ------------------------------------------------------------------ hooks (eager)
     def _hooked_step(self, i: int, tokens_hook: TokensHook | None, logits_hook: LogitsHook | None) -> None:
-        """A step in Dream's form: full shifted logits go to the hooks, then unmasking, then SM."""
+        """A step in Dream's form: full logits, row i predicting position i, go to the hooks, then unmasking, then
+        SM."""
         self.noise.draw()
-        logits = self._logits(None)
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits = align_logits(self._logits(None), self.logit_shift)
         if logits_hook is not None:
             logits = logits_hook(i, self.canvas, logits)
             if not isinstance(logits, Tensor) or logits.shape[:2] != self.canvas.shape:

@@ -1,11 +1,11 @@
 """Validation perplexity bound of a masked diffusion LM: the MDLM ELBO, estimated by Monte Carlo over t.
 
 For a linear schedule the negative ELBO per token is ``E_t[ sum_{masked i} CE_i / t ] / N``; ``exp`` of it bounds the
-perplexity. Each draw uses the training code: :func:`softmask_ext.training.noise.apply_noise` masks every token with
+perplexity. Each draw uses the training code: :func:`softmask_ext.diffusion.noise.apply_noise` masks every token with
 probability ``t`` (at least one per row, prompts never), and
-:func:`softmask_ext.training.objective.masked_token_loss` gives the ``1/t``-weighted cross-entropy with Dream's
-one-position shift. For a soft-masked model the logits come from the two-pass SM forward
-(:func:`softmask_ext.training.two_pass.soft_mask_forward`), as the paper evaluates its SM models.
+:func:`softmask_ext.diffusion.objective.masked_token_loss` gives the ``1/t``-weighted cross-entropy with the rows
+the model family's ``logit_shift`` names. For a soft-masked model the logits come from the two-pass SM forward
+(:func:`softmask_ext.diffusion.two_pass.soft_mask_forward`), as the paper evaluates its SM models.
 
 Sampling. Each batch gets ``R = num_samples`` draws of one ``t`` for the whole batch (as in training), stratified:
 draw ``r`` is uniform in the r-th of R equal slices of ``[t_min, t_max]``, which keeps the estimate unbiased and
@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..conventions import RandomStream
+from ..diffusion.noise import PRETRAIN_NOISE, NoiseSchedule, apply_noise, stream_generator
+from ..diffusion.objective import masked_token_loss
+from ..diffusion.two_pass import model_logits, soft_mask_forward
+from ..model.family import family_of
 from ..soft_mask import SoftMask
-from ..training.noise import PRETRAIN_NOISE, NoiseSchedule, apply_noise, stream_generator
-from ..training.objective import masked_token_loss
-from ..training.two_pass import model_logits, soft_mask_forward
 
 __all__ = ["ElboResult", "ELBO_STREAM", "estimate_elbo", "paired_difference"]
 
@@ -108,6 +109,7 @@ def estimate_elbo(
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to give a confidence interval, got {num_samples}")
     device = next(model.parameters()).device
+    logit_shift = family_of(model).logit_shift
     draws: list[tuple[float, ...]] = []
     num_tokens = 0
     was_training = model.training
@@ -131,7 +133,7 @@ def estimate_elbo(
                         logits = model_logits(model, input_ids=noised.x_t, attention_mask=mask_arg)
                     else:
                         logits = soft_mask_forward(model, soft_mask, noised.x_t, mask_arg, mask_token_id)
-                    loss = masked_token_loss(logits, input_ids, noised.masked, noised.t, num_tokens=1)
+                    loss = masked_token_loss(logits, input_ids, noised.masked, noised.t, 1, logit_shift)
                 batch_draws.append(float(loss))
             draws.append(tuple(batch_draws))
     finally:

@@ -1,4 +1,5 @@
-"""Configuration of a Dream model (Qwen2 architecture, bidirectional attention).
+"""Configuration of a Dream model (Qwen2 architecture, bidirectional attention), and the `config.json` I/O every
+family's config shares (:class:`ConfigFile`).
 
 Reads the `config.json` of a Dream checkpoint (`"model_type": "Dream"`) or of a plain Qwen2 checkpoint
 (`"model_type": "qwen2"`); both use the same field names. Fields this implementation does not support (sliding-window
@@ -10,16 +11,60 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 from ..conventions import DTYPE_NAMES
 
+from .transformer import validate_transformer_config
+
 SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2")
 
 
+class ConfigFile(ABC):
+    """`config.json` reading and writing for a family's config dataclass."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Any:
+        """Build from a `config.json` dictionary in the family's own field names."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` form, in the family's own field names."""
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> Any:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {os.fspath(path)!r}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Any:
+        """Read `config.json` from a checkpoint directory (or the file itself)."""
+        path = os.fspath(path)
+        return cls.from_json_file(os.path.join(path, "config.json") if os.path.isdir(path) else path)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write `config.json` into the directory `path` (created if needed)."""
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    # peft and HF-style code read configs like mappings
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
 @dataclass
-class DreamConfig:
+class DreamConfig(ConfigFile):
     """Shapes and token ids of a Dream model. Defaults are Dream-v0-7B's."""
 
     vocab_size: int = 152064
@@ -48,28 +93,7 @@ class DreamConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DreamConfig.{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is None and name != "mask_token_id":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"DreamConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        validate_transformer_config(self)
         if self.torch_dtype is not None and self.torch_dtype not in DTYPE_NAMES:
             raise ValueError(f"torch_dtype must be one of {sorted(DTYPE_NAMES)} or None, got {self.torch_dtype!r}")
 
@@ -104,23 +128,6 @@ class DreamConfig:
                 kwargs[name] = kwargs[name][0] if kwargs[name] else None
         return cls(**kwargs)
 
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "DreamConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {os.fspath(path)!r}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "DreamConfig":
-        """Read `config.json` from a checkpoint directory (or the file itself)."""
-        path = os.fspath(path)
-        return cls.from_json_file(os.path.join(path, "config.json") if os.path.isdir(path) else path)
-
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` form: Dream's model_type and the Qwen2 field names."""
         out = dataclasses.asdict(self)
@@ -132,17 +139,6 @@ class DreamConfig:
         if out["torch_dtype"] is None:
             del out["torch_dtype"]
         return out
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write `config.json` into the directory `path` (created if needed)."""
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    # peft and HF-style code read configs like mappings
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
 
 
 def _rope_settings(raw: dict[str, Any]) -> tuple[float, str]:

@@ -11,7 +11,8 @@ A *family* (Dream, LLaDA, ...) owns everything that differs between masked diffu
   between checkpoints of one family.
 
 Each model class sets ``family = ModelFamily(...)`` as a class attribute and registers it with
-:func:`register_family`; :func:`load_model` reads a checkpoint's ``config.json``, finds the family claiming its
+:func:`register_family` (the package ``softmask_ext.model`` imports every built-in family's module, so they are
+registered before anything here runs; this module imports no model); :func:`load_model` reads a checkpoint's ``config.json``, finds the family claiming its
 ``model_type`` and calls that family's loader.
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "family_for_model_type",
     "family_of",
     "load_model",
+    "load_config",
     "prediction_row_index",
     "align_logits",
 ]
@@ -51,6 +53,10 @@ class ModelFamily:
         load: ``load(path, dtype=None, device=None, **kwargs) -> nn.Module`` for a checkpoint directory.
         decoder_layer: the class of one transformer block (the unit of FSDP wrapping and checkpointing).
         default_decoding: keyword defaults of the family's own ``generate`` (documentation and CLIs).
+        adapter_targets: module names LoRA/DoRA adapt by default (the attention projections, as the family's
+            checkpoints name them).
+        config_class: the family's config (``config_class.from_pretrained(path)`` reads a checkpoint's
+            ``config.json``), for callers that size things before loading any weights.
     """
 
     name: str
@@ -59,6 +65,8 @@ class ModelFamily:
     load: Callable[..., nn.Module]
     decoder_layer: type[nn.Module]
     default_decoding: Mapping[str, Any] = field(default_factory=dict)
+    adapter_targets: tuple[str, ...] = ()
+    config_class: type | None = None
 
     def __post_init__(self) -> None:
         if self.logit_shift not in (0, 1):
@@ -80,13 +88,11 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def registered_families() -> list[ModelFamily]:
     """Every registered family, once each, in registration order."""
-    _import_builtin_families()
     return list({family.name: family for family in _REGISTRY.values()}.values())
 
 
 def family_for_model_type(model_type: str) -> ModelFamily:
     """The family that claims ``model_type`` (case-insensitive); ValueError listing the supported ones otherwise."""
-    _import_builtin_families()
     family = _REGISTRY.get(str(model_type).lower())
     if family is None:
         supported = ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in registered_families())
@@ -116,6 +122,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     return family_for_model_type(checkpoint_model_type(path, kwargs.get("base_model"))).load(
         path, dtype=dtype, device=device, **kwargs)
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """The config of a checkpoint directory (any registered family), without loading weights."""
+    path = os.fspath(path)
+    family = family_for_model_type(checkpoint_model_type(path))
+    if family.config_class is None:
+        raise TypeError(f"family {family.name!r} declares no config_class")
+    return family.config_class.from_pretrained(path)
 
 
 def checkpoint_model_type(path: str, base_model: str | os.PathLike | None = None) -> str:
@@ -157,7 +172,3 @@ def _peft_base(model: nn.Module) -> nn.Module | None:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else None
 
-
-def _import_builtin_families() -> None:
-    # The built-in families register themselves when their modules are imported.
-    from . import dream  # noqa: F401

@@ -1,8 +1,8 @@
-"""Loading and saving Dream checkpoints: config.json + safetensors (single file, or shards with an index).
+"""Checkpoint I/O shared by the model families: config.json + safetensors (single file, or shards with an index).
 
 Only safetensors are read; pickle-based weights (`*.bin`, `*.pt`, `*.pth`) are refused because unpickling runs
-arbitrary code. Tensor names are Qwen2's (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`, ...,
-`model.norm.weight`, `lm_head.weight`), which are also our module names.
+arbitrary code. Tensor names are the model's own state-dict names, which each family chooses to be its checkpoints'
+(Dream: Qwen2's `model.layers.N.self_attn.q_proj.weight`; LLaDA: `model.transformer.blocks.N.q_proj.weight`).
 
 A folder of PEFT LoRA/DoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``, what fine-tuning writes
 for an adapter run) loads as its base model with the adapters merged into the weights.
@@ -10,6 +10,10 @@ for an adapter run) loads as its base model with the adapters merged into the we
 Loading builds the model on the meta device (no memory), checks every tensor's name and shape from the file headers
 before reading any data, then reads each tensor straight onto the target device and assigns it, so weights are
 materialised once (plus a transient per-tensor cast when the requested dtype differs from the stored one).
+
+A model class that loads through here subclasses :class:`~.transformer.DiffusionTransformer` and names its config class
+(``config_class``, with ``from_pretrained(path)``, ``save_pretrained(path)``, a ``torch_dtype`` field and
+``tie_word_embeddings``).
 """
 
 from __future__ import annotations
@@ -25,23 +29,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPE_NAMES, MODEL_INDEX, MODEL_WEIGHTS
-from .config import DreamConfig
-from .dream import DreamModel
+from .transformer import DiffusionTransformer
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
 SUPPORTED_DTYPES = tuple(DTYPE_NAMES.values())
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-# Non-parameter buffers some Qwen2 exports contain; we compute them instead.
+# Non-parameter buffers some exports contain; we compute them instead.
 IGNORED_TENSOR = re.compile(r".*rotary_emb\.inv_freq$")
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None,
-                    base_model: str | os.PathLike | None = None) -> DreamModel:
-    """Load a checkpoint directory into a `DreamModel` in eval mode.
+def load_pretrained(model_class: type[DiffusionTransformer], path: str | os.PathLike,
+                    dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                    base_model: str | os.PathLike | None = None) -> DiffusionTransformer:
+    """Load a checkpoint directory into a `model_class` model in eval mode.
 
     Args:
+        model_class: the family's model class (e.g. `DreamModel`, `LLaDAModel`).
         path: directory with config.json and model.safetensors, or model.safetensors.index.json and its shards; or
             a folder of PEFT adapters, loaded onto their base model and merged into its weights.
         dtype: torch.float32 / bfloat16 / float16; None keeps the dtype the embeddings are stored in.
@@ -55,22 +59,24 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     if os.path.exists(os.path.join(path, ADAPTER_CONFIG)) and not os.path.exists(os.path.join(path, "config.json")):
-        return _load_merged_adapters(path, dtype, device, base_model)
+        return _load_merged_adapters(model_class, path, dtype, device, base_model)
     if base_model is not None:
         raise ValueError(f"base_model is for adapter folders; {path!r} is a full checkpoint")
-    config = DreamConfig.from_pretrained(path)
+    config = model_class.config_class.from_pretrained(path)
     device = torch.device(device if device is not None else "cpu")
     weight_map = _weight_map(path)
 
     with torch.device("meta"):
-        model = DreamModel(config)
+        model = model_class(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    embedding_name = model.weight_name(model.get_input_embeddings())
+    head_name = model.weight_name(model.get_output_embeddings())
     if config.tie_word_embeddings:
-        del expected["lm_head.weight"]  # shared with model.embed_tokens.weight
-    stored = _check_tensors(path, weight_map, expected)
+        del expected[head_name]  # shared with the embedding table
+    stored = _check_tensors(path, weight_map, expected, optional={head_name})
 
     if dtype is None:
-        dtype = stored["model.embed_tokens.weight"]
+        dtype = stored[embedding_name]
 
     state = {}
     for shard in sorted(set(weight_map.values())):
@@ -79,14 +85,14 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 if name in expected:
                     state[name] = f.get_tensor(name).to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()  # assignment replaced the shared parameter
     model.name_or_path = os.path.abspath(path)  # PEFT records it as the adapters' base: valid from any directory
     return model.eval()
 
 
-def _load_merged_adapters(path: str, dtype: torch.dtype | None, device: str | torch.device | None,
-                          base_model: str | os.PathLike | None) -> DreamModel:
+def _load_merged_adapters(model_class: type[DiffusionTransformer], path: str, dtype: torch.dtype | None,
+                          device: str | torch.device | None,
+                          base_model: str | os.PathLike | None) -> DiffusionTransformer:
     """The base model of the adapters in ``path`` with every adapter tensor checked and merged into its weights."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import check_target_module_exists
@@ -102,12 +108,14 @@ def _load_merged_adapters(path: str, dtype: torch.dtype | None, device: str | to
             f"the adapters in {path!r} belong to the base model {base!r}, which is not a directory here; "
             f"pass the base checkpoint as base_model= (--base-model on the command line)")
     lora.base_model_name_or_path = os.path.abspath(base)
-    model = load_pretrained(base, dtype=dtype, device=device)
-    if model.config.tie_word_embeddings and any(check_target_module_exists(lora, name)
-                                                for name in ("lm_head", "model.embed_tokens")):
+    model = load_pretrained(model_class, base, dtype=dtype, device=device)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if model.config.tie_word_embeddings and any(
+            check_target_module_exists(lora, model.weight_name(module).removesuffix(".weight"))
+            for module in (head, embedding)):
         # Merging into a shared table would change both ends; the adapted model has them apart, and so will this one.
-        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
         model.config.tie_word_embeddings = False
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
     model = get_peft_model(model, lora)
     result = set_peft_model_state_dict(model, load_file(weights, device=str(model.device)))
     missing = [k for k in result.missing_keys if "lora_" in k]
@@ -145,9 +153,11 @@ def _weight_map(path: str) -> dict[str, str]:
     raise FileNotFoundError(f"no {MODEL_WEIGHTS} or {MODEL_INDEX} in {path!r}")
 
 
-def _check_tensors(path: str, weight_map: dict[str, str],
-                   expected: dict[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
-    """Compare file headers with the model; raise one error listing every problem. Returns name -> stored dtype."""
+def _check_tensors(path: str, weight_map: dict[str, str], expected: dict[str, tuple[int, ...]],
+                   optional: set[str]) -> dict[str, torch.dtype]:
+    """Compare file headers with the model; raise one error listing every problem. Returns name -> stored dtype.
+    ``optional`` names tensors a file may hold that are not read (the LM head of a tied model, stored as a copy of
+    the embedding table)."""
     shapes, dtypes = {}, {}
     for shard in sorted(set(weight_map.values())):
         with safe_open(os.path.join(path, shard), framework="pt") as f:
@@ -159,9 +169,7 @@ def _check_tensors(path: str, weight_map: dict[str, str],
                 dtypes[name] = SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype())
     listed_not_found = sorted(set(weight_map) - set(shapes))
     missing = sorted(set(expected) - set(shapes))
-    # A tied model may still store lm_head.weight (a copy of the embedding); it is not read.
-    unexpected = sorted(n for n in shapes if n not in expected and not IGNORED_TENSOR.match(n)
-                        and n != "lm_head.weight")
+    unexpected = sorted(n for n in shapes if n not in expected and not IGNORED_TENSOR.match(n) and n not in optional)
     misshaped = [f"{n}: file {list(shapes[n])} vs model {list(expected[n])}"
                  for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
     bad_dtype = [f"{n}: {dtypes[n]}" for n in sorted(set(expected) & set(dtypes))
@@ -179,17 +187,17 @@ def _check_tensors(path: str, weight_map: dict[str, str],
     return dtypes
 
 
-def save_pretrained(model: DreamModel, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json (model_type Dream) and the weights: model.safetensors, or
+def save_pretrained(model: DiffusionTransformer, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json (the family's model_type) and the weights: model.safetensors, or
     model-0000i-of-0000n.safetensors shards + model.safetensors.index.json when larger than `max_shard_size`
     (bytes, or a string such as "5GB" / "500MB" / "2GiB"). Weight files from an earlier save in `path` are replaced."""
-    if not isinstance(model, DreamModel):
-        raise TypeError(f"save_pretrained needs a DreamModel, got {type(model).__name__}")
+    if not isinstance(model, DiffusionTransformer):
+        raise TypeError(f"save_pretrained needs a model of a registered family, got {type(model).__name__}")
     path = os.fspath(path)
     limit = _parse_size(max_shard_size)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]
+        del state[model.weight_name(model.get_output_embeddings())]
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0

@@ -1,21 +1,27 @@
-"""Masked-diffusion training with soft-masking: noise, objective, the two-pass SM forward, the trainer."""
+"""Masked-diffusion training with soft-masking: the trainer, adapters, checkpoints, gate initialisation; the
+diffusion core it trains with (noise, objective, two-pass SM forward) is :mod:`softmask_ext.diffusion`, re-exported
+here."""
 
+from ..diffusion import (
+    FINETUNE_NOISE,
+    PRETRAIN_NOISE,
+    DiffusionTrainingForward,
+    NoisedBatch,
+    NoiseSchedule,
+    apply_noise,
+    masked_token_loss,
+    model_logits,
+    prediction_rows,
+    sample_noise,
+    soft_mask_forward,
+    stream_generator,
+)
+from ..model.family import align_logits as shift_logits
 from .adapters import ADAPTER_KINDS, AdapterConfig, apply_adapters
 from .checkpoint import CorruptCheckpointError, latest_checkpoint, verify_checkpoint, write_checkpoint
 from .distributed import DistEnv, init_distributed
 from .gate_init import confidence_centre, masked_neg_entropy, scale_gradient
-from .noise import (
-    FINETUNE_NOISE,
-    PRETRAIN_NOISE,
-    NoisedBatch,
-    NoiseSchedule,
-    apply_noise,
-    sample_noise,
-    stream_generator,
-)
-from .objective import masked_token_loss, prediction_rows, shift_logits
 from .trainer import TrainConfig, Trainer, micro_batch_index
-from .two_pass import DiffusionTrainingForward, model_logits, soft_mask_forward
 
 __all__ = [
     "ADAPTER_KINDS", "AdapterConfig", "apply_adapters",

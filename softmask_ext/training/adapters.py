@@ -9,6 +9,7 @@ from typing import Literal
 from torch import nn
 
 from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
+from ..model.family import family_of
 
 __all__ = ["AdapterConfig", "apply_adapters", "load_trainable", "ADAPTER_KINDS"]
 
@@ -17,13 +18,14 @@ ADAPTER_KINDS = ("full", "lora", "dora")
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """``kind="full"`` trains every weight; ``lora``/``dora`` freeze the base and train adapters on ``targets``."""
+    """``kind="full"`` trains every weight; ``lora``/``dora`` freeze the base and train adapters on ``targets``
+    (module names; None: the model family's ``adapter_targets``, its attention projections)."""
 
     kind: Literal["full", "lora", "dora"] = "full"
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -33,12 +35,13 @@ class AdapterConfig:
                 f"adapter needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank={self.rank}, "
                 f"alpha={self.alpha}, dropout={self.dropout}"
             )
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise ValueError("adapter targets must name at least one module (e.g. q_proj)")
 
 
 def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Return the model to train: ``model`` itself (full) or a peft model with LoRA/DoRA on ``config.targets``."""
+    """Return the model to train: ``model`` itself (full) or a peft model with LoRA/DoRA on ``config.targets``
+    (default: the family's ``adapter_targets``)."""
     if config.kind == "full":
         model.requires_grad_(True)
         return model
@@ -48,7 +51,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.targets),
+        target_modules=list(config.targets or family_of(model).adapter_targets),
         use_dora=config.kind == "dora",
         bias="none",
     )
@@ -62,9 +65,9 @@ def load_trainable(model: nn.Module, config: AdapterConfig, directory: Path) -> 
 
     if config.kind == "full":
         state = load_file(str(directory / MODEL_WEIGHTS))
-        tied = model.config.tie_word_embeddings
+        tied_head = model.weight_name(model.get_output_embeddings()) if model.config.tie_word_embeddings else None
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
+        if unexpected or [k for k in missing if k != tied_head]:
             raise ValueError(f"{directory}: checkpoint does not match the model (missing {missing}, "
                              f"unexpected {unexpected})")
         return

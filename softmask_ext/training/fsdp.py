@@ -1,12 +1,12 @@
 """Fully sharded data parallel training (FSDP2, ``torch.distributed.fsdp.fully_shard``).
 
-Layout. Each decoder layer is one FSDP unit; the root unit is the whole :class:`.two_pass.DiffusionTrainingForward`
-(embedding table, final norm, LM head, and in a PEFT model whatever sits outside the layers). The root is unsharded
-for the whole of its forward, so everything the two-pass SM step does around the model (the pass-1 LM head on the
-selected rows, the blend that reads the embedding table) sees full weights, and the gradients that reach the table
-through the blend are reduce-scattered with the root's. The SM parameters (a few fp32 scalars) are left out of FSDP
-(``ignored_params``): every process holds them whole and :func:`..distributed.average_gradients` averages their
-gradients exactly as DDP does.
+Layout. Each decoder layer (the model family's ``decoder_layer`` class) is one FSDP unit; the root unit is the whole
+:class:`softmask_ext.diffusion.two_pass.DiffusionTrainingForward` (embedding table, final norm, LM head, and in a PEFT
+model whatever sits outside the layers). The root is unsharded for the whole of its forward, so everything the two-pass
+SM step does around the model (the pass-1 LM head on the selected rows, the blend that reads the embedding table) sees
+full weights, and the gradients that reach the table through the blend are reduce-scattered with the root's. The SM
+parameters (a few fp32 scalars) are left out of FSDP (``ignored_params``): every process holds them whole and
+:func:`..distributed.average_gradients` averages their gradients exactly as DDP does.
 
 Lockstep. FSDP all-gathers a layer's weights inside every forward of that layer, so all processes must run the same
 sequence of forwards. A micro-batch whose SM coin came up on some processes and not on others would break that (the
@@ -43,10 +43,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
-from ..model.dream import DecoderLayer
+from ..diffusion.two_pass import DiffusionTrainingForward, model_logits
+from ..model.family import family_of
 from .adapters import AdapterConfig
 from .distributed import DistEnv
-from .two_pass import DiffusionTrainingForward, model_logits
 
 __all__ = [
     "FIT_FRACTION", "FULL_STATE", "ShardedTrainingForward", "estimate_training_bytes", "use_fsdp", "check_fsdp_request",
@@ -114,9 +114,10 @@ def shard(forward: ShardedTrainingForward, env: DistEnv, device: torch.device, b
     mesh = init_device_mesh(device.type, (env.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    layers = [m for m in forward.modules() if isinstance(m, DecoderLayer)]
+    decoder_layer = family_of(forward.model).decoder_layer
+    layers = [m for m in forward.modules() if isinstance(m, decoder_layer)]
     if not layers:
-        raise TypeError(f"FSDP needs a Dream model (decoder layers to shard); got {type(forward.model).__name__}")
+        raise TypeError(f"FSDP found no {decoder_layer.__name__} to shard in {type(forward.model).__name__}")
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(forward, mesh=mesh, mp_policy=policy, ignored_params=set(forward.soft_mask.parameters()))

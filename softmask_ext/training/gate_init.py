@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..soft_mask import SoftMask
 from ..data import BatchStream, Example
-from .noise import NoisedBatch, NoiseSchedule, sample_noise, stream_generator
-from .objective import masked_token_loss
-from .two_pass import model_logits, soft_mask_forward
+from ..diffusion.noise import NoisedBatch, NoiseSchedule, sample_noise, stream_generator
+from ..diffusion.objective import masked_token_loss
+from ..diffusion.two_pass import model_logits, soft_mask_forward
+from ..model.family import family_of, prediction_row_index
+from ..soft_mask import SoftMask
 
 __all__ = ["masked_neg_entropy", "confidence_centre", "scale_gradient"]
 
@@ -36,7 +37,7 @@ class _CalibrationBatch(NamedTuple):
     attention: Tensor | None  # [B, T], or None when nothing is padded
     response_tokens: int  # tokens that could have been masked (the loss normaliser)
     noised: NoisedBatch
-    first: Tensor  # pass-1 logits [N, V] of the rows that predict the N masked positions (Dream's shift)
+    first: Tensor  # pass-1 logits [N, V] of the rows that predict the N masked positions (the family's shift)
 
 
 def _calibration_batches(model: nn.Module, data: Sequence[Example], mask_token_id: int, pad_token_id: int,
@@ -47,6 +48,7 @@ def _calibration_batches(model: nn.Module, data: Sequence[Example], mask_token_i
     if batches < 1:
         raise ValueError(f"need at least one batch, got {batches} calibration batches")
     device = next(model.parameters()).device
+    logit_shift = family_of(model).logit_shift
     was_training = model.training
     model.eval()
     try:
@@ -59,7 +61,7 @@ def _calibration_batches(model: nn.Module, data: Sequence[Example], mask_token_i
                                   stream_generator(seed, _CALIBRATION_STREAM, index))
             attention = None if bool(attention.all()) else attention
             batch_idx, pos_idx = noised.masked.nonzero(as_tuple=True)
-            rows = batch_idx * ids.shape[1] + (pos_idx - 1).clamp_min(0)
+            rows = batch_idx * ids.shape[1] + prediction_row_index(pos_idx, logit_shift)
             with torch.no_grad():
                 first = model_logits(model, input_ids=noised.x_t, attention_mask=attention, logits_rows=rows)
             yield _CalibrationBatch(ids, attention, int(response.sum()), noised, first)
@@ -82,7 +84,7 @@ def masked_neg_entropy(
     """Pass-1 negative entropy (fp32 ``[N]``, nats) at the masked positions of the first ``batches`` training batches.
 
     The batches are the ones training starts with (same data order for ``seed``), noised as in training but from a
-    random stream of their own; the prediction for position ``i`` is logits row ``i - 1`` (Dream's shift).
+    random stream of their own; the logits row predicting each position follows the model family's ``logit_shift``.
     """
     return torch.cat([ops.topk_entropy(b.first, 1)[2].float().cpu() for b in _calibration_batches(
         model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed)])
@@ -122,7 +124,8 @@ def scale_gradient(
     for b in _calibration_batches(model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed):
         accuracy.append(float((b.first.argmax(-1) == b.ids[b.noised.masked]).double().mean()))
         logits = soft_mask_forward(model, soft_mask, b.noised.x_t, b.attention, mask_token_id)
-        loss = masked_token_loss(logits, b.ids, b.noised.masked, b.noised.t, b.response_tokens)
+        loss = masked_token_loss(logits, b.ids, b.noised.masked, b.noised.t, b.response_tokens,
+                                 family_of(model).logit_shift)
         (grad,) = torch.autograd.grad(loss, soft_mask.raw_scale)
         scale = float(soft_mask.scale.detach())
         grads.append(float(grad) / (scale * (1.0 - scale)))  # d sigmoid(raw) / d raw = s (1 - s)

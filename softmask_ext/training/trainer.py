@@ -1,18 +1,19 @@
 """The training loop: binary or soft-masked (SM) masked-diffusion training, fine-tuning or from scratch.
 
-One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences on each of ``world_size`` processes.
-For every micro-batch a coin with probability ``sm_prob`` picks the two-pass SM forward or one plain pass
-(:mod:`.two_pass`); the loss is :func:`.objective.masked_token_loss` normalised by the response tokens of the
-whole step, so splitting a step into micro-batches or processes does not change the gradient.
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences on each of ``world_size`` processes. For
+every micro-batch a coin with probability ``sm_prob`` picks the two-pass SM forward or one plain pass
+(:mod:`softmask_ext.diffusion.two_pass`); the loss is :func:`softmask_ext.diffusion.objective.masked_token_loss`
+normalised by the response tokens of the whole step, so splitting a step into micro-batches or processes does not change
+the gradient.
 
 Several processes (``torchrun``): DDP, or FSDP (:mod:`.fsdp`) when ``config.fsdp`` asks for it or the model would not
 fit one GPU for training. Both give the result of one process with the same global batch.
 
-Reproducibility. Randomness never comes from a shared, advancing RNG: the SM coin and the noise of micro-batch
-``g`` are drawn from generators seeded by ``(seed, stream, g)`` (:func:`.noise.stream_generator`), the global torch
-RNG (dropout) is reseeded from ``(seed, step, rank)`` at every step, and the data order is a function of
-``(seed, epoch, position)`` (:class:`softmask_ext.data.BatchStream`). A checkpoint therefore only needs the
-weights, the optimizer and scheduler state and the data position to continue exactly as the uninterrupted run.
+Reproducibility. Randomness never comes from a shared, advancing RNG: the SM coin and the noise of micro-batch ``g`` are
+drawn from generators seeded by ``(seed, stream, g)`` (:func:`softmask_ext.diffusion.noise.stream_generator`), the
+global torch RNG (dropout) is reseeded from ``(seed, step, rank)`` at every step, and the data order is a function of
+``(seed, epoch, position)`` (:class:`softmask_ext.data.BatchStream`). A checkpoint therefore only needs the weights, the
+optimizer and scheduler state and the data position to continue exactly as the uninterrupted run.
 
 Run directory (``run_dir``)::
 
@@ -47,6 +48,10 @@ from tqdm.auto import tqdm
 
 from ..conventions import SOFT_MASK_WEIGHTS, RandomStream, default_device, pad_or_eos
 from ..data import BatchStream, Example, collate
+from ..diffusion.noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
+from ..diffusion.objective import masked_token_loss
+from ..diffusion.two_pass import DiffusionTrainingForward
+from ..model.family import family_of
 from ..soft_mask import SoftMask
 from .adapters import AdapterConfig, apply_adapters, load_trainable
 from .checkpoint import latest_checkpoint, write_checkpoint
@@ -61,10 +66,7 @@ from .fsdp import (
     shard,
     use_fsdp,
 )
-from .noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
-from .objective import masked_token_loss
 from .plots import plot_training
-from .two_pass import DiffusionTrainingForward
 
 __all__ = ["TrainConfig", "Trainer", "micro_batch_index"]
 
@@ -111,7 +113,8 @@ class TrainConfig:
         if isinstance(self.noise, dict):
             self.noise = NoiseSchedule(**self.noise)
         if isinstance(self.adapter, dict):
-            self.adapter = AdapterConfig(**{**self.adapter, "targets": tuple(self.adapter["targets"])})
+            targets = self.adapter.get("targets")
+            self.adapter = AdapterConfig(**{**self.adapter, "targets": None if targets is None else tuple(targets)})
         checks = {
             "max_steps >= 1": self.max_steps >= 1,
             "batch_size >= 1": self.batch_size >= 1,
@@ -179,6 +182,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.model_config = model.config
         self.mask_token_id = int(model.config.mask_token_id)
+        self.logit_shift = family_of(model).logit_shift
         self.pad_token_id = pad_or_eos(model.config)
 
         if config.gradient_checkpointing:
@@ -245,7 +249,7 @@ class Trainer:
         noised = sample_noise(ids, response, self.mask_token_id, self.config.noise, generator)
         with self._autocast():
             logits = module(noised.x_t, None if bool(attention.all()) else attention, soft, **forward_options)
-            return masked_token_loss(logits, ids, noised.masked, noised.t, num_tokens)
+            return masked_token_loss(logits, ids, noised.masked, noised.t, num_tokens, self.logit_shift)
 
     def _sm_coin(self, index: int) -> bool:
         if self.config.sm_prob == 0:

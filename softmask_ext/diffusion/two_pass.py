@@ -1,10 +1,10 @@
 """The soft-masked (SM) forward used in training and in ELBO evaluation.
 
-Pass 1 runs the model on the noised input ``x_t`` without gradient. Its logits (raw; the one-position shift of Dream
-is applied inside :meth:`SoftMask.build_embeddings`) decide, for every masked position, the blend of the mask
+Pass 1 runs the model on the noised input ``x_t`` without gradient. Its logits (the rows that predict the masked
+positions, by the model family's ``logit_shift``) decide, for every masked position, the blend of the mask
 embedding with the embeddings of the top-k predicted tokens. Pass 2 runs the model on those embeddings with
 gradient: the loss reaches the model weights (or adapters), the embedding table through the blend, and the SM
-parameters through lam. Pass 1 builds no autograd graph, so its logits are constants, as in the SM paper's training.
+parameters through lam. Pass 1 builds no autograd graph, so its logits are constants.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..model.family import family_of, prediction_row_index
 from ..soft_mask import SoftMask
 
 __all__ = ["model_logits", "soft_mask_forward", "DiffusionTrainingForward"]
@@ -35,14 +36,14 @@ def soft_mask_forward(
     x_t:            int64 [B, T], the noised input (mask token at masked positions)
     attention_mask: [B, T] with 1 for real tokens, or None
 
-    Pass 1 projects only the hidden rows that predict a masked position (row ``i - 1`` for position ``i``, Dream's
-    shift) through the LM head, so neither the head nor the top-k/entropy kernel touch the other rows. The result
-    equals ``soft_mask.build_embeddings(x_t, full_pass1_logits, table, mask_token_id, shift=True)``.
+    Pass 1 projects only the hidden rows that predict a masked position (``family_of(model).logit_shift`` says
+    which: row ``i - 1`` for position ``i`` for Dream, row ``i`` for LLaDA) through the LM head, so neither the head
+    nor the top-k/entropy kernel touch the other rows. The result equals
+    ``soft_mask.build_embeddings(x_t, full_pass1_logits, table, mask_token_id, logit_shift)``.
     """
     masked = x_t == mask_token_id
     batch_idx, pos_idx = masked.nonzero(as_tuple=True)
-    length = x_t.shape[1]
-    rows = batch_idx * length + (pos_idx - 1).clamp_min(0)
+    rows = batch_idx * x_t.shape[1] + prediction_row_index(pos_idx, family_of(model).logit_shift)
     with torch.no_grad():
         first = model_logits(model, input_ids=x_t, attention_mask=attention_mask, logits_rows=rows)  # [N, V]
     embedding = model.get_input_embeddings()

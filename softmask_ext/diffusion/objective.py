@@ -10,36 +10,32 @@ negative log-likelihood, so ``exp(L)`` bounds the perplexity and the number is c
 In training ``N`` is counted over the whole optimizer step (all micro-batches on all processes), which makes the
 gradient independent of how the step is split into micro-batches and processes.
 
-Dream predicts token ``i`` from logits row ``i - 1`` (its one-position shift,
-``cat([logits[:, :1], logits[:, :-1]], 1)``); with ``shift=True`` the rows are gathered from the shifted positions
-directly, without materialising the shifted copy of the ``[B, T, V]`` logits.
+Which logits row predicts token ``i`` is the model family's convention (``logit_shift``: Dream predicts token ``i``
+from row ``i - 1``, LLaDA from row ``i``); the rows are gathered through
+:func:`softmask_ext.model.family.prediction_row_index`, without materialising a shifted copy of the ``[B, T, V]``
+logits.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["shift_logits", "prediction_rows", "masked_token_loss"]
+from ..model.family import prediction_row_index
+
+__all__ = ["prediction_rows", "masked_token_loss"]
 
 
-def shift_logits(logits: Tensor) -> Tensor:
-    """Dream's one-position shift: row ``i`` of the result is the prediction for position ``i``. [B, T, V]"""
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-
-
-def prediction_rows(logits: Tensor, positions: Tensor, shift: bool = True) -> Tensor:
+def prediction_rows(logits: Tensor, positions: Tensor, logit_shift: int) -> Tensor:
     """The logits rows that predict the tokens at ``positions``.
 
-    logits:    [B, T, V]
-    positions: bool [B, T]
-    returns:   [N, V] with N = positions.sum(), in row-major order of ``positions``
+    logits:      [B, T, V]
+    positions:   bool [B, T]
+    logit_shift: the model family's (``family_of(model).logit_shift``)
+    returns:     [N, V] with N = positions.sum(), in row-major order of ``positions``
     """
     batch_idx, pos_idx = positions.nonzero(as_tuple=True)
-    if shift:
-        pos_idx = (pos_idx - 1).clamp_min(0)
-    return logits[batch_idx, pos_idx]
+    return logits[batch_idx, prediction_row_index(pos_idx, logit_shift)]
 
 
 def masked_token_loss(
@@ -48,16 +44,17 @@ def masked_token_loss(
     masked: Tensor,
     t: float,
     num_tokens: int | Tensor,
-    shift: bool = True,
+    logit_shift: int,
 ) -> Tensor:
     """The weighted masked-token cross-entropy, normalised per response token (see the module docstring).
 
-    logits:     [B, T, V] model output for the noised input (any float dtype; the loss is computed in fp32)
-    targets:    int64 [B, T], the clean tokens
-    masked:     bool [B, T], the positions that were masked
-    t:          the batch's masking probability; every masked token is weighted by ``1 / t``
-    num_tokens: the normaliser ``N`` (response tokens in the batch, or in the whole optimizer step)
-    returns:    fp32 scalar
+    logits:      [B, T, V] model output for the noised input (any float dtype; the loss is computed in fp32)
+    targets:     int64 [B, T], the clean tokens
+    masked:      bool [B, T], the positions that were masked
+    t:           the batch's masking probability; every masked token is weighted by ``1 / t``
+    num_tokens:  the normaliser ``N`` (response tokens in the batch, or in the whole optimizer step)
+    logit_shift: the model family's (``family_of(model).logit_shift``)
+    returns:     fp32 scalar
     """
     if logits.dim() != 3 or logits.shape[:2] != targets.shape or masked.shape != targets.shape:
         raise ValueError(
@@ -66,6 +63,6 @@ def masked_token_loss(
         )
     if not 0.0 < t <= 1.0:
         raise ValueError(f"masking probability t must be in (0, 1], got {t}")
-    rows = prediction_rows(logits, masked, shift).float()
+    rows = prediction_rows(logits, masked, logit_shift).float()
     token_loss = F.cross_entropy(rows, targets[masked], reduction="sum")
     return token_loss / t / num_tokens
