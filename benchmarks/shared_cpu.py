@@ -41,7 +41,8 @@ import torch
 if mode != "torch-default":
     configure_cpu_threads()
 from softmask_ext.data import Example
-from softmask_ext.finetune import PRESETS, SHIPPED_MODEL
+from softmask_ext.conventions import SHIPPED_MODEL
+from softmask_ext.training.presets import PRESETS
 from softmask_ext.model import DreamModel
 from softmask_ext.training import AdapterConfig, TrainConfig, Trainer
 

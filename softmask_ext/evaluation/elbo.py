@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..conventions import RandomStream
 from ..diffusion.noise import PRETRAIN_NOISE, NoiseSchedule, stream_generator
 from ..diffusion.objective import masked_token_loss
 from ..diffusion.two_pass import model_logits, soft_mask_forward
 from ..model.family import family_of
-from ..conventions import RandomStream
 from ..soft_mask import SoftMask
 
 __all__ = ["ElboResult", "ELBO_STREAM", "ESTIMATOR", "estimate_elbo", "paired_difference"]

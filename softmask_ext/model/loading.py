@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .transformer import DiffusionTransformer
 from ..conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DTYPE_NAMES, MODEL_INDEX, MODEL_WEIGHTS
+from .transformer import DiffusionTransformer
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
 SUPPORTED_DTYPES = tuple(DTYPE_NAMES.values())

@@ -8,8 +8,8 @@ from typing import Literal
 
 from torch import nn
 
-from ..model.family import family_of
 from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
+from ..model.family import family_of
 
 __all__ = ["AdapterConfig", "apply_adapters", "load_trainable", "ADAPTER_KINDS"]
 

@@ -42,10 +42,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
 from ..diffusion.two_pass import DiffusionTrainingForward, model_logits
 from ..model.family import family_of
 from .adapters import AdapterConfig
-from ..conventions import ADAPTER_WEIGHTS, MODEL_WEIGHTS
 from .distributed import DistEnv
 
 __all__ = [
