@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _fastdllm_oracle import dream_blocks, llada_cached
+from conftest import requires_cuda
 from test_decoding import SOFT_MASKS, tiny_model
 from test_decoding_llada import MASK, no_shift_model, prompts
 
@@ -157,3 +158,14 @@ def test_cached_steps_compile_without_graph_breaks(dream, cache, kind):
             run_step("fill")
     assert torch.equal(decoders[0].canvas, decoders[1].canvas)
     assert torch.equal(decoders[0].embeds, decoders[1].embeds)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache", ["none", *CACHED])
+def test_cuda_graphs_match_eager(cache):
+    model = tiny_model().cuda()
+    kw = dict(max_new_tokens=12, steps=6, block_length=4, cache=cache, threshold=0.3, alg="maskgit_plus",
+              soft_mask=SOFT_MASKS[0], temperature=0.5, seed=0)
+    outs = [diffusion_generate(model, prompts().cuda(), cuda_graph=graph, **kw) for graph in (False, True)]
+    assert torch.equal(outs[0], outs[1])
