@@ -150,7 +150,7 @@ class Provider:
         decoder = self.decoder
         decoder.load(self.prompt)
         decoder.noise.draw()
-        logits = decoder._logits("full", decoder.full_rows)
+        logits = decoder.logits("full", decoder.full_rows)
         opts = decoder.options
         return self._time_ms(lambda: propose(logits, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
                                              top_k=opts.top_k, token_noise=decoder.noise.token), reps)
@@ -180,8 +180,8 @@ class Provider:
             decoder = self.decoder
             decoder.canvas.copy_(x)
             decoder.embeds.copy_(model.get_input_embeddings()(x))
-            logits = decoder._logits("full", decoder.full_rows)
-            work = lambda: decoder._soft_embeddings(logits)  # noqa: E731
+            logits = decoder.logits("full", decoder.full_rows)
+            work = lambda: decoder.soft_embeddings(logits)  # noqa: E731
         return self._time_ms(work, reps)
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from softmask_ext import SoftMask
+from softmask_ext.conventions import default_device
 from softmask_ext.decoding.mdlm_samplers import MDLMSampler, MDLMSamplerOptions
 from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 
@@ -45,7 +46,7 @@ def _median_ms(fn, repeats: int, device: torch.device) -> float:
 
 @torch.no_grad()
 def main(args) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[name]
     if args.threads:
@@ -72,7 +73,7 @@ def main(args) -> int:
     def step(part):
         def run():
             runner.step_index.zero_()
-            runner._call(part, soft=True)
+            runner.run_part(part, soft=True)
         return run
 
     results = {

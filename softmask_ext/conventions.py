@@ -41,6 +41,7 @@ MODEL_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOFT_MASK_WEIGHTS = "soft_mask.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # the exponential moving average of an MDLM run's weights
 
 
 def default_device() -> torch.device:

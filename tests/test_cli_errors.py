@@ -131,8 +131,8 @@ def test_finetune_help_shows_each_presets_value(capsys):
         finetune.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in help_text
-    assert "--lr LR (presets: tiny 0.0001, dream-paper 1e-05)" in help_text
-    assert "(presets: tiny 8, dream-paper 1)" in help_text  # --batch-size
+    assert "--lr LR (presets: tiny 0.0001, dream-paper 1e-05, dream-tokens 1e-05)" in help_text
+    assert "(presets: tiny 8, dream-paper 1, dream-tokens 1)" in help_text  # --batch-size
     assert "--keep-checkpoints KEEP_CHECKPOINTS newest checkpoints kept on disk (default: 2)" in help_text
 
 

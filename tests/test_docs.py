@@ -36,6 +36,8 @@ def test_named_result_files_exist(page):
         "training.png",
         "kernel.json",
         "results.json",
+        "manifest.json",
+        "best.json",
     }
     missing = sorted(n for n in names - generic if not (RESULTS / n).exists() and not any(ROOT.rglob(n)))
     assert not missing, f"{page.name} names result files that are not committed: {missing}"

@@ -146,8 +146,10 @@ def test_gate_init_reads_the_familys_rows(family):
 def test_plain_decoding_reads_the_familys_rows(family, soft):
     answer = clean_batch(batch=2, length=9)
     prompt = answer[:, :4]
+    # each family's own confidence rule (Dream: alg, LLaDA: remasking)
+    rule = dict(alg="maskgit_plus") if family == "dream" else dict(remasking="low_confidence")
     out = diffusion_generate(oracle(family, answer), prompt, max_new_tokens=5, steps=3, temperature=0.0,
-                             alg="maskgit_plus", soft_mask=SoftMask(k=2) if soft else None)
+                             soft_mask=SoftMask(k=2) if soft else None, **rule)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     assert torch.equal(sequences, answer)
 

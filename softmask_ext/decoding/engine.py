@@ -176,12 +176,12 @@ class DiffusionDecoder:
         ``kind``: ``"full"`` (the whole sequence, no cache), ``"fill"`` (the whole sequence, filling the cache: a
         block's first step in the cache modes) or ``"window"`` (the query window against the cache).
         """
-        logits = self._logits(kind, self.full_rows)
+        logits = self.logits(kind, self.full_rows)
         self._unmask(logits, first_only=kind == "fill" and self.options.fast_dllm_compat)
         if self.soft_mask is not None:
-            self._soft_embeddings(logits)
+            self.soft_embeddings(logits)
 
-    def _logits(self, kind: str, rows: Tensor | None) -> Tensor:
+    def logits(self, kind: str, rows: Tensor | None) -> Tensor:
         """Logits ``[B, W, V]`` of the block's positions (``[B, T, V]`` of every row when ``rows`` is None)."""
         inputs = self.embeds if self.soft_mask is not None else self.canvas
         positions, prompt_index, extra = self.position_ids, self.prompt_index, {}
@@ -242,7 +242,7 @@ class DiffusionDecoder:
         self.canvas.scatter_(1, self.window, torch.where(transfer, tokens, block))
         self.block_step += 1
 
-    def _soft_embeddings(self, logits: Tensor) -> None:
+    def soft_embeddings(self, logits: Tensor) -> None:
         """Next inputs of the block: SM blend where still masked, plain embedding elsewhere."""
         block = self.canvas.gather(1, self.window)
         progress = None
@@ -385,7 +385,7 @@ class DiffusionDecoder:
     def _hooked_step(self, i: int, tokens_hook: TokensHook | None, logits_hook: LogitsHook | None) -> None:
         """A step in Dream's form: full aligned logits go to the hooks, then unmasking, then SM."""
         self.noise.draw()
-        logits = align_logits(self._logits("full", None), self.shift)
+        logits = align_logits(self.logits("full", None), self.shift)
         if logits_hook is not None:
             logits = logits_hook(i, self.canvas, logits)
             if not isinstance(logits, Tensor) or logits.shape[:2] != self.canvas.shape:
@@ -395,7 +395,7 @@ class DiffusionDecoder:
         if tokens_hook is not None:
             self._apply_tokens_hook(tokens_hook, i, logits)
         if self.soft_mask is not None:
-            self._soft_embeddings(block_logits)
+            self.soft_embeddings(block_logits)
 
     def _apply_tokens_hook(self, hook: TokensHook, i: int | None, logits: Tensor | None) -> None:
         out = hook(i, self.canvas, logits)

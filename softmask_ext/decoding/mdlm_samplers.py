@@ -289,19 +289,20 @@ class MDLMSampler:
         forwards, recompute = 0, True
         for i in range(opts.steps):
             if recompute:
-                self._call("forward", soft=i > 0)
+                self.run_part("forward", soft=i > 0)
                 forwards += 1
             self.draw_noise()
-            self._call("update")
+            self.run_part("update")
             # One read per step, between steps (not inside one): whether the next step needs a forward pass.
             recompute = not skip_allowed or bool(self.changed)
         if opts.noise_removal:
-            self._call("forward", soft=True)
+            self.run_part("forward", soft=True)
             forwards += 1
             self.region.copy_(self.log_p.argmax(-1))
         return self.canvas.clone(), forwards
 
-    def _call(self, part: str, soft: bool = True) -> None:
+    def run_part(self, part: str, soft: bool = True) -> None:
+        """Run one part of a step (``"forward"`` or ``"update"``): replayed from its CUDA graph when captured."""
         if not self.cuda_graph or not soft:
             # Eager: on the CPU, and for the first (plain) forward pass, which also warms up lazy state.
             self.forward_part(soft) if part == "forward" else self.update_part()
@@ -415,13 +416,15 @@ def generate_from_diffusion_api(model: nn.Module, input_ids: Tensor | None, atte
                                 *, top_p: float | None, mask_token_id: int | None, **kwargs: Any) -> Tensor:
     """``diffusion_generate`` on an MDLM-family model: Dream's options that do not apply must keep their defaults;
     ``top_p`` is the nucleus; MDLM's sampler keywords (``sampler=``, ``eta=``, ...) pass through."""
-    set_here = sorted(k for k, default in _DREAM_ONLY.items() if k in kwargs and kwargs.pop(k) != default)
+    given = {k: kwargs.pop(k) for k in _DREAM_ONLY if k in kwargs}
+    set_here = sorted(k for k, value in given.items() if value is not None and value != _DREAM_ONLY[k])
     if set_here:
         raise ValueError(f"{set_here} do not apply to MDLM-family models (samplers: {SAMPLERS})")
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
         raise ValueError("MDLM's samplers take unpadded prefixes (no attention mask with zeros)")
     if mask_token_id is not None and mask_token_id != model.config.mask_token_id:
         raise ValueError(f"mask_token_id {mask_token_id} is not the model's ({model.config.mask_token_id})")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # unset: the sampler's own defaults
     if top_p is not None:
         kwargs["nucleus_p"] = top_p
     if input_ids is not None and input_ids.shape[1] == 0:

@@ -208,7 +208,7 @@ def evaluate_infill_thresholds(
     span_length = len(examples[0].span)
     if any(len(e.span) != span_length for e in examples):
         raise ValueError("all examples must hide spans of the same length")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_or_eos(tokenizer)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].suffix))
     results: dict[str, dict[str, dict]] = {}
     bar = tqdm(total=len(variants) * len(thresholds) * len(examples), desc="infill", disable=not progress)

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..conventions import MODEL_WEIGHTS
 from .family import ModelFamily, register_family
 from .transformer import (
     LMOutput,
@@ -67,7 +68,6 @@ NEG_INFINITY = -1e6
 GPT2_VOCAB_WITH_MASK, GPT2_EOS = 50258, 50256
 ROTARY_THETA = 10_000.0
 TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep features
-WEIGHTS_FILE = "model.safetensors"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -484,7 +484,7 @@ def save_mdlm(model: MDLMModel, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state = {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items()}
-    save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(state, os.path.join(path, MODEL_WEIGHTS), metadata={"format": "pt"})
     model.config.save_pretrained(path)
 
 

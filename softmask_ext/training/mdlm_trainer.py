@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..conventions import EMA_WEIGHTS, MODEL_WEIGHTS, SOFT_MASK_WEIGHTS
 from ..data import BatchStream, Example
 from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
 from ..diffusion.noise import stream_generator
@@ -213,12 +214,12 @@ class MDLMTrainer:
         """Atomically write everything needed to continue exactly (rank 0 writes; returns its path there)."""
         def write(directory: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                      str(directory / "model.safetensors"))
+                      str(directory / MODEL_WEIGHTS))
             save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()},
-                      str(directory / "ema.safetensors"))
+                      str(directory / EMA_WEIGHTS))
             if self.soft_mask is not None:
                 save_file({k: v.detach().cpu() for k, v in self.soft_mask.state_dict().items()},
-                          str(directory / "soft_mask.safetensors"))
+                          str(directory / SOFT_MASK_WEIGHTS))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        directory / "optimizer.pt")
             state = {"step": self.step, "data": self.stream.state_dict(), "config": dataclasses.asdict(self.config)}
@@ -238,10 +239,10 @@ class MDLMTrainer:
                 raise ValueError(f"cannot resume {path}: it was trained with {key}={state['config'][key]}, this run "
                                  f"has {key}={getattr(self.config, key)}")
         device = self.model.get_input_embeddings().weight.device
-        self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
-        self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(device)))
+        self.model.load_state_dict(load_file(str(path / MODEL_WEIGHTS), device=str(device)))
+        self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=str(device)))
         if self.soft_mask is not None:
-            self.soft_mask.load_state_dict(load_file(str(path / "soft_mask.safetensors"), device=str(device)))
+            self.soft_mask.load_state_dict(load_file(str(path / SOFT_MASK_WEIGHTS), device=str(device)))
         opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])

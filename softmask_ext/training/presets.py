@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..conventions import SHIPPED_MODEL
+from ..conventions import SHIPPED_MODEL, pad_or_eos
 from ..data import TOOL_CALL_TOKEN_IDS
 from ..soft_mask import SoftMask
 from .gate_init import confidence_centre, masked_neg_entropy
@@ -85,8 +85,7 @@ def initial_soft_mask(model: nn.Module, train: Any, settings: dict[str, Any], ve
     process sees the same first batches and noise)."""
     centre = settings["sm_init_centre"]
     if centre == "auto":
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad,
+        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad_or_eos(model.config),
                                          NoiseSchedule(settings["t_min"], settings["t_max"]),
                                          batch_size=settings["batch_size"], seed=settings["seed"])
         centre = confidence_centre(neg_entropy)
