@@ -14,8 +14,10 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 # pip shows a build's output only with -v, so the message says how to see progress and how long it takes.
-_COMPILING = ("compiling the C++ kernels now: about 3 minutes on 2 CPU cores (longer with CUDA); "
-              "`pip install -v` shows the compiler's progress")
+_COMPILING = (
+    "compiling the C++ kernels now: about 3 minutes on 2 CPU cores (longer with CUDA); "
+    "`pip install -v` shows the compiler's progress"
+)
 
 
 def _sources(folder: str, pattern: str) -> list[str]:
@@ -26,9 +28,7 @@ def _extension():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    with_cuda = (
-        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SOFTMASK_FORCE_CPU") != "1"
-    )
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SOFTMASK_FORCE_CPU") != "1"
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     sources = _sources("csrc/cpu", "*.cpp") + ["python/ops.cpp", "python/cpu_ops.cpp"]
     common = dict(

@@ -11,13 +11,14 @@ Providers, all decoding the same prompts with the same settings:
     engine_binary_*   softmask_ext's engine with plain masks, eager / CUDA graph
     engine_sm_*       softmask_ext's engine with soft-masking, eager / CUDA graph
 
-Reported per provider, batch and step count: tokens/s (generated tokens per second of decoding, after one warm-up
-run on a GPU, which also captures the engine's CUDA graph; its time is reported as warmup_s), ms per step, the share of
-step time spent building soft-mask inputs and (binary engine) proposing tokens (filters such as top-p, sampling,
-confidences), each timed apart on real logits, and whether the tokens agree with the matching reference provider. ms/step does not depend
-on the step count (every step has the same shapes), so when the time budget runs out a larger step count is
-extrapolated from the measured ms/step and marked so. Token agreement with the reference providers is meaningful in
-fp32 (CPU preset); in bf16 Dream's loop ranks bf16-rounded confidences, full of ties, while the engine ranks fp32 ones.
+Reported per provider, batch and step count: tokens/s (generated tokens per second of decoding, after one warm-up run on
+a GPU, which also captures the engine's CUDA graph; its time is reported as warmup_s), ms per step, the share of step
+time spent building soft-mask inputs and (binary engine) proposing tokens (filters such as top-p, sampling,
+confidences), each timed apart on real logits, and whether the tokens agree with the matching reference provider.
+ms/step does not depend on the step count (every step has the same shapes), so when the time budget runs out a larger
+step count is extrapolated from the measured ms/step and marked so. Token agreement with the reference providers is
+meaningful in fp32 (CPU preset); in bf16 Dream's loop ranks bf16-rounded confidences, full of ties, while the engine
+ranks fp32 ones.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from tqdm import tqdm
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.conventions import DTYPE_NAMES, default_device
 from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
+from softmask_ext.decoding.sampling import propose
 from softmask_ext.model.llada import LLaDAModel
 from softmask_ext.model.llada_config import LLaDAConfig
-from softmask_ext.decoding.sampling import propose
 
 import harness
 from dream_reference import authors_soft_embeddings, reference_generate
@@ -46,19 +47,30 @@ from dream_reference import authors_soft_embeddings, reference_generate
 PRESETS = {
     # A shallow model with Dream's vocabulary: the vocabulary-sized work (LM head, softmax, SM) dominates.
     "cpu": dict(
-        model=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2),
-        dtype="float32", prompt=64, new_tokens=64, steps=[16], batch=[1], repeats=3,
+        model=dict(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        ),
+        dtype="float32",
+        prompt=64,
+        new_tokens=64,
+        steps=[16],
+        batch=[1],
+        repeats=3,
     ),
     # Dream-7B's shapes (DreamConfig's defaults).
     # Three timed runs each (the median and the range are recorded): at batch 1 the time per step of one provider
     # has differed by a third between single runs.
-    "gpu": dict(model={}, dtype="bfloat16", prompt=256, new_tokens=256, steps=[256, 128, 64], batch=[1, 8],
-                repeats=3),
+    "gpu": dict(model={}, dtype="bfloat16", prompt=256, new_tokens=256, steps=[256, 128, 64], batch=[1, 8], repeats=3),
 }
 # The example transparency_config.json of the SM paper's code release.
-SOFT_MASK = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.25, "transparency_centre": -1,
-             "transparency_steepness": 5, "mixinputs_k": 1, "transparency_scheduling": "none"}
+SOFT_MASK = {
+    "transparency_alg": "mixinputs_with_topk",
+    "transparency_scale": 0.25,
+    "transparency_centre": -1,
+    "transparency_steepness": 5,
+    "mixinputs_k": 1,
+    "transparency_scheduling": "none",
+}
 # --modes: Dream's own loop; our engine over the whole sequence, one token per step; blocks with a prefix / dual K/V
 # cache and threshold parallel decoding.
 MODES = ("dream", "plain", "prefix", "dual")
@@ -76,14 +88,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--modes", help=f"comma-separated, from {MODES}: compare the decoding modes (with and without SM) "
-                                   "instead of the providers")
+    p.add_argument(
+        "--modes",
+        help=f"comma-separated, from {MODES}: compare the decoding modes (with and without SM) "
+        "instead of the providers",
+    )
     p.add_argument("--new-tokens", default="256,512,1024", help="--modes: comma-separated generation lengths")
     p.add_argument("--block-length", type=int, default=32, help="--modes: block length of prefix/dual")
     p.add_argument("--threshold", type=float, default=0.9, help="--modes: threshold of prefix/dual")
-    p.add_argument("--family", choices=("dream", "llada", "mdlm"), default="dream",
-                   help="--modes: a random model of this family (LLaDA: no Dream loop); mdlm: the SM share of an "
-                        "MDLM sampling step (mdlm_decode_bench.py)")
+    p.add_argument(
+        "--family",
+        choices=("dream", "llada", "mdlm"),
+        default="dream",
+        help="--modes: a random model of this family (LLaDA: no Dream loop); mdlm: the SM share of an "
+        "MDLM sampling step (mdlm_decode_bench.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -127,21 +146,31 @@ class Provider:
     def setup(self, model, ids, steps, args):
         self.model, self.ids, self.steps = model, ids, steps
         self.mask_id = model.config.mask_token_id
-        self.settings = dict(max_new_tokens=self.new_tokens, steps=steps, alg=args.alg,
-                             temperature=args.temperature, top_p=args.top_p)
+        self.settings = dict(
+            max_new_tokens=self.new_tokens, steps=steps, alg=args.alg, temperature=args.temperature, top_p=args.top_p
+        )
         if not self.reference:
             options = DecodeOptions(mask_token_id=self.mask_id, **self.settings)
-            self.prompt = check_prompt(ids, None, options, vocab_size=model.config.vocab_size, max_positions=None,
-                                       device=ids.device)
-            self.decoder = DiffusionDecoder(model, options, batch=ids.shape[0], prompt_len=ids.shape[1],
-                                            padded=False, decode_from=self.prompt.first_mask,
-                                            soft_mask=self.soft_mask, cuda_graph=self.graph,
-                                            generator=torch.Generator(ids.device).manual_seed(args.seed))
+            self.prompt = check_prompt(
+                ids, None, options, vocab_size=model.config.vocab_size, max_positions=None, device=ids.device
+            )
+            self.decoder = DiffusionDecoder(
+                model,
+                options,
+                batch=ids.shape[0],
+                prompt_len=ids.shape[1],
+                padded=False,
+                decode_from=self.prompt.first_mask,
+                soft_mask=self.soft_mask,
+                cuda_graph=self.graph,
+                generator=torch.Generator(ids.device).manual_seed(args.seed),
+            )
 
     def run(self) -> torch.Tensor:
         if self.reference:
-            return reference_generate(self.model, self.ids, mask_token_id=self.mask_id, soft_mask=self.soft_mask,
-                                      **self.settings)
+            return reference_generate(
+                self.model, self.ids, mask_token_id=self.mask_id, soft_mask=self.soft_mask, **self.settings
+            )
         return self.decoder.run(self.prompt)[0]
 
     def propose_ms(self, reps: int) -> float:
@@ -152,8 +181,17 @@ class Provider:
         decoder.noise.draw()
         logits = decoder.logits("full", decoder.full_rows)
         opts = decoder.options
-        return self._time_ms(lambda: propose(logits, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
-                                             top_k=opts.top_k, token_noise=decoder.noise.token), reps)
+        return self._time_ms(
+            lambda: propose(
+                logits,
+                alg=opts.alg,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                top_k=opts.top_k,
+                token_noise=decoder.noise.token,
+            ),
+            reps,
+        )
 
     def _time_ms(self, work, reps: int) -> float:
         """Milliseconds per call of ``work`` (captured in a CUDA graph first when this provider replays graphs)."""
@@ -187,9 +225,12 @@ class Provider:
 
 def providers(soft_mask: SoftMask, cuda: bool) -> list[Provider]:
     out = [Provider("dream_reference", True, None), Provider("authors_sm", True, soft_mask)]
-    for graph in ([False, True] if cuda else [False]):
+    for graph in [False, True] if cuda else [False]:
         kind = "graph" if graph else "eager"
-        out += [Provider(f"engine_binary_{kind}", False, None, graph), Provider(f"engine_sm_{kind}", False, soft_mask, graph)]
+        out += [
+            Provider(f"engine_binary_{kind}", False, None, graph),
+            Provider(f"engine_sm_{kind}", False, soft_mask, graph),
+        ]
     return out
 
 
@@ -198,6 +239,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.family == "mdlm":
         from mdlm_decode_bench import main as mdlm_main
+
         return mdlm_main(args)
     device = default_device()
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
@@ -217,23 +259,28 @@ def main(argv=None) -> int:
     prompt_len, new_tokens = preset["prompt"], preset["new_tokens"]
     vocab, mask_id = model.config.vocab_size, model.config.mask_token_id
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"decode_bench: preset {preset_name} on {device_name}, {preset['dtype']}, prompt {prompt_len}, "
-          f"{new_tokens} new tokens, steps {preset['steps']}, batch {preset['batch']}", file=sys.stderr)
+    print(
+        f"decode_bench: preset {preset_name} on {device_name}, {preset['dtype']}, prompt {prompt_len}, "
+        f"{new_tokens} new tokens, steps {preset['steps']}, batch {preset['batch']}",
+        file=sys.stderr,
+    )
 
     results = []
     measured: dict[tuple[str, int], float] = {}  # (provider, batch) -> ms per step
     outputs: dict[tuple[str, int, int], torch.Tensor] = {}
     plan = [(b, s) for b in preset["batch"] for s in sorted(preset["steps"])]
-    progress = tqdm(total=len(plan) * len(providers(soft_mask, device.type == "cuda")), desc="decode_bench",
-                    file=sys.stderr)
+    progress = tqdm(
+        total=len(plan) * len(providers(soft_mask, device.type == "cuda")), desc="decode_bench", file=sys.stderr
+    )
     for batch, steps in plan:
         gen = torch.Generator().manual_seed(args.seed + batch)
         ids = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).to(device)
         for provider in providers(soft_mask, device.type == "cuda"):
             provider.new_tokens = new_tokens
             key = (provider.name, batch)
-            row = dict(provider=provider.name, batch=batch, steps=steps, sm=provider.uses_sm,
-                       graph=bool(provider.graph))
+            row = dict(
+                provider=provider.name, batch=batch, steps=steps, sm=provider.uses_sm, graph=bool(provider.graph)
+            )
             remaining = args.budget_s - (time.perf_counter() - started)
             runs = args.repeats + (device.type == "cuda")  # timed runs + the warm-up run
             estimate = measured.get(key, 0.0) * steps * runs / 1000
@@ -252,13 +299,19 @@ def main(argv=None) -> int:
                 ms = 1000 * seconds / steps
                 measured[key] = ms
                 outputs[(provider.name, batch, steps)] = out
-                row.update(ms_per_step=ms, tokens_per_s=batch * new_tokens / seconds, seconds=seconds,
-                           timing=harness.Timing.of([1e3 * t for t in times]).to_dict(), extrapolated=False)
+                row.update(
+                    ms_per_step=ms,
+                    tokens_per_s=batch * new_tokens / seconds,
+                    seconds=seconds,
+                    timing=harness.Timing.of([1e3 * t for t in times]).to_dict(),
+                    extrapolated=False,
+                )
                 # The parts of a step, timed once per provider and batch (they do not depend on the step count).
                 parts = {"sm": provider.uses_sm, "propose": provider.name.startswith("engine_binary")}
                 for part, wanted in parts.items():
-                    if wanted and not any(r["provider"] == provider.name and r["batch"] == batch and f"{part}_ms" in r
-                                          for r in results):
+                    if wanted and not any(
+                        r["provider"] == provider.name and r["batch"] == batch and f"{part}_ms" in r for r in results
+                    ):
                         part_ms = getattr(provider, f"{part}_ms")(reps=5 if device.type == "cuda" else 2)
                         row.update({f"{part}_ms": part_ms, f"{part}_share": part_ms / ms})
             results.append(row)
@@ -271,15 +324,27 @@ def main(argv=None) -> int:
         if name.startswith("engine") and (ref, batch, steps) in outputs:
             generated = out[:, prompt_len:]
             agreement[f"{name}/b{batch}/s{steps}"] = float(
-                (generated == outputs[(ref, batch, steps)][:, prompt_len:]).float().mean())
+                (generated == outputs[(ref, batch, steps)][:, prompt_len:]).float().mean()
+            )
 
     summary = summarise(results)
     report = dict(
-        device=device_name, preset=preset_name, dtype=preset["dtype"], prompt=prompt_len, new_tokens=new_tokens,
-        vocab=vocab, model=dict(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size),
+        device=device_name,
+        preset=preset_name,
+        dtype=preset["dtype"],
+        prompt=prompt_len,
+        new_tokens=new_tokens,
+        vocab=vocab,
+        model=dict(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size),
         settings=dict(alg=args.alg, temperature=args.temperature, top_p=args.top_p, soft_mask=SOFT_MASK),
-        torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        wall_s=time.perf_counter() - started, results=results, token_agreement=agreement, summary=summary,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        repeats=args.repeats,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        wall_s=time.perf_counter() - started,
+        results=results,
+        token_agreement=agreement,
+        summary=summary,
     )
     print_table(report)
     if args.out:
@@ -297,8 +362,10 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or (args.family == "llada" and "dream" in modes):
-        raise SystemExit(f"--modes: unknown or unavailable modes {unknown or ['dream']} (choose from {MODES}; "
-                         "Dream's loop needs --family dream)")
+        raise SystemExit(
+            f"--modes: unknown or unavailable modes {unknown or ['dream']} (choose from {MODES}; "
+            "Dream's loop needs --family dream)"
+        )
     lengths = [int(n) for n in args.new_tokens.split(",")]
     model = build_model(dict(preset, new_tokens=max(lengths)), device, args.family)
     soft_mask = SoftMask.from_any(SOFT_MASK).to(device)
@@ -316,16 +383,33 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
                 sm_module = soft_mask if sm else None
                 if mode == "dream":
                     steps = probe_steps
-                    call = partial(reference_generate, model, ids, max_new_tokens=new_tokens, steps=steps,
-                                   mask_token_id=mask_id, soft_mask=sm_module, alg=args.alg)
+                    call = partial(
+                        reference_generate,
+                        model,
+                        ids,
+                        max_new_tokens=new_tokens,
+                        steps=steps,
+                        mask_token_id=mask_id,
+                        soft_mask=sm_module,
+                        alg=args.alg,
+                    )
                 else:
                     fast = mode != "plain"
                     steps = new_tokens if fast else probe_steps
-                    keywords = dict(block_length=args.block_length, threshold=args.threshold, cache=mode) if fast else {}
+                    keywords = (
+                        dict(block_length=args.block_length, threshold=args.threshold, cache=mode) if fast else {}
+                    )
                     if args.family == "dream":
                         keywords["alg"] = "maskgit_plus" if fast else args.alg
-                    call = partial(diffusion_generate, model, ids, max_new_tokens=new_tokens, steps=steps,
-                                   soft_mask=sm_module, **keywords)
+                    call = partial(
+                        diffusion_generate,
+                        model,
+                        ids,
+                        max_new_tokens=new_tokens,
+                        steps=steps,
+                        soft_mask=sm_module,
+                        **keywords,
+                    )
                 if device.type == "cuda":
                     call()  # warm-up (graph capture)
                 forwards[0] = 0
@@ -335,11 +419,23 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
                 ms = 1000 * seconds / nfe
                 total_s = ms * new_tokens / 1000 if extrapolated else seconds
                 nfe_total = new_tokens if extrapolated else nfe
-                rows.append(dict(mode=mode, sm=sm, new_tokens=new_tokens, tokens_per_s=new_tokens / total_s,
-                                 nfe=nfe_total, ms_per_step=ms, seconds=total_s, extrapolated=extrapolated))
-                print(f"{mode:<8}{'SM' if sm else 'binary':<8}{new_tokens:>6} tokens: {new_tokens / total_s:9.1f} "
-                      f"tokens/s, NFE {nfe_total:>5}, {ms:8.2f} ms/step" + (" (extrapolated)" if extrapolated else ""),
-                      file=sys.stderr)
+                rows.append(
+                    dict(
+                        mode=mode,
+                        sm=sm,
+                        new_tokens=new_tokens,
+                        tokens_per_s=new_tokens / total_s,
+                        nfe=nfe_total,
+                        ms_per_step=ms,
+                        seconds=total_s,
+                        extrapolated=extrapolated,
+                    )
+                )
+                print(
+                    f"{mode:<8}{'SM' if sm else 'binary':<8}{new_tokens:>6} tokens: {new_tokens / total_s:9.1f} "
+                    f"tokens/s, NFE {nfe_total:>5}, {ms:8.2f} ms/step" + (" (extrapolated)" if extrapolated else ""),
+                    file=sys.stderr,
+                )
     handle.remove()
     summary = {}
     for new_tokens in lengths:
@@ -351,12 +447,26 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
                     entry[f"{fast}_vs_{base}"] = tps[(fast, False)] / tps[(base, False)]
         summary[str(new_tokens)] = entry
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    report = dict(device=device_name, preset=preset_name, family=args.family, dtype=preset["dtype"],
-                  prompt=preset["prompt"], vocab=model.config.vocab_size, layers=model.config.num_hidden_layers,
-                  hidden=model.config.hidden_size, block_length=args.block_length, threshold=args.threshold,
-                  alg=args.alg, soft_mask=SOFT_MASK, torch=torch.__version__, threads=torch.get_num_threads(),
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), wall_s=time.perf_counter() - started,
-                  results=rows, summary=summary)
+    report = dict(
+        device=device_name,
+        preset=preset_name,
+        family=args.family,
+        dtype=preset["dtype"],
+        prompt=preset["prompt"],
+        vocab=model.config.vocab_size,
+        layers=model.config.num_hidden_layers,
+        hidden=model.config.hidden_size,
+        block_length=args.block_length,
+        threshold=args.threshold,
+        alg=args.alg,
+        soft_mask=SOFT_MASK,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        wall_s=time.perf_counter() - started,
+        results=rows,
+        summary=summary,
+    )
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -374,8 +484,7 @@ def plot_modes(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["new_tokens"] for r in report["results"]})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), constrained_layout=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), constrained_layout=True, squeeze=False)
     for ax, n in zip(axes[0], lengths):
         rows = [r for r in report["results"] if r["new_tokens"] == n]
         modes = list(dict.fromkeys(r["mode"] for r in rows))
@@ -387,8 +496,9 @@ def plot_modes(report: dict, path: str) -> None:
         ax.set_title(f"{n} new tokens")
         ax.set_ylabel("tokens/s")
     axes[0][0].legend()
-    fig.suptitle(f"{report['device']}, {report['family']}, block {report['block_length']}, "
-                 f"threshold {report['threshold']}")
+    fig.suptitle(
+        f"{report['device']}, {report['family']}, block {report['block_length']}, threshold {report['threshold']}"
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -400,9 +510,13 @@ def summarise(results: list[dict]) -> list[dict]:
     for batch, steps in sorted({(r["batch"], r["steps"]) for r in results}):
         tps = {name: by[(name, b, s)]["tokens_per_s"] for (name, b, s) in by if (b, s) == (batch, steps)}
         best_sm = "engine_sm_graph" if "engine_sm_graph" in tps else "engine_sm_eager"
-        entry = dict(batch=batch, steps=steps, sm_engine=best_sm,
-                     sm_vs_authors=tps[best_sm] / tps["authors_sm"],
-                     sm_vs_dream_binary=tps[best_sm] / tps["dream_reference"])
+        entry = dict(
+            batch=batch,
+            steps=steps,
+            sm_engine=best_sm,
+            sm_vs_authors=tps[best_sm] / tps["authors_sm"],
+            sm_vs_dream_binary=tps[best_sm] / tps["dream_reference"],
+        )
         if "engine_sm_graph" in tps:
             entry["graph_vs_eager_binary"] = tps["engine_binary_graph"] / tps["engine_binary_eager"]
             entry["graph_vs_eager_sm"] = tps["engine_sm_graph"] / tps["engine_sm_eager"]
@@ -411,21 +525,29 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['device']} | {report['preset']} preset, {report['dtype']}, prompt {report['prompt']}, "
-          f"{report['new_tokens']} new tokens, vocab {report['vocab']}, alg {report['settings']['alg']}, "
-          f"temperature {report['settings']['temperature']}")
-    print(f"{'provider':<22}{'batch':>6}{'steps':>6}{'tokens/s':>11}{'ms/step':>10}{'SM ms':>8}{'SM share':>10}"
-          f"{'propose ms':>12}{'share':>8}")
+    print(
+        f"\n{report['device']} | {report['preset']} preset, {report['dtype']}, prompt {report['prompt']}, "
+        f"{report['new_tokens']} new tokens, vocab {report['vocab']}, alg {report['settings']['alg']}, "
+        f"temperature {report['settings']['temperature']}"
+    )
+    print(
+        f"{'provider':<22}{'batch':>6}{'steps':>6}{'tokens/s':>11}{'ms/step':>10}{'SM ms':>8}{'SM share':>10}"
+        f"{'propose ms':>12}{'share':>8}"
+    )
     for r in report["results"]:
         ms = {k: f"{r[k]:.2f}" if k in r else "" for k in ("sm_ms", "propose_ms")}
         share = {k: f"{100 * r[k]:.1f}%" if k in r else "" for k in ("sm_share", "propose_share")}
         mark = " (extrapolated)" if r["extrapolated"] else ""
-        print(f"{r['provider']:<22}{r['batch']:>6}{r['steps']:>6}{r['tokens_per_s']:>11.1f}{r['ms_per_step']:>10.2f}"
-              f"{ms['sm_ms']:>8}{share['sm_share']:>10}{ms['propose_ms']:>12}{share['propose_share']:>8}{mark}")
+        print(
+            f"{r['provider']:<22}{r['batch']:>6}{r['steps']:>6}{r['tokens_per_s']:>11.1f}{r['ms_per_step']:>10.2f}"
+            f"{ms['sm_ms']:>8}{share['sm_share']:>10}{ms['propose_ms']:>12}{share['propose_share']:>8}{mark}"
+        )
     for s in report["summary"]:
         extras = "".join(f", {k} {v:.2f}x" for k, v in s.items() if k.startswith("graph"))
-        print(f"batch {s['batch']} steps {s['steps']}: {s['sm_engine']} = {s['sm_vs_authors']:.2f}x authors_sm, "
-              f"{s['sm_vs_dream_binary']:.2f}x dream_reference{extras}")
+        print(
+            f"batch {s['batch']} steps {s['steps']}: {s['sm_engine']} = {s['sm_vs_authors']:.2f}x authors_sm, "
+            f"{s['sm_vs_dream_binary']:.2f}x dream_reference{extras}"
+        )
     if report["token_agreement"]:
         worst = min(report["token_agreement"].items(), key=lambda kv: kv[1])
         print(f"token agreement with the reference providers: min {worst[1]:.3f} ({worst[0]})")

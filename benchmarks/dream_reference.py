@@ -112,9 +112,14 @@ def reference_generate(
             _, x0[transfer] = _sample_tokens(mask_logits[transfer], temperature, top_p, top_k)
             x[mask_index] = x0.clone()
         else:
-            confidence, x0 = _sample_tokens(mask_logits, temperature, top_p, top_k,
-                                            margin_confidence=alg == "topk_margin",
-                                            neg_entropy_confidence=alg == "entropy")
+            confidence, x0 = _sample_tokens(
+                mask_logits,
+                temperature,
+                top_p,
+                top_k,
+                margin_confidence=alg == "topk_margin",
+                neg_entropy_confidence=alg == "entropy",
+            )
             num_mask_token = mask_index.sum() / mask_index.shape[0]
             number = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
             full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)

@@ -28,9 +28,10 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -159,12 +160,14 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
             # Each op alone: device time (CUDA-graph replay) on a GPU, where one call is shorter than its dispatch.
             op_timer = device_ms if device == "cuda" else timer
             ids, probs, negh = ops.topk_entropy(logits, cfg.k)
-            ms = op_timer(lambda: ops.topk_entropy(logits, cfg.k))
+            ms = op_timer(partial(ops.topk_entropy, logits, cfg.k))
             read = logits.numel() * item + ids.numel() * 8 + probs.numel() * 4 + negh.numel() * 4
-            results.append(_with_bandwidth(Result(**base, provider="ours", op="topk_entropy", median_ms=ms), read, peak))
+            results.append(
+                _with_bandwidth(Result(**base, provider="ours", op="topk_entropy", median_ms=ms), read, peak)
+            )
             blend_ids = torch.cat([ids, ids[:, :1]], dim=1)
             coeffs = torch.cat([probs, probs[:, :1]], dim=1)
-            ms = op_timer(lambda: ops.blend_embeddings(weight, blend_ids, coeffs))
+            ms = op_timer(partial(ops.blend_embeddings, weight, blend_ids, coeffs))
             moved = blend_ids.numel() * (DIM * item + 12) + cfg.rows * DIM * item
             results.append(_with_bandwidth(Result(**base, provider="ours", op="blend", median_ms=ms), moved, peak))
             del logits
@@ -184,9 +187,17 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
     if out is not None:
         harness.write_results(out, report, device=device)
         lines = [dict(s, setting=f"{s['dtype']} V={s['vocab']} k={s['k']}") for s in summary]
-        harness.plot(out.with_suffix(".png"), lines, x="rows", y="speedup_vs_reference", group="setting", logx=True,
-                     logy=True, title=f"SM feedback, ours vs the PyTorch reference ({report['device']})",
-                     ylabel="speed-up (x)")
+        harness.plot(
+            out.with_suffix(".png"),
+            lines,
+            x="rows",
+            y="speedup_vs_reference",
+            group="setting",
+            logx=True,
+            logy=True,
+            title=f"SM feedback, ours vs the PyTorch reference ({report['device']})",
+            ylabel="speed-up (x)",
+        )
     return report
 
 
@@ -211,27 +222,46 @@ def compare_variants(out: Path | None, rounds: int = 7) -> dict:
                 for variant in variants:  # the extension reads the variable at every call (so at capture)
                     os.environ["SOFTMASK_TOPK_VARIANT"] = variant
                     ids[variant] = ops.topk_entropy(logits, cfg.k)[0]
-                    times[variant].append(device_ms(lambda: ops.topk_entropy(logits, cfg.k), replays=5))
+                    times[variant].append(device_ms(partial(ops.topk_entropy, logits, cfg.k), replays=5))
             for variant in variants:
                 ms = times[variant]
                 pct = [100 * nbytes / (t * 1e-3) / 1e9 / peak for t in (statistics.median(ms), max(ms), min(ms))]
-                rows.append(dict(
-                    rows=cfg.rows, vocab=cfg.vocab, k=cfg.k, dtype=cfg.dtype, variant=variant,
-                    median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms), rounds=rounds,
-                    gb_per_s=nbytes / (statistics.median(ms) * 1e-3) / 1e9, pct_of_copy_bandwidth=pct[0],
-                    pct_of_copy_bandwidth_range=pct[1:],
-                    same_ids_as_default=bool(torch.equal(ids[variant], ids[ops.DEFAULT_TOPK_VARIANT])),
-                ))
+                rows.append(
+                    dict(
+                        rows=cfg.rows,
+                        vocab=cfg.vocab,
+                        k=cfg.k,
+                        dtype=cfg.dtype,
+                        variant=variant,
+                        median_ms=statistics.median(ms),
+                        min_ms=min(ms),
+                        max_ms=max(ms),
+                        rounds=rounds,
+                        gb_per_s=nbytes / (statistics.median(ms) * 1e-3) / 1e9,
+                        pct_of_copy_bandwidth=pct[0],
+                        pct_of_copy_bandwidth_range=pct[1:],
+                        same_ids_as_default=bool(torch.equal(ids[variant], ids[ops.DEFAULT_TOPK_VARIANT])),
+                    )
+                )
             del logits
     finally:
         if previous is None:
             os.environ.pop("SOFTMASK_TOPK_VARIANT", None)
         else:
             os.environ["SOFTMASK_TOPK_VARIANT"] = previous
-    report = dict(environment(), copy_bandwidth_gb_per_s=peak, target_pct=TARGET_PCT_OF_COPY_BANDWIDTH,
-                  default_variant=ops.DEFAULT_TOPK_VARIANT, results=rows)
+    report = dict(
+        environment(),
+        copy_bandwidth_gb_per_s=peak,
+        target_pct=TARGET_PCT_OF_COPY_BANDWIDTH,
+        default_variant=ops.DEFAULT_TOPK_VARIANT,
+        results=rows,
+    )
     print(f"\n{report['device']} | torch {report['torch']} | CUDA {report['cuda']} | copy bandwidth {peak:.0f} GB/s")
-    print(f"{'rows':>5} {'k':>2} | " + " | ".join(f"{v:>20}" for v in variants) + "   (% of copy bandwidth, median [range])")
+    print(
+        f"{'rows':>5} {'k':>2} | "
+        + " | ".join(f"{v:>20}" for v in variants)
+        + "   (% of copy bandwidth, median [range])"
+    )
     for cfg in VARIANT_SWEEP:
         cells = []
         for variant in variants:
@@ -250,13 +280,20 @@ def compare_variants(out: Path | None, rounds: int = 7) -> dict:
 def environment() -> dict:
     """What a result depends on: the card, the software versions and the commit."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return dict(
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(), commit=commit,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        commit=commit,
         command="python " + " ".join(sys.argv),
     )
 
@@ -286,24 +323,37 @@ def _summarise(results: list[Result]) -> list[dict]:
 
 
 def _print_table(results: list[Result], report: dict) -> None:
-    print(f"\ndevice: {report['device']} | torch {report['torch']} | CPU ISA {report['cpu_isa']}"
-          + (f" | copy bandwidth {report['copy_bandwidth_gb_per_s']:.0f} GB/s" if report["copy_bandwidth_gb_per_s"] else "")
-          + (f" | {report['threads']} threads" if report["threads"] else ""))
-    header = f"{'rows':>5} {'V':>7} {'k':>2} {'dtype':>9} | {'ours ms':>9} {'ref ms':>9} {'dense ms':>9} | {'x ref':>6} {'x dense':>7}"
+    print(
+        f"\ndevice: {report['device']} | torch {report['torch']} | CPU ISA {report['cpu_isa']}"
+        + (
+            f" | copy bandwidth {report['copy_bandwidth_gb_per_s']:.0f} GB/s"
+            if report["copy_bandwidth_gb_per_s"]
+            else ""
+        )
+        + (f" | {report['threads']} threads" if report["threads"] else "")
+    )
+    header = (
+        f"{'rows':>5} {'V':>7} {'k':>2} {'dtype':>9} | {'ours ms':>9} {'ref ms':>9} {'dense ms':>9} "
+        f"| {'x ref':>6} {'x dense':>7}"
+    )
     print(header)
     print("-" * len(header))
     for s in report["summary"]:
         dense = f"{s['dense_ms']:9.3f}" if "dense_ms" in s else f"{'-':>9}"
         xdense = f"{s['speedup_vs_dense']:7.1f}" if "speedup_vs_dense" in s else f"{'-':>7}"
         mark = "  <- target" if s["target"] else ""
-        print(f"{s['rows']:>5} {s['vocab']:>7} {s['k']:>2} {s['dtype']:>9} | {s['ours_ms']:9.3f} {s['reference_ms']:9.3f} "
-              f"{dense} | {s['speedup_vs_reference']:6.1f} {xdense}{mark}")
+        print(
+            f"{s['rows']:>5} {s['vocab']:>7} {s['k']:>2} {s['dtype']:>9} | {s['ours_ms']:9.3f} "
+            f"{s['reference_ms']:9.3f} {dense} | {s['speedup_vs_reference']:6.1f} {xdense}{mark}"
+        )
     ops_rows = [r for r in results if r.op != "feedback" and r.gb_per_s is not None]
     if ops_rows:
         print(f"\n{'op':>13} {'rows':>5} {'V':>7} {'k':>2} {'dtype':>9} | {'ms':>8} {'GB/s':>7} {'% copy bw':>9}")
         for r in ops_rows:
-            print(f"{r.op:>13} {r.rows:>5} {r.vocab:>7} {r.k:>2} {r.dtype:>9} | {r.median_ms:8.3f} {r.gb_per_s:7.0f} "
-                  f"{r.pct_of_copy_bandwidth:9.1f}")
+            print(
+                f"{r.op:>13} {r.rows:>5} {r.vocab:>7} {r.k:>2} {r.dtype:>9} | {r.median_ms:8.3f} {r.gb_per_s:7.0f} "
+                f"{r.pct_of_copy_bandwidth:9.1f}"
+            )
 
 
 def main() -> None:

@@ -24,8 +24,13 @@ from softmask_ext.decoding.mdlm_samplers import MDLMSampler, MDLMSamplerOptions
 from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 
 PRESETS = {
-    "cpu": {"model": {"hidden_dim": 256, "n_blocks": 2, "n_heads": 4}, "length": 128, "batch": 2,
-            "dtype": torch.float32, "repeats": 5},
+    "cpu": {
+        "model": {"hidden_dim": 256, "n_blocks": 2, "n_heads": 4},
+        "length": 128,
+        "batch": 2,
+        "dtype": torch.float32,
+        "repeats": 5,
+    },
     # The paper's 169M model (MDLMConfig's defaults) at its length, batch 16.
     "gpu": {"model": {}, "length": 1024, "batch": 16, "dtype": torch.bfloat16, "repeats": 20},
 }
@@ -57,9 +62,16 @@ def main(args) -> int:
     with torch.no_grad():
         model.backbone.output_layer.linear.weight.normal_(std=3.0 / config.hidden_dim**0.5)
     soft_mask = SoftMask(k=3, scale=0.5).to(device)
-    runner = MDLMSampler(model, MDLMSamplerOptions(steps=preset["length"]), batch=preset["batch"], prompt_len=0,
-                         new_tokens=preset["length"], soft_mask=soft_mask, cuda_graph=device.type == "cuda",
-                         generator=torch.Generator(device=device).manual_seed(args.seed))
+    runner = MDLMSampler(
+        model,
+        MDLMSamplerOptions(steps=preset["length"]),
+        batch=preset["batch"],
+        prompt_len=0,
+        new_tokens=preset["length"],
+        soft_mask=soft_mask,
+        cuda_graph=device.type == "cuda",
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+    )
     runner.load(None)
     runner.forward_part(soft=False)
     runner.draw_noise()
@@ -74,6 +86,7 @@ def main(args) -> int:
         def run():
             runner.step_index.zero_()
             runner.run_part(part, soft=True)
+
         return run
 
     results = {
@@ -84,11 +97,20 @@ def main(args) -> int:
     step_ms = results["forward_with_sm_ms"] + results["update_ms"]
     results["step_ms"] = step_ms
     results["sm_share_of_step"] = results["sm_inputs_ms"] / step_ms
-    report = {"family": "mdlm", "preset": name, "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else platform.processor() or "cpu", "dtype": str(preset["dtype"]).removeprefix("torch."),
-              "batch": preset["batch"], "length": preset["length"], "vocab_size": config.vocab_size,
-              "hidden_dim": config.hidden_dim, "n_blocks": config.n_blocks, "cuda_graph": device.type == "cuda",
-              "repeats": repeats, "results": results}
+    report = {
+        "family": "mdlm",
+        "preset": name,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(preset["dtype"]).removeprefix("torch."),
+        "batch": preset["batch"],
+        "length": preset["length"],
+        "vocab_size": config.vocab_size,
+        "hidden_dim": config.hidden_dim,
+        "n_blocks": config.n_blocks,
+        "cuda_graph": device.type == "cuda",
+        "repeats": repeats,
+        "results": results,
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -26,28 +26,26 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from softmask_ext import ops
 from softmask_ext.data import BatchStream, stdlib_dataset
 from softmask_ext.decoding.mdlm_samplers import mdlm_generate
+from softmask_ext.diffusion.mdlm_objective import antithetic_times, mask_tokens
+from softmask_ext.diffusion.noise import stream_generator
 from softmask_ext.evaluation.mdlm_metrics import elbo_perplexity, generative_perplexity
 from softmask_ext.model import load_tokenizer
 from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 from softmask_ext.pretrain import ASSET_DIR
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training.gate_init import confidence_centre
-from softmask_ext.diffusion.mdlm_objective import antithetic_times, mask_tokens
 from softmask_ext.training.mdlm_trainer import MDLMTrainer, mdlm_preset
-from softmask_ext.diffusion.noise import stream_generator
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -62,16 +60,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--continue-steps", type=int, default=150)
     p.add_argument("--scorer-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--sm-lr", type=float, default=0.1,
-                   help="SM parameters' lr: the recipe's 1e-2 moves their raw values by ~lr per update, too little to "
-                        "leave the zero initialisation in a few hundred updates (the paper trains 100k)")
-    p.add_argument("--sm-eps", type=float, default=1e-16,
-                   help="Adam eps of the SM group: the scale's gradient at its initialisation is ~1e-12, below the "
-                        "recipe's 1e-8, which would freeze it for far more updates than a miniature has")
-    p.add_argument("--sm-centre", default="auto",
-                   help="initial gate centre: 'auto' (the median confidence negH of the pretrained model at masked "
-                        "positions; a tiny model's predictions sit far below the paper's -0.75, where the gate is "
-                        "closed) or a number")
+    p.add_argument(
+        "--sm-lr",
+        type=float,
+        default=0.1,
+        help="SM parameters' lr: the recipe's 1e-2 moves their raw values by ~lr per update, too little to "
+        "leave the zero initialisation in a few hundred updates (the paper trains 100k)",
+    )
+    p.add_argument(
+        "--sm-eps",
+        type=float,
+        default=1e-16,
+        help="Adam eps of the SM group: the scale's gradient at its initialisation is ~1e-12, below the "
+        "recipe's 1e-8, which would freeze it for far more updates than a miniature has",
+    )
+    p.add_argument(
+        "--sm-centre",
+        default="auto",
+        help="initial gate centre: 'auto' (the median confidence negH of the pretrained model at masked "
+        "positions; a tiny model's predictions sit far below the paper's -0.75, where the gate is "
+        "closed) or a number",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=8, help="samples per model and step count")
     p.add_argument("--sampling-steps", default="64,256,1024")
@@ -88,19 +97,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tiny_config(tokenizer, args: argparse.Namespace) -> MDLMConfig:
-    return MDLMConfig(vocab_size=len(tokenizer), model_length=args.length, hidden_dim=args.hidden, cond_dim=32,
-                      n_blocks=args.blocks, n_heads=4, dropout=0.0, mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    return MDLMConfig(
+        vocab_size=len(tokenizer),
+        model_length=args.length,
+        hidden_dim=args.hidden,
+        cond_dim=32,
+        n_blocks=args.blocks,
+        n_heads=4,
+        dropout=0.0,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def train_scorer(train, tokenizer, args: argparse.Namespace, directory: Path) -> Path:
     """A small GPT-2-architecture causal LM on the training blocks, saved with the tokenizer (the scorer)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
     length = len(train[0].input_ids)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max(128, 2 * length), n_embd=args.hidden,
-                                    n_layer=args.blocks, n_head=4, bos_token_id=tokenizer.eos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id))
+    lm = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=max(128, 2 * length),
+            n_embd=args.hidden,
+            n_layer=args.blocks,
+            n_head=4,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3)
     stream = BatchStream(train, args.batch_size, tokenizer.pad_token_id, seed=0)
     lm.train()
@@ -134,8 +162,9 @@ def median_confidence(model, train, batch_size: int, batches: int = 4) -> float:
 
 def sample_texts(model, tokenizer, soft_mask, steps: int, samples: int, length: int, seed: int) -> list[str]:
     with torch.no_grad():
-        ids = mdlm_generate(model, batch_size=samples, max_new_tokens=length, steps=steps, soft_mask=soft_mask,
-                            seed=seed)
+        ids = mdlm_generate(
+            model, batch_size=samples, max_new_tokens=length, steps=steps, soft_mask=soft_mask, seed=seed
+        )
     return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
 
@@ -159,47 +188,81 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         base = MDLMModel(tiny_config(tokenizer, args))
         common = {"batch_size": args.batch_size, "lr": 1e-3, "warmup_steps": 50, "ema": 0.999, "eval_batches": 2}
-        pretrain = MDLMTrainer(base, mdlm_preset("mdlm-pretrain", run_dir=str(work / "pretrain"),
-                                                 max_steps=args.pretrain_steps, **common), train, val_blocks)
+        pretrain = MDLMTrainer(
+            base,
+            mdlm_preset("mdlm-pretrain", run_dir=str(work / "pretrain"), max_steps=args.pretrain_steps, **common),
+            train,
+            val_blocks,
+        )
         pretrained = pretrain.train()
-        print(f"pretrained: ELBO perplexity {pretrained['validation']['perplexity']:.2f} "
-              f"({time.perf_counter() - started:.0f}s)")
+        print(
+            f"pretrained: ELBO perplexity {pretrained['validation']['perplexity']:.2f} "
+            f"({time.perf_counter() - started:.0f}s)"
+        )
         pretrained_model = MDLMModel.from_pretrained(work / "pretrain" / "final")
-        centre = (median_confidence(pretrained_model, train, args.batch_size) if args.sm_centre == "auto"
-                  else float(args.sm_centre))
+        centre = (
+            median_confidence(pretrained_model, train, args.batch_size)
+            if args.sm_centre == "auto"
+            else float(args.sm_centre)
+        )
         print(f"SM gate centre {centre:.3f}")
         runs: dict[str, list[dict]] = {"binary": [], "soft_mask": []}
         for seed in range(args.seeds):
             for variant, preset in (("binary", "mdlm-pretrain"), ("soft_mask", "mdlm-sm-paper")):
                 model = MDLMModel.from_pretrained(work / "pretrain" / "final")
-                config = mdlm_preset(preset, run_dir=str(work / f"{variant}-{seed}"), max_steps=args.continue_steps,
-                                     seed=seed + 1, sm_lr=args.sm_lr, sm_eps=args.sm_eps, **{**common, "warmup_steps": 10})
+                config = mdlm_preset(
+                    preset,
+                    run_dir=str(work / f"{variant}-{seed}"),
+                    max_steps=args.continue_steps,
+                    seed=seed + 1,
+                    sm_lr=args.sm_lr,
+                    sm_eps=args.sm_eps,
+                    **{**common, "warmup_steps": 10},
+                )
                 soft_mask = SoftMask(k=config.sm_k, centre=centre) if config.sm_prob > 0 else None
                 trainer = MDLMTrainer(model, config, train, val_blocks, soft_mask=soft_mask)
                 trainer.train()
                 with trainer.ema.averaged(model):
                     model.eval()
-                    ppl = elbo_perplexity(model, val_blocks, soft_mask=soft_mask, batch_size=args.batch_size,
-                                          seed=0, num_samples=2)
+                    ppl = elbo_perplexity(
+                        model, val_blocks, soft_mask=soft_mask, batch_size=args.batch_size, seed=0, num_samples=2
+                    )
                     gen = {}
                     for steps in args.sampling_steps:
                         texts = sample_texts(model, tokenizer, soft_mask, steps, args.samples, args.length, seed)
-                        gen[str(steps)] = generative_perplexity(texts, scorer, batch_size=args.samples,
-                                                                max_length=2 * args.length)["perplexity"]
-                record = {"seed": seed, "elbo_perplexity": ppl["perplexity"], "gen_perplexity": gen,
-                          "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None}
+                        gen[str(steps)] = generative_perplexity(
+                            texts, scorer, batch_size=args.samples, max_length=2 * args.length
+                        )["perplexity"]
+                record = {
+                    "seed": seed,
+                    "elbo_perplexity": ppl["perplexity"],
+                    "gen_perplexity": gen,
+                    "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None,
+                }
                 runs[variant].append(record)
-                print(f"seed {seed} {variant}: ELBO ppl {ppl['perplexity']:.3f}, gen ppl "
-                      + ", ".join(f"{k} steps {v:.1f}" for k, v in gen.items())
-                      + f" ({time.perf_counter() - started:.0f}s)")
-        summary = {variant: {"elbo_perplexity": summarise([r["elbo_perplexity"] for r in records]),
-                             "gen_perplexity": {str(s): summarise([r["gen_perplexity"][str(s)] for r in records])
-                                                for s in args.sampling_steps}}
-                   for variant, records in runs.items()}
+                print(
+                    f"seed {seed} {variant}: ELBO ppl {ppl['perplexity']:.3f}, gen ppl "
+                    + ", ".join(f"{k} steps {v:.1f}" for k, v in gen.items())
+                    + f" ({time.perf_counter() - started:.0f}s)"
+                )
+        summary = {
+            variant: {
+                "elbo_perplexity": summarise([r["elbo_perplexity"] for r in records]),
+                "gen_perplexity": {
+                    str(s): summarise([r["gen_perplexity"][str(s)] for r in records]) for s in args.sampling_steps
+                },
+            }
+            for variant, records in runs.items()
+        }
         report = {
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "model": {"hidden_dim": args.hidden, "n_blocks": args.blocks, "n_heads": 4, "length": args.length,
-                      "vocab_size": len(tokenizer)},
+            "model": {
+                "hidden_dim": args.hidden,
+                "n_blocks": args.blocks,
+                "n_heads": 4,
+                "length": args.length,
+                "vocab_size": len(tokenizer),
+            },
             "pretrained_elbo_perplexity": pretrained["validation"]["perplexity"],
             "sm_initial_centre": centre,
             "runs": runs,
@@ -219,17 +282,31 @@ def main(argv: list[str] | None = None) -> dict:
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_ppl, ax_gen) = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"binary": "tab:gray", "soft_mask": "tab:blue"}
     for i, (variant, s) in enumerate(report["summary"].items()):
-        ax_ppl.bar(i, s["elbo_perplexity"]["mean"], yerr=s["elbo_perplexity"]["std"], color=colors[variant],
-                   capsize=6, label=variant)
+        ax_ppl.bar(
+            i,
+            s["elbo_perplexity"]["mean"],
+            yerr=s["elbo_perplexity"]["std"],
+            color=colors[variant],
+            capsize=6,
+            label=variant,
+        )
         steps = sorted(int(k) for k in s["gen_perplexity"])
-        ax_gen.errorbar(steps, [s["gen_perplexity"][str(k)]["mean"] for k in steps],
-                        yerr=[s["gen_perplexity"][str(k)]["std"] for k in steps], marker="o", capsize=4,
-                        color=colors[variant], label=variant)
+        ax_gen.errorbar(
+            steps,
+            [s["gen_perplexity"][str(k)]["mean"] for k in steps],
+            yerr=[s["gen_perplexity"][str(k)]["std"] for k in steps],
+            marker="o",
+            capsize=4,
+            color=colors[variant],
+            label=variant,
+        )
     ax_ppl.set_xticks(range(len(report["summary"])), list(report["summary"]))
     ax_ppl.set_ylabel("held-out perplexity (ELBO bound)")
     ax_ppl.set_ylim(bottom=min(s["elbo_perplexity"]["mean"] for s in report["summary"].values()) * 0.95)

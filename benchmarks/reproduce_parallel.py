@@ -66,8 +66,18 @@ TUNING_SEED = 1000  # the learning-rate search's training seed: not one of the e
 DECODE_SEED = 0  # the same sampling noise for every model: differences between models are paired
 # The paper's evaluation sampling for Dream (its code benchmarks).
 DECODING = {"alg": "entropy", "temperature": 0.1, "top_p": 0.9}
-QUICK = {"seeds": (0, 1, 2), "base_steps": 60, "steps": 8, "lr_grid": (1e-3,), "sm_lr_grid": (1e-1,), "train_size": 2048,
-         "val_size": 32, "test_size": 64, "hidden_size": 32, "layers": 1}
+QUICK = {
+    "seeds": (0, 1, 2),
+    "base_steps": 60,
+    "steps": 8,
+    "lr_grid": (1e-3,),
+    "sm_lr_grid": (1e-1,),
+    "train_size": 2048,
+    "val_size": 32,
+    "test_size": 64,
+    "hidden_size": 32,
+    "layers": 1,
+}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -79,8 +89,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4), help="comma-separated training seeds (>= 2)")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the lexicon")
     p.add_argument("--hidden-size", type=int, default=64)
@@ -88,25 +99,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-steps", type=int, default=600, help="pretraining updates of the binary base model")
     p.add_argument("--base-lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=200, help="S: updates of the binary and same-updates runs")
-    p.add_argument("--lr-grid", type=_floats, default=(3e-4, 1e-3),
-                   help="continued-training learning rates; the best on validation is used, per family")
+    p.add_argument(
+        "--lr-grid",
+        type=_floats,
+        default=(3e-4, 1e-3),
+        help="continued-training learning rates; the best on validation is used, per family",
+    )
     p.add_argument("--sm-prob", type=float, default=0.5, help="share of SM batches (the paper's Dream configs: 0.5)")
-    p.add_argument("--sm-lr-grid", type=_floats, default=(1e-2, 1e-1, 1.0),
-                   help="learning rates of the SM parameters (the paper's is 1e-2, over tens of thousands of updates); "
-                        "the best on validation is used")
+    p.add_argument(
+        "--sm-lr-grid",
+        type=_floats,
+        default=(1e-2, 1e-1, 1.0),
+        help="learning rates of the SM parameters (the paper's is 1e-2, over tens of thousands of updates); "
+        "the best on validation is used",
+    )
     p.add_argument("--k", type=int, default=1, help="top-k tokens blended by SM (the paper's coding models: 1)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-size", type=int, default=20_000, help="training examples (drawn from train prompts)")
     p.add_argument("--val-size", type=int, default=256, help="validation prompts (learning-rate choice)")
     p.add_argument("--test-size", type=int, default=512, help="test prompts (the reported numbers)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads: the model is so small that a second thread mostly waits (and on a busy "
-                        "machine two threads waiting on each other make every op tens of times slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads: the model is so small that a second thread mostly waits (and on a busy "
+        "machine two threads waiting on each other make every op tens of times slower)",
+    )
     p.add_argument("--work-dir", type=Path, default=Path("runs/reproduce_parallel"), help="training runs and cache")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
-    p.add_argument("--name", default=None,
-                   help="file name of the results (default reproduce_parallel, or reproduce_parallel_quick)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="file name of the results (default reproduce_parallel, or reproduce_parallel_quick)",
+    )
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}")
     args = p.parse_args(argv)
     if args.quick:
@@ -134,15 +160,27 @@ def tokens_per_step(task: SpellingTask) -> tuple[int, ...]:
 def condition_settings(args: argparse.Namespace, condition: str) -> tuple[float, int]:
     """(sm_prob, updates) of a condition."""
     fewer = max(1, round(args.steps / (1 + args.sm_prob)))
-    return {"binary": (0.0, args.steps), "sm_same_updates": (args.sm_prob, args.steps),
-            "sm_same_compute": (args.sm_prob, fewer), "binary_same_compute": (0.0, fewer)}[condition]
+    return {
+        "binary": (0.0, args.steps),
+        "sm_same_updates": (args.sm_prob, args.steps),
+        "sm_same_compute": (args.sm_prob, fewer),
+        "binary_same_compute": (0.0, fewer),
+    }[condition]
 
 
 def model_config(args: argparse.Namespace, task: SpellingTask) -> DreamConfig:
-    return DreamConfig(vocab_size=task.vocab_size, hidden_size=args.hidden_size,
-                       intermediate_size=4 * args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=task.sequence_length, rope_theta=10000.0,
-                       tie_word_embeddings=False, **task.token_ids)
+    return DreamConfig(
+        vocab_size=task.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=task.sequence_length,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        **task.token_ids,
+    )
 
 
 def _cached(path: Path, key: dict[str, Any]) -> Any:
@@ -157,15 +195,33 @@ def _cached(path: Path, key: dict[str, Any]) -> Any:
 def train_base(args: argparse.Namespace, task: SpellingTask, train: list) -> Path:
     """The binary base model (cached in the work directory); returns its folder."""
     run_dir = args.work_dir / "base"
-    key = {"task_seed": args.task_seed, "hidden": args.hidden_size, "layers": args.layers, "steps": args.base_steps,
-           "lr": args.base_lr, "batch_size": args.batch_size, "train_size": args.train_size, "device": args.device}
+    key = {
+        "task_seed": args.task_seed,
+        "hidden": args.hidden_size,
+        "layers": args.layers,
+        "steps": args.base_steps,
+        "lr": args.base_lr,
+        "batch_size": args.batch_size,
+        "train_size": args.train_size,
+        "device": args.device,
+    }
     if _cached(run_dir / "key.json", key) is not None:
         return run_dir / "final"
     torch.manual_seed(0)
     model = DreamModel(model_config(args, task))
-    config = TrainConfig(run_dir=str(run_dir), max_steps=args.base_steps, batch_size=args.batch_size, lr=args.base_lr,
-                         weight_decay=0.01, warmup_ratio=0.05, clip=1.0, sm_prob=0.0, noise=PRETRAIN_NOISE, seed=0,
-                         adapter=AdapterConfig(kind="full"))
+    config = TrainConfig(
+        run_dir=str(run_dir),
+        max_steps=args.base_steps,
+        batch_size=args.batch_size,
+        lr=args.base_lr,
+        weight_decay=0.01,
+        warmup_ratio=0.05,
+        clip=1.0,
+        sm_prob=0.0,
+        noise=PRETRAIN_NOISE,
+        seed=0,
+        adapter=AdapterConfig(kind="full"),
+    )
     trainer = Trainer(model, train, config, device=args.device)
     for _ in range(args.base_steps):
         trainer.train_step()
@@ -174,16 +230,27 @@ def train_base(args: argparse.Namespace, task: SpellingTask, train: list) -> Pat
     return run_dir / "final"
 
 
-def continue_training(args: argparse.Namespace, train: list, base: Path, condition: str, seed: int,
-                      hyper: dict[str, float], run_dir: Path) -> tuple[DreamModel, SoftMask | None]:
+def continue_training(
+    args: argparse.Namespace, train: list, base: Path, condition: str, seed: int, hyper: dict[str, float], run_dir: Path
+) -> tuple[DreamModel, SoftMask | None]:
     """One condition's continued training from the base at ``hyper`` (``lr``, and ``sm_lr`` for SM); the SM
     parameters start at the paper's values."""
     sm_prob, steps = condition_settings(args, condition)
     model = DreamModel.from_pretrained(base, dtype=torch.float32)
-    config = TrainConfig(run_dir=str(run_dir), max_steps=steps, batch_size=args.batch_size, lr=hyper["lr"],
-                         **({"sm_lr": hyper["sm_lr"]} if "sm_lr" in hyper else {}), weight_decay=0.0,
-                         warmup_ratio=0.03, clip=1.0, sm_prob=sm_prob, noise=FINETUNE_NOISE, seed=seed,
-                         adapter=AdapterConfig(kind="full"))
+    config = TrainConfig(
+        run_dir=str(run_dir),
+        max_steps=steps,
+        batch_size=args.batch_size,
+        lr=hyper["lr"],
+        **({"sm_lr": hyper["sm_lr"]} if "sm_lr" in hyper else {}),
+        weight_decay=0.0,
+        warmup_ratio=0.03,
+        clip=1.0,
+        sm_prob=sm_prob,
+        noise=FINETUNE_NOISE,
+        seed=seed,
+        adapter=AdapterConfig(kind="full"),
+    )
     trainer = Trainer(model, train, config, soft_mask=SoftMask(k=args.k), device=args.device)
     for _ in range(steps):  # train_step alone: no checkpoints, final folder or figure for these short runs
         trainer.train_step()
@@ -194,49 +261,85 @@ def continue_training(args: argparse.Namespace, train: list, base: Path, conditi
 
 
 @torch.no_grad()
-def validity(model: DreamModel, task: SpellingTask, items: list[TaskItem], tps: int,
-             soft_mask: SoftMask | None) -> dict[str, float]:
+def validity(
+    model: DreamModel, task: SpellingTask, items: list[TaskItem], tps: int, soft_mask: SoftMask | None
+) -> dict[str, float]:
     """Decode every item's letters at ``tps`` tokens per step (``answer_length / tps`` steps, one batch); the share
     of valid answers and of validly spelled words."""
     device = model.get_input_embeddings().weight.device
     canvas = torch.tensor([task.sequence_ids(item.words) for item in items], device=device)
-    out = diffusion_generate(model, canvas, max_new_tokens=0, steps=task.answer_length // tps, soft_mask=soft_mask,
-                             seed=DECODE_SEED, **DECODING).tolist()
+    out = diffusion_generate(
+        model,
+        canvas,
+        max_new_tokens=0,
+        steps=task.answer_length // tps,
+        soft_mask=soft_mask,
+        seed=DECODE_SEED,
+        **DECODING,
+    ).tolist()
     words = [task.word_validity(item.words, task.answer_tokens(row)) for item, row in zip(items, out)]
-    return {"valid": statistics.fmean(all(w) for w in words),
-            "word_valid": statistics.fmean(v for w in words for v in w)}
+    return {
+        "valid": statistics.fmean(all(w) for w in words),
+        "word_valid": statistics.fmean(v for w in words for v in w),
+    }
 
 
-def evaluate(model: DreamModel, task: SpellingTask, items: list[TaskItem],
-             soft_mask: SoftMask | None) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: DreamModel, task: SpellingTask, items: list[TaskItem], soft_mask: SoftMask | None
+) -> dict[str, dict[str, float]]:
     return {str(tps): validity(model, task, items, tps, soft_mask) for tps in tokens_per_step(task)}
 
 
-def run_condition(args: argparse.Namespace, task: SpellingTask, train: list, base: Path, condition: str, seed: int,
-                  hyper: dict[str, float], items: list[TaskItem], split: str) -> dict[str, Any]:
+def run_condition(
+    args: argparse.Namespace,
+    task: SpellingTask,
+    train: list,
+    base: Path,
+    condition: str,
+    seed: int,
+    hyper: dict[str, float],
+    items: list[TaskItem],
+    split: str,
+) -> dict[str, Any]:
     """Train one condition with one seed and evaluate it on ``items`` (cached by every setting it depends on)."""
     sm_prob, steps = condition_settings(args, condition)
     name = f"{split}-{condition}-seed{seed}-" + "-".join(f"{k}{v:g}" for k, v in sorted(hyper.items()))
-    key = {"base": str(base.resolve()), "base_steps": args.base_steps, "condition": condition, "seed": seed,
-           **hyper, "sm_prob": sm_prob, "steps": steps, "k": args.k, "batch_size": args.batch_size,
-           "train_size": args.train_size, "items": len(items), "split": split, "decoding": DECODING,
-           "device": args.device, "task_seed": args.task_seed}
+    key = {
+        "base": str(base.resolve()),
+        "base_steps": args.base_steps,
+        "condition": condition,
+        "seed": seed,
+        **hyper,
+        "sm_prob": sm_prob,
+        "steps": steps,
+        "k": args.k,
+        "batch_size": args.batch_size,
+        "train_size": args.train_size,
+        "items": len(items),
+        "split": split,
+        "decoding": DECODING,
+        "device": args.device,
+        "task_seed": args.task_seed,
+    }
     cache = args.work_dir / f"{name}.eval.json"
     if (result := _cached(cache, key)) is not None:
         return result
     t0 = time.perf_counter()
     model, soft_mask = continue_training(args, train, base, condition, seed, hyper, args.work_dir / name)
     t1 = time.perf_counter()
-    result = {"validity": evaluate(model, task, items, soft_mask),
-              "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None,
-              "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.perf_counter() - t1, 1)}}
+    result = {
+        "validity": evaluate(model, task, items, soft_mask),
+        "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None,
+        "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.perf_counter() - t1, 1)},
+    }
     cache.write_text(json.dumps({"key": key, "result": result}) + "\n")
     print(f"{name}: {result['seconds']}", flush=True)
     return result
 
 
-def choose_hyperparameters(args: argparse.Namespace, task: SpellingTask, train: list, base: Path,
-                           val: list[TaskItem]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+def choose_hyperparameters(
+    args: argparse.Namespace, task: SpellingTask, train: list, base: Path, val: list[TaskItem]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """On the validation split, by mean validity over the tokens-per-step settings: the binary run's learning rate
     from ``--lr-grid``; then, at that same learning rate, the SM parameters' learning rate from ``--sm-lr-grid`` for
     SM with the same updates (used by both SM conditions). Both families thus differ only in SM."""
@@ -247,11 +350,16 @@ def choose_hyperparameters(args: argparse.Namespace, task: SpellingTask, train: 
 
     scores = {"binary lr": {f"{lr:g}": score("binary", {"lr": lr}) for lr in args.lr_grid}}
     lr = float(max(scores["binary lr"], key=scores["binary lr"].get))
-    scores["sm_lr at that lr"] = {f"{sm_lr:g}": score("sm_same_updates", {"lr": lr, "sm_lr": sm_lr})
-                                  for sm_lr in args.sm_lr_grid}
+    scores["sm_lr at that lr"] = {
+        f"{sm_lr:g}": score("sm_same_updates", {"lr": lr, "sm_lr": sm_lr}) for sm_lr in args.sm_lr_grid
+    }
     sm_lr = float(max(scores["sm_lr at that lr"], key=scores["sm_lr at that lr"].get))
-    chosen = {"binary": {"lr": lr}, "sm_same_updates": {"lr": lr, "sm_lr": sm_lr},
-              "sm_same_compute": {"lr": lr, "sm_lr": sm_lr}, "binary_same_compute": {"lr": lr}}
+    chosen = {
+        "binary": {"lr": lr},
+        "sm_same_updates": {"lr": lr, "sm_lr": sm_lr},
+        "sm_same_compute": {"lr": lr, "sm_lr": sm_lr},
+        "binary_same_compute": {"lr": lr},
+    }
     return chosen, scores
 
 
@@ -282,14 +390,23 @@ def mean_interval(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": values}
 
 
-def paired_differences(per_seed: dict[str, dict[int, dict]], tps_list: tuple[int, ...],
-                       seeds: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+def paired_differences(
+    per_seed: dict[str, dict[int, dict]], tps_list: tuple[int, ...], seeds: tuple[int, ...]
+) -> dict[str, dict[str, Any]]:
     """Per comparison ``"sm - binary"`` and tokens-per-step setting: the SM condition's validity minus the binary
     one's, seed by seed, with a 95% interval over seeds."""
-    return {f"{sm} - {binary}": {str(t): mean_interval([per_seed[sm][s]["validity"][str(t)]["valid"]
-                                                         - per_seed[binary][s]["validity"][str(t)]["valid"]
-                                                         for s in seeds]) for t in tps_list}
-            for sm, binary in COMPARISONS}
+    return {
+        f"{sm} - {binary}": {
+            str(t): mean_interval(
+                [
+                    per_seed[sm][s]["validity"][str(t)]["valid"] - per_seed[binary][s]["validity"][str(t)]["valid"]
+                    for s in seeds
+                ]
+            )
+            for t in tps_list
+        }
+        for sm, binary in COMPARISONS
+    }
 
 
 def verdicts(summary: dict, paired: dict, tps_list: tuple[int, ...], seeds: tuple[int, ...]) -> list[str]:
@@ -298,16 +415,20 @@ def verdicts(summary: dict, paired: dict, tps_list: tuple[int, ...], seeds: tupl
     first, at8 = b["1"]["valid"]["mean"], b[str(min(8, tps_list[-1]))]["valid"]["mean"]
     lines = [
         f"binary validity at 1 token/step: {first:.1%} (requirement >= 50%: {'met' if first >= 0.5 else 'NOT met'})",
-        (f"binary validity from 1 to {min(8, tps_list[-1])} tokens/step: {first:.1%} -> {at8:.1%}, a fall of "
-         f"{100 * (first - at8):.1f} points (requirement >= 10: {'met' if first - at8 >= 0.1 else 'NOT met'})"),
+        (
+            f"binary validity from 1 to {min(8, tps_list[-1])} tokens/step: {first:.1%} -> {at8:.1%}, a fall of "
+            f"{100 * (first - at8):.1f} points (requirement >= 10: {'met' if first - at8 >= 0.1 else 'NOT met'})"
+        ),
     ]
     for comparison, by_tps in paired.items():
         for t in tps_list:
             d = by_tps[str(t)]
             lo, hi = d["ci95"]
             word = "SM better" if lo > 0 else "SM worse" if hi < 0 else "no difference detected"
-            lines.append(f"{comparison}, {t} tokens/step: {100 * d['mean']:+.1f} points (95% interval over "
-                         f"{len(seeds)} seeds [{100 * lo:+.1f}, {100 * hi:+.1f}]): {word}")
+            lines.append(
+                f"{comparison}, {t} tokens/step: {100 * d['mean']:+.1f} points (95% interval over "
+                f"{len(seeds)} seeds [{100 * lo:+.1f}, {100 * hi:+.1f}]): {word}"
+            )
     return lines
 
 
@@ -315,18 +436,31 @@ def format_table(summary: dict, paired: dict, tps_list: tuple[int, ...]) -> str:
     head = "| condition | " + " | ".join(f"{t} tok/step" for t in tps_list) + " |"
     lines = [head, "|---" * (len(tps_list) + 1) + "|"]
     for condition, row in summary.items():
-        cells = [f"{100 * row[str(t)]['valid']['mean']:.1f} [{100 * row[str(t)]['valid']['ci95'][0]:.1f}, "
-                 f"{100 * row[str(t)]['valid']['ci95'][1]:.1f}]" for t in tps_list]
+        cells = [
+            f"{100 * row[str(t)]['valid']['mean']:.1f} [{100 * row[str(t)]['valid']['ci95'][0]:.1f}, "
+            f"{100 * row[str(t)]['valid']['ci95'][1]:.1f}]"
+            for t in tps_list
+        ]
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
     for comparison, by_tps in paired.items():
-        cells = [f"{100 * by_tps[str(t)]['mean']:+.1f} [{100 * by_tps[str(t)]['ci95'][0]:+.1f}, "
-                 f"{100 * by_tps[str(t)]['ci95'][1]:+.1f}]" for t in tps_list]
+        cells = [
+            f"{100 * by_tps[str(t)]['mean']:+.1f} [{100 * by_tps[str(t)]['ci95'][0]:+.1f}, "
+            f"{100 * by_tps[str(t)]['ci95'][1]:+.1f}]"
+            for t in tps_list
+        ]
         lines.append(f"| {comparison} (paired) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(summary: dict, per_seed: dict, paired: dict, tps_list: tuple[int, ...], seeds: tuple[int, ...],
-         path: Path, title: str) -> None:
+def plot(
+    summary: dict,
+    per_seed: dict,
+    paired: dict,
+    tps_list: tuple[int, ...],
+    seeds: tuple[int, ...],
+    path: Path,
+    title: str,
+) -> None:
     """Validity against tokens per step (mean and each seed), paired differences, and each seed's learned lam."""
     import matplotlib
 
@@ -339,25 +473,47 @@ def plot(summary: dict, per_seed: dict, paired: dict, tps_list: tuple[int, ...],
     for condition in CONDITIONS:
         colour = colours[condition]
         for s in seeds:
-            axes[0].plot(xs, [per_seed[condition][s]["validity"][str(t)]["valid"] for t in xs], color=colour,
-                         alpha=0.25, lw=0.8)
-        axes[0].plot(xs, [summary[condition][str(t)]["valid"]["mean"] for t in xs], color=colour, marker="o",
-                     label=f"{condition} (mean; thin: seeds)")
+            axes[0].plot(
+                xs, [per_seed[condition][s]["validity"][str(t)]["valid"] for t in xs], color=colour, alpha=0.25, lw=0.8
+            )
+        axes[0].plot(
+            xs,
+            [summary[condition][str(t)]["valid"]["mean"] for t in xs],
+            color=colour,
+            marker="o",
+            label=f"{condition} (mean; thin: seeds)",
+        )
     for offset, (sm, binary) in zip((-0.06, 0.0, 0.06), COMPARISONS):
         by_tps = paired[f"{sm} - {binary}"]
         means = [by_tps[str(t)]["mean"] for t in xs]
-        errors = [[m - by_tps[str(t)]["ci95"][0] for m, t in zip(means, xs)],
-                  [by_tps[str(t)]["ci95"][1] - m for m, t in zip(means, xs)]]
-        axes[1].errorbar([x * 2**offset for x in xs], means, yerr=errors, marker="o", capsize=3, color=colours[sm],
-                         ls="-" if binary == "binary" else ":", label=f"{sm} - {binary}")
+        errors = [
+            [m - by_tps[str(t)]["ci95"][0] for m, t in zip(means, xs)],
+            [by_tps[str(t)]["ci95"][1] - m for m, t in zip(means, xs)],
+        ]
+        axes[1].errorbar(
+            [x * 2**offset for x in xs],
+            means,
+            yerr=errors,
+            marker="o",
+            capsize=3,
+            color=colours[sm],
+            ls="-" if binary == "binary" else ":",
+            label=f"{sm} - {binary}",
+        )
     axes[1].axhline(0.0, color="black", lw=0.8)
     neg_entropy = torch.linspace(-3.0, 0.0, 200)
     for condition, style in zip(SM_CONDITIONS, ("-", "--")):
         for s in seeds:
             sm = SoftMask.from_transparency_config(per_seed[condition][s]["soft_mask"])
             with torch.no_grad():
-                axes[2].plot(neg_entropy, sm.lam(neg_entropy), style, color=colours[condition], lw=1,
-                             label=condition if s == seeds[0] else None)
+                axes[2].plot(
+                    neg_entropy,
+                    sm.lam(neg_entropy),
+                    style,
+                    color=colours[condition],
+                    lw=1,
+                    label=condition if s == seeds[0] else None,
+                )
     for ax, ylabel in zip(axes[:2], ("validity (share of valid answers)", "SM - binary validity, 95% over seeds")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(t) for t in xs])
@@ -388,37 +544,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train = task.examples(task.sample("train", args.train_size, seed=0))
     val = task.sample("validation", args.val_size, seed=0)
     test = task.sample("test", args.test_size, seed=0)
-    print(f"{len(train)} training examples, {len(val)} validation and {len(test)} test prompts; answers of "
-          f"{task.answer_length} letters, decoded at {list(tps_list)} tokens per step", flush=True)
+    print(
+        f"{len(train)} training examples, {len(val)} validation and {len(test)} test prompts; answers of "
+        f"{task.answer_length} letters, decoded at {list(tps_list)} tokens per step",
+        flush=True,
+    )
 
     base = train_base(args, task, train)
     base_model = DreamModel.from_pretrained(base, dtype=torch.float32, device=args.device).eval()
-    base_validity = {"validation": evaluate(base_model, task, val, None), "test": evaluate(base_model, task, test, None)}
+    base_validity = {
+        "validation": evaluate(base_model, task, val, None),
+        "test": evaluate(base_model, task, test, None),
+    }
     hypers, hyper_scores = choose_hyperparameters(args, task, train, base, val)
     print(f"chosen on validation: {hypers} (scores {hyper_scores})", flush=True)
 
     per_seed: dict[str, dict[int, dict]] = {c: {} for c in CONDITIONS}
     jobs = [(c, s) for s in args.seeds for c in CONDITIONS]
     for i, (condition, seed) in enumerate(jobs, 1):
-        per_seed[condition][seed] = run_condition(args, task, train, base, condition, seed, hypers[condition], test,
-                                                  "test")
+        per_seed[condition][seed] = run_condition(
+            args, task, train, base, condition, seed, hypers[condition], test, "test"
+        )
         print(f"[{i}/{len(jobs)}] {condition} seed {seed} done", flush=True)
 
-    summary = {c: {str(t): {m: mean_interval([per_seed[c][s]["validity"][str(t)][m] for s in args.seeds])
-                            for m in ("valid", "word_valid")} for t in tps_list} for c in CONDITIONS}
+    summary = {
+        c: {
+            str(t): {
+                m: mean_interval([per_seed[c][s]["validity"][str(t)][m] for s in args.seeds])
+                for m in ("valid", "word_valid")
+            }
+            for t in tps_list
+        }
+        for c in CONDITIONS
+    }
     paired = paired_differences(per_seed, tps_list, args.seeds)
     verdict = verdicts(summary, paired, tps_list, args.seeds)
     table = format_table(summary, paired, tps_list)
     report = {
-        "task": {"lexicon_size": task.lexicon_size, "alphabet_size": task.alphabet_size,
-                 "word_length": task.word_length, "prompt_words": task.prompt_words,
-                 "spellings_per_word": [len(w) for w in task.spellings], "answer_length": task.answer_length,
-                 "task_seed": args.task_seed},
+        "task": {
+            "lexicon_size": task.lexicon_size,
+            "alphabet_size": task.alphabet_size,
+            "word_length": task.word_length,
+            "prompt_words": task.prompt_words,
+            "spellings_per_word": [len(w) for w in task.spellings],
+            "answer_length": task.answer_length,
+            "task_seed": args.task_seed,
+        },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "decoding": {**DECODING, "seed": DECODE_SEED, "tokens_per_step": list(tps_list)},
         "conditions": {c: dict(zip(("sm_prob", "updates"), condition_settings(args, c))) for c in CONDITIONS},
-        "hyperparameters": {"chosen_on_validation": hypers, "validation_scores": hyper_scores,
-                            "tuning_seed": TUNING_SEED},
+        "hyperparameters": {
+            "chosen_on_validation": hypers,
+            "validation_scores": hyper_scores,
+            "tuning_seed": TUNING_SEED,
+        },
         "base_model_validity": base_validity,
         "summary": summary,
         "paired_sm_minus_binary": paired,
@@ -432,8 +611,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     name = args.name or ("reproduce_parallel_quick" if args.quick else "reproduce_parallel")
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(summary, per_seed, paired, tps_list, args.seeds, args.out / f"{name}.png",
-         f"spelling task, {task.answer_length}-letter answers, {len(test)} test prompts: seeds {list(args.seeds)}")
+    plot(
+        summary,
+        per_seed,
+        paired,
+        tps_list,
+        args.seeds,
+        args.out / f"{name}.png",
+        f"spelling task, {task.answer_length}-letter answers, {len(test)} test prompts: seeds {list(args.seeds)}",
+    )
     print(table)
     print("\n".join(verdict))
     print(f"written: {args.out / (name + '.json')}, {args.out / (name + '.png')} ({report['seconds']:.0f} s)")

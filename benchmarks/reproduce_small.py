@@ -54,8 +54,18 @@ CONDITIONS = ("binary", "sm_same_updates", "sm_same_compute")
 TOKENS_PER_STEP = (1, 2, 4, 8)
 # Below this learned scale a soft mask differs from the plain mask embedding by < 0.1%: SM is off in effect.
 INACTIVE_SCALE = 1e-3
-QUICK = dict(seeds=(0, 1, 2), steps=3, batch_size=2, seq_len=64, max_chars=300_000, elbo_blocks=4, elbo_samples=2,
-             infill_limit=4, spans_per_function=1, span_length=8)
+QUICK = dict(
+    seeds=(0, 1, 2),
+    steps=3,
+    batch_size=2,
+    seq_len=64,
+    max_chars=300_000,
+    elbo_blocks=4,
+    elbo_samples=2,
+    infill_limit=4,
+    spans_per_function=1,
+    span_length=8,
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -63,12 +73,16 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="the base model (binary MDLM)")
-    p.add_argument("--seeds", type=_ints, default=(0, 1, 2, 3, 4),
-                   help="comma-separated training seeds (>= 3 for a std)")
-    p.add_argument("--steps", type=int, default=TINY["max_steps"], help="S: updates of the binary and same-updates runs")
+    p.add_argument(
+        "--seeds", type=_ints, default=(0, 1, 2, 3, 4), help="comma-separated training seeds (>= 3 for a std)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=TINY["max_steps"], help="S: updates of the binary and same-updates runs"
+    )
     p.add_argument("--sm-prob", type=float, default=TINY["sm_prob"])
     p.add_argument("--batch-size", type=int, default=TINY["batch_size"])
     p.add_argument("--seq-len", type=int, default=TINY["max_length"], help="tokens per training/validation block")
@@ -77,24 +91,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-min", type=float, default=TINY["t_min"], help="training noise range")
     p.add_argument("--t-max", type=float, default=TINY["t_max"])
     p.add_argument("--k", type=int, default=TINY["k"], help="top-k tokens blended by SM")
-    p.add_argument("--sm-init-scale", type=float, default=TINY["sm_init_scale"],
-                   help="initial transparency_scale (the paper's 0 is stored as 1e-6)")
-    p.add_argument("--sm-init-centre", type=gate_centre, default=TINY["sm_init_centre"],
-                   help="initial transparency_centre: a number < 0 (paper: -0.75) or 'auto' (the base model's median "
-                        "pass-1 confidence at masked positions)")
+    p.add_argument(
+        "--sm-init-scale",
+        type=float,
+        default=TINY["sm_init_scale"],
+        help="initial transparency_scale (the paper's 0 is stored as 1e-6)",
+    )
+    p.add_argument(
+        "--sm-init-centre",
+        type=gate_centre,
+        default=TINY["sm_init_centre"],
+        help="initial transparency_centre: a number < 0 (paper: -0.75) or 'auto' (the base model's median "
+        "pass-1 confidence at masked positions)",
+    )
     p.add_argument("--max-chars", type=int, default=None, help="cap on the training corpus (characters)")
     p.add_argument("--elbo-blocks", type=int, default=128, help="validation blocks for the ELBO")
     p.add_argument("--elbo-samples", type=int, default=8, help="noise draws per validation batch (stratified in t)")
     p.add_argument("--infill-limit", type=int, default=160, help="infill examples (spans) at most")
     p.add_argument("--spans-per-function", type=int, default=4, help="infill examples per held-out function")
     p.add_argument("--span-length", type=int, default=16)
-    p.add_argument("--ablations", action="store_true",
-                   help="also evaluate the SM-trained models without SM (plain ELBO, binary decoding)")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also evaluate the SM-trained models without SM (plain ELBO, binary decoding)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (numbers then differ slightly)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/reproduce_small"), help="training runs and cache")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
-    p.add_argument("--name", default=None,
-                   help="file name of the results (default reproduce_small, or reproduce_small_quick)")
+    p.add_argument(
+        "--name", default=None, help="file name of the results (default reproduce_small, or reproduce_small_quick)"
+    )
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}")
     args = p.parse_args(argv)
     if args.quick:
@@ -122,21 +148,47 @@ def train_one(args: argparse.Namespace, train_data: Any, condition: str, seed: i
     sm_prob, steps = condition_settings(args, condition)
     model = load_model(args.model, dtype=torch.float32)
     config = TrainConfig(
-        run_dir=str(args.work_dir / f"{condition}-seed{seed}"), max_steps=steps, batch_size=args.batch_size,
-        lr=args.lr, sm_lr=args.sm_lr, weight_decay=TINY["weight_decay"], warmup_ratio=TINY["warmup_ratio"],
-        clip=TINY["clip"], sm_prob=sm_prob, noise=NoiseSchedule(args.t_min, args.t_max), seed=seed,
+        run_dir=str(args.work_dir / f"{condition}-seed{seed}"),
+        max_steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        sm_lr=args.sm_lr,
+        weight_decay=TINY["weight_decay"],
+        warmup_ratio=TINY["warmup_ratio"],
+        clip=TINY["clip"],
+        sm_prob=sm_prob,
+        noise=NoiseSchedule(args.t_min, args.t_max),
+        seed=seed,
         adapter=AdapterConfig(kind="full"),
     )
-    soft_mask = initial_soft_mask(model, train_data, {
-        **TINY, "k": args.k, "sm_init_scale": args.sm_init_scale, "sm_init_centre": args.sm_init_centre,
-        "batch_size": args.batch_size, "t_min": args.t_min, "t_max": args.t_max, "seed": seed}, verbose=False)
+    soft_mask = initial_soft_mask(
+        model,
+        train_data,
+        {
+            **TINY,
+            "k": args.k,
+            "sm_init_scale": args.sm_init_scale,
+            "sm_init_centre": args.sm_init_centre,
+            "batch_size": args.batch_size,
+            "t_min": args.t_min,
+            "t_max": args.t_max,
+            "seed": seed,
+        },
+        verbose=False,
+    )
     trainer = Trainer(model, train_data, config, soft_mask=soft_mask, device=args.device)
     trainer.train()
     return trainer.model.eval(), trainer.soft_mask.eval()
 
 
-def evaluate_model(args: argparse.Namespace, model: nn.Module, soft_mask: SoftMask | None, tokenizer: Any,
-                   val_batches: list, examples: list) -> dict[str, Any]:
+def evaluate_model(
+    args: argparse.Namespace,
+    model: nn.Module,
+    soft_mask: SoftMask | None,
+    tokenizer: Any,
+    val_batches: list,
+    examples: list,
+) -> dict[str, Any]:
     """ELBO and infill of one model: plain forward and binary decoding without SM parameters, the two-pass SM
     forward and SM decoding with them (and, with ``--ablations``, the plain/binary ones as well)."""
     mask_id = model.config.mask_token_id
@@ -149,22 +201,49 @@ def evaluate_model(args: argparse.Namespace, model: nn.Module, soft_mask: SoftMa
     if soft_mask is not None:
         elbo["soft_mask"] = estimate_elbo(model, val_batches, mask_id, soft_mask=soft_mask, **common).to_dict()
         variants["soft_mask"] = soft_mask
-    infill = evaluate_infill(model, tokenizer, examples, tokens_per_step=TOKENS_PER_STEP, soft_masks=variants,
-                             batch_size=16, progress=False, alg="entropy", temperature=0.0)
-    return {"elbo": elbo, "infill": infill,
-            "soft_mask_config": soft_mask.to_transparency_config() if soft_mask is not None else None}
+    infill = evaluate_infill(
+        model,
+        tokenizer,
+        examples,
+        tokens_per_step=TOKENS_PER_STEP,
+        soft_masks=variants,
+        batch_size=16,
+        progress=False,
+        alg="entropy",
+        temperature=0.0,
+    )
+    return {
+        "elbo": elbo,
+        "infill": infill,
+        "soft_mask_config": soft_mask.to_transparency_config() if soft_mask is not None else None,
+    }
 
 
 def run_key(args: argparse.Namespace, condition: str, seed: int) -> dict[str, Any]:
     """Everything a cached result depends on."""
     sm_prob, steps = condition_settings(args, condition)
-    return {"model": str(args.model.resolve()), "condition": condition, "seed": seed, "sm_prob": sm_prob,
-            "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "sm_lr": args.sm_lr, "t": [args.t_min, args.t_max], "k": args.k,
-            "sm_init": [args.sm_init_scale, args.sm_init_centre], "max_chars": args.max_chars,
-            "elbo_blocks": args.elbo_blocks, "elbo_samples": args.elbo_samples, "infill_limit": args.infill_limit,
-            "spans_per_function": args.spans_per_function,
-            "span_length": args.span_length, "device": args.device, "ablations": args.ablations}
+    return {
+        "model": str(args.model.resolve()),
+        "condition": condition,
+        "seed": seed,
+        "sm_prob": sm_prob,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "sm_lr": args.sm_lr,
+        "t": [args.t_min, args.t_max],
+        "k": args.k,
+        "sm_init": [args.sm_init_scale, args.sm_init_centre],
+        "max_chars": args.max_chars,
+        "elbo_blocks": args.elbo_blocks,
+        "elbo_samples": args.elbo_samples,
+        "infill_limit": args.infill_limit,
+        "spans_per_function": args.spans_per_function,
+        "span_length": args.span_length,
+        "device": args.device,
+        "ablations": args.ablations,
+    }
 
 
 def headline(condition: str, result: dict[str, Any]) -> dict[str, float]:
@@ -197,21 +276,27 @@ def verdicts(summary: dict[str, dict[str, tuple[float, float]]], paired: dict[st
     for condition in ("sm_same_updates", "sm_same_compute"):
         s = summary[condition]
         if s["sm_scale"][0] < INACTIVE_SCALE:
-            lines.append(f"{condition}: the learned transparency_scale is {s['sm_scale'][0]:.3g}: soft masks stayed "
-                         "plain masks, so this run cannot show an effect of SM (see --sm-init-scale/--sm-init-centre)")
+            lines.append(
+                f"{condition}: the learned transparency_scale is {s['sm_scale'][0]:.3g}: soft masks stayed "
+                "plain masks, so this run cannot show an effect of SM (see --sm-init-scale/--sm-init-centre)"
+            )
         d, (lo, hi) = paired[condition]["elbo_difference_mean"], paired[condition]["elbo_difference_ci95_pooled"]
         better = "lower than" if hi < 0 else "higher than" if lo > 0 else "not distinguishable from"
-        lines.append(f"{condition}: ELBO {s['elbo_nll'][0]:.4f} +- {s['elbo_nll'][1]:.4f} vs binary "
-                     f"{b['elbo_nll'][0]:.4f} +- {b['elbo_nll'][1]:.4f} nats/token; paired SM - binary = {d:+.4f} "
-                     f"(95% MC interval [{lo:+.4f}, {hi:+.4f}]): {better} binary; goal 'at least as good': "
-                     f"{'met' if d <= 0 or lo <= 0 else 'NOT met'}")
+        lines.append(
+            f"{condition}: ELBO {s['elbo_nll'][0]:.4f} +- {s['elbo_nll'][1]:.4f} vs binary "
+            f"{b['elbo_nll'][0]:.4f} +- {b['elbo_nll'][1]:.4f} nats/token; paired SM - binary = {d:+.4f} "
+            f"(95% MC interval [{lo:+.4f}, {hi:+.4f}]): {better} binary; goal 'at least as good': "
+            f"{'met' if d <= 0 or lo <= 0 else 'NOT met'}"
+        )
         for tps in TOKENS_PER_STEP[1:]:
             key = f"acc@{tps}"
             gain = s[key][0] - b[key][0]
             noise = max(s[key][1], b[key][1])
-            lines.append(f"{condition}: infill token accuracy at {tps} tokens/step {s[key][0]:.4f} +- {s[key][1]:.4f} "
-                         f"vs binary {b[key][0]:.4f} +- {b[key][1]:.4f}: gain {gain:+.4f} vs seed std {noise:.4f} "
-                         f"-> goal {'met' if gain > noise else 'NOT met'}")
+            lines.append(
+                f"{condition}: infill token accuracy at {tps} tokens/step {s[key][0]:.4f} +- {s[key][1]:.4f} "
+                f"vs binary {b[key][0]:.4f} +- {b[key][1]:.4f}: gain {gain:+.4f} vs seed std {noise:.4f} "
+                f"-> goal {'met' if gain > noise else 'NOT met'}"
+            )
     return lines
 
 
@@ -219,15 +304,20 @@ def paired_elbo(results: dict[str, dict[int, dict]], seeds: tuple[int, ...]) -> 
     """Per seed, SM model (two-pass) minus binary model (plain) on identical noise; mean over seeds."""
     out = {}
     for condition in ("sm_same_updates", "sm_same_compute"):
-        per_seed = [paired_difference(results[condition][s]["elbo"]["soft_mask"], results["binary"][s]["elbo"]["plain"])
-                    for s in seeds]
+        per_seed = [
+            paired_difference(results[condition][s]["elbo"]["soft_mask"], results["binary"][s]["elbo"]["plain"])
+            for s in seeds
+        ]
         diffs = [p["difference"] for p in per_seed]
         halves = [(p["ci95"][1] - p["ci95"][0]) / 2 for p in per_seed]
         mean = statistics.fmean(diffs)
         half = math.sqrt(sum(h * h for h in halves)) / len(halves)  # MC interval of the mean of independent seeds
-        out[condition] = {"per_seed": per_seed, "elbo_difference_mean": mean,
-                          "elbo_difference_std_over_seeds": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                          "elbo_difference_ci95_pooled": [mean - half, mean + half]}
+        out[condition] = {
+            "per_seed": per_seed,
+            "elbo_difference_mean": mean,
+            "elbo_difference_std_over_seeds": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "elbo_difference_ci95_pooled": [mean - half, mean + half],
+        }
     return out
 
 
@@ -251,11 +341,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val = stdlib_dataset(tokenizer, "validation", args.seq_len, args.max_chars)
     pad = tokenizer.pad_token_id
     val_examples = [val[i] for i in range(min(len(val), args.elbo_blocks))]
-    val_batches = [collate(val_examples[i:i + 8], pad) for i in range(0, len(val_examples), 8)]
-    examples = make_infill_examples(heldout_functions(), tokenizer, args.span_length, seed=0, limit=args.infill_limit,
-                                    max_tokens=args.seq_len, spans_per_function=args.spans_per_function)
-    print(f"{len(train_data)} training blocks, {len(val_examples)} validation blocks, {len(examples)} infill spans "
-          f"from {len({e.name for e in examples})} functions")
+    val_batches = [collate(val_examples[i : i + 8], pad) for i in range(0, len(val_examples), 8)]
+    examples = make_infill_examples(
+        heldout_functions(),
+        tokenizer,
+        args.span_length,
+        seed=0,
+        limit=args.infill_limit,
+        max_tokens=args.seq_len,
+        spans_per_function=args.spans_per_function,
+    )
+    print(
+        f"{len(train_data)} training blocks, {len(val_examples)} validation blocks, {len(examples)} infill spans "
+        f"from {len({e.name for e in examples})} functions"
+    )
 
     results: dict[str, dict[int, dict]] = {c: {} for c in ("base", *CONDITIONS)}
     jobs = [("base", args.seeds[0])] + [(c, s) for c in CONDITIONS for s in args.seeds]
@@ -283,8 +382,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = {c: [headline(c, results[c][s]) for s in sorted(results[c])] for c in results}
     summary = {c: {k: mean_std([r[k] for r in rs]) for k in rs[0]} for c, rs in rows.items()}
     paired = paired_elbo(results, args.seeds)
-    verdict = verdicts(summary, paired) if len(args.seeds) >= 3 else [
-        f"only {len(args.seeds)} seed(s): no seed-to-seed standard deviation to judge the goals against"]
+    verdict = (
+        verdicts(summary, paired)
+        if len(args.seeds) >= 3
+        else [f"only {len(args.seeds)} seed(s): no seed-to-seed standard deviation to judge the goals against"]
+    )
     table = format_table(summary)
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -301,14 +403,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or ("reproduce_small_quick" if args.quick else "reproduce_small")
     report = harness.write_results(args.out / f"{name}.json", report)
     curves = {
-        c: {str(t): {m: summary[c][f"{short}@{t}"] for m, short in
-                     (("token_accuracy", "acc"), ("exact_match", "exact"), ("parse_rate", "parse"))}
-            for t in TOKENS_PER_STEP}
+        c: {
+            str(t): {
+                m: summary[c][f"{short}@{t}"]
+                for m, short in (("token_accuracy", "acc"), ("exact_match", "exact"), ("parse_rate", "parse"))
+            }
+            for t in TOKENS_PER_STEP
+        }
         for c in ("binary", "sm_same_updates", "sm_same_compute")
     }
-    plot_infill(curves, str(args.out / f"{name}.png"),
-                title=f"{args.model.resolve().name}, span of {args.span_length} tokens: mean +- std over seeds "
-                      f"{list(args.seeds)}")
+    plot_infill(
+        curves,
+        str(args.out / f"{name}.png"),
+        title=f"{args.model.resolve().name}, span of {args.span_length} tokens: mean +- std over seeds "
+        f"{list(args.seeds)}",
+    )
     print(table)
     print("\n".join(verdict))
     print(f"written: {args.out / (name + '.json')}, {args.out / (name + '.png')} ({report['seconds']:.0f} s)")

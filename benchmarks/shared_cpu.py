@@ -76,8 +76,13 @@ def run_worker(mode: str, steps: int, warmup: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))}
     env.update(MODES[mode])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", WORKER, mode, str(steps), str(warmup)], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, mode, str(steps), str(warmup)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -91,8 +96,14 @@ def measure(mode: str, steps: int, warmup: int) -> dict:
         busy.kill()
         busy.wait()
     a, s = statistics.median(alone["step_s"]), statistics.median(shared["step_s"])
-    return {"threads": alone["threads"], "alone_step_s": a, "shared_step_s": s, "slowdown": s / a,
-            "alone_all_s": alone["step_s"], "shared_all_s": shared["step_s"]}
+    return {
+        "threads": alone["threads"],
+        "alone_step_s": a,
+        "shared_step_s": s,
+        "slowdown": s / a,
+        "alone_all_s": alone["step_s"],
+        "shared_all_s": shared["step_s"],
+    }
 
 
 def main() -> None:
@@ -107,11 +118,22 @@ def main() -> None:
     for mode in args.modes:
         results[mode] = measure(mode, args.steps, args.warmup)
         r = results[mode]
-        print(f"{mode:14s} threads {r['threads']}: alone {r['alone_step_s'] * 1e3:7.1f} ms/step, beside a busy "
-              f"process {r['shared_step_s'] * 1e3:7.1f} ms/step, slowdown {r['slowdown']:.2f}x", flush=True)
-    report = {"benchmark": "shared_cpu", "cpus": os.cpu_count(), "platform": platform.platform(),
-              "python": platform.python_version(), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "steps": args.steps, "warmup": args.warmup, "results": results}
+        print(
+            f"{mode:14s} threads {r['threads']}: alone {r['alone_step_s'] * 1e3:7.1f} ms/step, beside a busy "
+            f"process {r['shared_step_s'] * 1e3:7.1f} ms/step, slowdown {r['slowdown']:.2f}x",
+            flush=True,
+        )
+    report = {
+        "benchmark": "shared_cpu",
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")

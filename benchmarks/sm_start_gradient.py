@@ -27,11 +27,17 @@ import harness
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="a Dream checkpoint directory")
-    p.add_argument("--centres", type=gate_centre, nargs="+", default=[-0.75, "auto"],
-                   help="gate centres to measure: numbers < 0, or auto (the median pass-1 confidence)")
+    p.add_argument(
+        "--centres",
+        type=gate_centre,
+        nargs="+",
+        default=[-0.75, "auto"],
+        help="gate centres to measure: numbers < 0, or auto (the median pass-1 confidence)",
+    )
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
@@ -47,21 +53,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = load_model(args.model, dtype=torch.float32)
     tokenizer = load_tokenizer(args.model)
     data = stdlib_dataset(tokenizer, "train", args.seq_len, args.max_chars)
-    common = dict(mask_token_id=model.config.mask_token_id, pad_token_id=tokenizer.pad_token_id,
-                  noise=FINETUNE_NOISE, batch_size=args.batch_size, seed=args.seed)
+    common = dict(
+        mask_token_id=model.config.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        noise=FINETUNE_NOISE,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     results = []
     for centre in args.centres:
         value = confidence_centre(masked_neg_entropy(model, data, **common)) if centre == "auto" else centre
-        grads, accuracy = scale_gradient(model, SoftMask(k=args.k, scale=0.0, centre=value), data,
-                                         batches=args.batches, **common)
-        row = {"model": str(args.model), "centre": centre, "centre_value": value, "k": args.k,
-               "batches": args.batches, "dL_dscale_mean": float(grads.mean()),
-               "dL_dscale_stderr": float(grads.std() / math.sqrt(len(grads))) if len(grads) > 1 else float("nan"),
-               "share_negative": float((grads < 0).double().mean()), "pass1_top1_accuracy": float(accuracy.mean())}
+        grads, accuracy = scale_gradient(
+            model, SoftMask(k=args.k, scale=0.0, centre=value), data, batches=args.batches, **common
+        )
+        row = {
+            "model": str(args.model),
+            "centre": centre,
+            "centre_value": value,
+            "k": args.k,
+            "batches": args.batches,
+            "dL_dscale_mean": float(grads.mean()),
+            "dL_dscale_stderr": float(grads.std() / math.sqrt(len(grads))) if len(grads) > 1 else float("nan"),
+            "share_negative": float((grads < 0).double().mean()),
+            "pass1_top1_accuracy": float(accuracy.mean()),
+        }
         results.append(row)
-        print(f"centre {centre} ({value:.3f}): dL/dscale at scale 1e-6 = {row['dL_dscale_mean']:+.5f} "
-              f"+- {row['dL_dscale_stderr']:.5f} (standard error over {args.batches} batches), negative in "
-              f"{row['share_negative']:.0%} of the batches; pass-1 top-1 accuracy {row['pass1_top1_accuracy']:.3f}")
+        print(
+            f"centre {centre} ({value:.3f}): dL/dscale at scale 1e-6 = {row['dL_dscale_mean']:+.5f} "
+            f"+- {row['dL_dscale_stderr']:.5f} (standard error over {args.batches} batches), negative in "
+            f"{row['share_negative']:.0%} of the batches; pass-1 top-1 accuracy {row['pass1_top1_accuracy']:.3f}"
+        )
     if args.out is not None:
         harness.write_results(args.out, {"rows": results})
     return results

@@ -47,16 +47,34 @@ def build_model(device: torch.device, quick: bool) -> tuple[DreamModel, dict]:
                 model = DreamModel(config)
         finally:
             torch.set_default_dtype(torch.float32)
-        return model, dict(seq=2048, batch=1, adapter=AdapterConfig(kind="dora", rank=16, alpha=16.0),
-                           bf16=True, checkpointing=True)
+        return model, dict(
+            seq=2048, batch=1, adapter=AdapterConfig(kind="dora", rank=16, alpha=16.0), bf16=True, checkpointing=True
+        )
     if (SHIPPED_MODEL / MODEL_WEIGHTS).exists():
         model = load_model(SHIPPED_MODEL)
     else:
-        model = DreamModel(DreamConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                                       num_attention_heads=4, num_key_value_heads=2, mask_token_id=1,
-                                       pad_token_id=0, eos_token_id=0, bos_token_id=0, max_position_embeddings=2048))
-    return model, dict(seq=128 if quick else 256, batch=4 if quick else 8, adapter=AdapterConfig(kind="full"),
-                       bf16=False, checkpointing=False)
+        model = DreamModel(
+            DreamConfig(
+                vocab_size=4096,
+                hidden_size=256,
+                intermediate_size=704,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                mask_token_id=1,
+                pad_token_id=0,
+                eos_token_id=0,
+                bos_token_id=0,
+                max_position_embeddings=2048,
+            )
+        )
+    return model, dict(
+        seq=128 if quick else 256,
+        batch=4 if quick else 8,
+        adapter=AdapterConfig(kind="full"),
+        bf16=False,
+        checkpointing=False,
+    )
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -103,31 +121,50 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=str(default_device()))
     p.add_argument("--quick", action="store_true", help="tiny budgets (dry run)")
     p.add_argument("--budget-s", type=float, default=120.0, help="time budget of the timed steps, all modes")
-    p.add_argument("--steps", type=int, default=10,
-                   help="timed rounds of the three modes (fewer when the budget runs out)")
+    p.add_argument(
+        "--steps", type=int, default=10, help="timed rounds of the three modes (fewer when the budget runs out)"
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here (and the steps as CSV and PNG beside it)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, shape = build_model(device, args.quick)
     vocab = model.config.vocab_size
-    data = [Example(torch.randint(5, vocab, (shape["seq"],)), torch.zeros(shape["seq"], dtype=torch.bool))
-            for _ in range(shape["batch"] * 64)]
+    data = [
+        Example(torch.randint(5, vocab, (shape["seq"],)), torch.zeros(shape["seq"], dtype=torch.bool))
+        for _ in range(shape["batch"] * 64)
+    ]
     steps = 2 if args.quick else args.steps
-    results: dict = {"seq": shape["seq"], "batch": shape["batch"], "adapter": shape["adapter"].kind,
-                     "gradient_checkpointing": shape["checkpointing"], "bf16": shape["bf16"],
-                     "parameters": sum(p.numel() for p in model.parameters()), "modes": {}}
+    results: dict = {
+        "seq": shape["seq"],
+        "batch": shape["batch"],
+        "adapter": shape["adapter"].kind,
+        "gradient_checkpointing": shape["checkpointing"],
+        "bf16": shape["bf16"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "modes": {},
+    }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(run_dir=tmp, max_steps=10**6, batch_size=shape["batch"], lr=1e-5,
-                             adapter=shape["adapter"], gradient_checkpointing=shape["checkpointing"],
-                             bf16=shape["bf16"], sm_prob=0.5)
+        config = TrainConfig(
+            run_dir=tmp,
+            max_steps=10**6,
+            batch_size=shape["batch"],
+            lr=1e-5,
+            adapter=shape["adapter"],
+            gradient_checkpointing=shape["checkpointing"],
+            bf16=shape["bf16"],
+            sm_prob=0.5,
+        )
         trainer = Trainer(model, data, config, device=device)
         results["modes"] = modes = time_modes(trainer, device, steps, start + args.budget_s)
     for mode, r in modes.items():
         t = r["timing"]
-        print(f"{mode:>7}: {t['median_ms'] / 1e3:.3f} s/step (median of {t['n']}, min {t['min_ms'] / 1e3:.3f}, "
-              f"max {t['max_ms'] / 1e3:.3f}), peak {r['peak_memory_gib']:.2f} GiB", flush=True)
+        print(
+            f"{mode:>7}: {t['median_ms'] / 1e3:.3f} s/step (median of {t['n']}, min {t['min_ms'] / 1e3:.3f}, "
+            f"max {t['max_ms'] / 1e3:.3f}), peak {r['peak_memory_gib']:.2f} GiB",
+            flush=True,
+        )
     binary, sm = modes["binary"]["timing"], modes["sm"]["timing"]
     results["sm_step_over_binary"] = sm["median_ms"] / binary["median_ms"]
     results["sm_step_over_binary_range"] = [sm["min_ms"] / binary["max_ms"], sm["max_ms"] / binary["min_ms"]]
@@ -137,15 +174,27 @@ def main(argv: list[str] | None = None) -> dict:
     results["mixed_sm_share"] = statistics.mean(modes["mixed"]["soft"])  # SM steps among the measured
     results["peak_memory_gib"] = max(m["peak_memory_gib"] for m in modes.values())
     if device.type == "cuda":
-        results["targets"] = {"peak_memory_le_40gib": results["peak_memory_gib"] <= 40.0,
-                              "mixed_le_1.25x_binary": results["mixed_expected_over_binary"] <= 1.25,
-                              "mixed_le_1.25x_binary_worst_case": results["mixed_expected_over_binary_worst"] <= 1.25}
+        results["targets"] = {
+            "peak_memory_le_40gib": results["peak_memory_gib"] <= 40.0,
+            "mixed_le_1.25x_binary": results["mixed_expected_over_binary"] <= 1.25,
+            "mixed_le_1.25x_binary_worst_case": results["mixed_expected_over_binary_worst"] <= 1.25,
+        }
     if args.out is not None:
-        steps_rows = [dict(mode=mode, round=i + 1, step_s=s, sm=soft)
-                      for mode, r in modes.items() for i, (s, soft) in enumerate(zip(r["step_s"], r["soft"]))]
+        steps_rows = [
+            dict(mode=mode, round=i + 1, step_s=s, sm=soft)
+            for mode, r in modes.items()
+            for i, (s, soft) in enumerate(zip(r["step_s"], r["soft"]))
+        ]
         results = write_results(args.out, results, csv_rows=steps_rows, device=device)
-        plot(args.out.with_suffix(".png"), steps_rows, x="round", y="step_s", group="mode",
-             title=f"training step time ({results['environment']['gpu'] or 'CPU'})", ylabel="s / step")
+        plot(
+            args.out.with_suffix(".png"),
+            steps_rows,
+            x="round",
+            y="step_s",
+            group="mode",
+            title=f"training step time ({results['environment']['gpu'] or 'CPU'})",
+            ylabel="s / step",
+        )
     print(json.dumps({k: v for k, v in results.items() if k not in ("modes", "environment")}, indent=2))
     return results
 

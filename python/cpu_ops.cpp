@@ -12,8 +12,8 @@ namespace softmask_ext {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_entropy_cpu(const at::Tensor& logits, int64_t k,
-                                                               const std::optional<at::Tensor>& rows,
-                                                               double temperature) {
+                                                                const std::optional<at::Tensor>& rows,
+                                                                double temperature) {
   const TopKEntropyCall call = prepare_topk_entropy(logits, k, rows, temperature);
   if (call.rows.defined()) check_index_range("topk_entropy", "rows", call.rows, call.flat.size(0));
   if (call.num_rows > 0) {

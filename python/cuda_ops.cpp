@@ -28,8 +28,8 @@ softmask::TopKVariant topk_variant_from_env() {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_entropy_cuda(const at::Tensor& logits, int64_t k,
-                                                                const std::optional<at::Tensor>& rows,
-                                                                double temperature) {
+                                                                 const std::optional<at::Tensor>& rows,
+                                                                 double temperature) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const TopKEntropyCall call = prepare_topk_entropy(logits, k, rows, temperature);
   const softmask::TopKVariant variant = topk_variant_from_env();

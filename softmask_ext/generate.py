@@ -4,9 +4,9 @@
     python -m softmask_ext.generate --prompt-file task.txt --soft-mask DIR/transparency_config.json --live
 
 Instruct checkpoints (a ``chat_template`` in their tokenizer config) get the prompt as a user turn of the chat
-template. Mask tokens written in the prompt (``<|mask|>``) are filled in too, and the text from the first of them on
-is printed (infilling: ``--no-chat-template --max-new-tokens 0``; with a chat template the rest of the template
-would be printed too). The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
+template. Mask tokens written in the prompt (``<|mask|>``) are filled in too, and the text from the first of them on is
+printed (infilling: ``--no-chat-template --max-new-tokens 0``; with a chat template the rest of the template would be
+printed too). The final text goes to stdout; ``--live`` redraws the canvas on stderr after every step, each mask shown
 as a shaded block. Without ``--model`` the tiny model shipped in ``softmask_ext/assets/tiny-coder`` is used.
 Without ``--soft-mask``, a ``transparency_config.json`` beside the weights is used (``--binary`` ignores it). A
 config whose ``transparency_alg`` is ``"none"`` (what binary fine-tuning writes) means binary decoding.
@@ -23,13 +23,13 @@ from typing import TextIO
 import torch
 
 from .cli_errors import add_debug_flag, user_errors
+from .conventions import ADAPTER_CONFIG, DTYPE_NAMES, SHIPPED_MODEL, default_device
 from .cpu_threads import configure_cpu_threads
 from .decoding import ALGS, add_fast_decoding_flags, diffusion_generate, dream_keywords, fast_decoding_kwargs
 from .mdlm_cli import generate_main
 from .model import load_model, load_tokenizer
 from .model.family import checkpoint_model_type
 from .model.file_checks import check_weight_files
-from .conventions import ADAPTER_CONFIG, DTYPE_NAMES, SHIPPED_MODEL, default_device
 from .soft_mask import CONFIG_FILENAME, SoftMask
 
 MASK_GLYPH = "\u2591"  # light shade: one per masked position
@@ -37,16 +37,24 @@ MASK_GLYPH = "\u2591"  # light shade: one per masked position
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help=f"checkpoint directory, or a fine-tuning run's adapter folder (default: the shipped "
-                                   f"tiny model, {SHIPPED_MODEL})")
-    p.add_argument("--base-model", help="the base checkpoint of an adapter folder given as --model (default: the one "
-                                        "the adapters recorded)")
+    p.add_argument(
+        "--model",
+        help=f"checkpoint directory, or a fine-tuning run's adapter folder (default: the shipped "
+        f"tiny model, {SHIPPED_MODEL})",
+    )
+    p.add_argument(
+        "--base-model",
+        help="the base checkpoint of an adapter folder given as --model (default: the one the adapters recorded)",
+    )
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     sm = p.add_mutually_exclusive_group()
-    sm.add_argument("--soft-mask", metavar="JSON", help="transparency_config.json to decode with soft-masking "
-                    "(transparency_alg 'none': binary)")
+    sm.add_argument(
+        "--soft-mask",
+        metavar="JSON",
+        help="transparency_config.json to decode with soft-masking (transparency_alg 'none': binary)",
+    )
     sm.add_argument("--binary", action="store_true", help="plain masks even if the checkpoint has a soft-mask config")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, help="denoising steps (default: one token per step)")
@@ -104,7 +112,7 @@ class LiveView:
         self.redraw = stream.isatty()
 
     def __call__(self, step: int | None, x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        text = render(self.tokenizer, x[0, self.start:].tolist(), self.mask_token_id)
+        text = render(self.tokenizer, x[0, self.start :].tolist(), self.mask_token_id)
         header = f"step {0 if step is None else step + 1}/{self.steps}"
         if self.redraw:
             self.stream.write("\x1b[2J\x1b[H")  # clear the screen, cursor home
@@ -172,8 +180,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     text = _read_prompt(args)
     if tokenizer.chat_template and not args.no_chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     else:
         ids = tokenizer(text)["input_ids"]
     input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
@@ -186,9 +195,16 @@ def _generate(args: argparse.Namespace) -> int:
     hook = LiveView(tokenizer, start, steps, mask_token_id, sys.stderr) if args.live else None
     try:
         out = diffusion_generate(
-            model, input_ids, max_new_tokens=args.max_new_tokens, steps=steps, temperature=args.temperature,
+            model,
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            steps=steps,
+            temperature=args.temperature,
             **dream_keywords(model, top_p=args.top_p, top_k=args.top_k, alg=args.alg, alg_temp=args.alg_temp),
-            seed=args.seed, soft_mask=soft_mask, generation_tokens_hook_func=hook, **fast_decoding_kwargs(args),
+            seed=args.seed,
+            soft_mask=soft_mask,
+            generation_tokens_hook_func=hook,
+            **fast_decoding_kwargs(args),
         )
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -40,18 +40,26 @@ def _load(model_dir: Path, device: torch.device, dtype: torch.dtype | None):
     return model, tokenizer
 
 
-def generate_main(args: argparse.Namespace, model_dir: Path, device: torch.device, dtype: torch.dtype | None,
-                  prompt: str) -> int:
+def generate_main(
+    args: argparse.Namespace, model_dir: Path, device: torch.device, dtype: torch.dtype | None, prompt: str
+) -> int:
     """Sample with MDLM's or ReMDM's sampler and print the text (``prompt`` "" samples unconditionally)."""
     try:
         model, tokenizer = _load(model_dir, device, dtype)
         soft_mask = _soft_mask(args.soft_mask, model_dir, args.binary)
         ids = tokenizer(prompt)["input_ids"] if prompt else []
         input_ids = torch.tensor([ids], dtype=torch.int64, device=device) if ids else None
-        out = mdlm_generate(model, input_ids, max_new_tokens=args.max_new_tokens, steps=args.steps,
-                            sampler=args.sampler, eta=args.eta,
-                            nucleus_p=args.top_p if args.top_p is not None else 1.0, soft_mask=soft_mask,
-                            seed=args.seed)
+        out = mdlm_generate(
+            model,
+            input_ids,
+            max_new_tokens=args.max_new_tokens,
+            steps=args.steps,
+            sampler=args.sampler,
+            eta=args.eta,
+            nucleus_p=args.top_p if args.top_p is not None else 1.0,
+            soft_mask=soft_mask,
+            seed=args.seed,
+        )
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
@@ -77,12 +85,25 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
     held_out = stdlib_dataset(tokenizer, "validation", length, max_chars=max(50_000, 8 * limit * length))
     blocks = [held_out[i] for i in range(min(len(held_out), limit))]
     if args.task == "ppl":
-        results = elbo_perplexity(model, blocks, soft_mask=soft_mask, batch_size=args.batch_size, seed=args.seed,
-                                  num_samples=args.num_samples or 4)
+        results = elbo_perplexity(
+            model,
+            blocks,
+            soft_mask=soft_mask,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            num_samples=args.num_samples or 4,
+        )
     else:
         with torch.no_grad():
-            ids = mdlm_generate(model, batch_size=args.samples, max_new_tokens=length, steps=args.steps or length,
-                                sampler=args.sampler, soft_mask=soft_mask, seed=args.seed)
+            ids = mdlm_generate(
+                model,
+                batch_size=args.samples,
+                max_new_tokens=length,
+                steps=args.steps or length,
+                sampler=args.sampler,
+                soft_mask=soft_mask,
+                seed=args.seed,
+            )
         texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
         if args.task == "genppl":
             if args.scorer is None:
@@ -93,9 +114,15 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
             results = mauve_score(texts, references, feature_model=args.feature_model)
             if "skipped" in results:
                 print(results["skipped"], file=sys.stderr)
-    report = {"task": args.task, "model": str(args.model), "sampler": args.sampler,
-              "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None,
-              "seed": args.seed, "seconds": round(time.perf_counter() - started, 1), "results": results}
+    report = {
+        "task": args.task,
+        "model": str(args.model),
+        "sampler": args.sampler,
+        "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+    }
     out = args.out or Path("runs") / "eval" / args.model.resolve().name
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.task}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -67,6 +67,8 @@ def cpu_isa() -> str | None:
     """The instruction set the CPU kernels run with on this machine (chosen at run time), or ``None`` without the
     compiled extension."""
     return _C.cpu_isa() if EXTENSION_LOADED else None
+
+
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("softmask_ext::topk_entropy")

@@ -42,8 +42,12 @@ def unigram_cross_entropy(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", type=Path, default=Path("runs/tiny-coder"),
-                   help=f"where the finished model is written (the shipped one: {SHIPPED_MODEL})")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("runs/tiny-coder"),
+        help=f"where the finished model is written (the shipped one: {SHIPPED_MODEL})",
+    )
     p.add_argument("--work-dir", type=Path, default=Path("runs/pretrain-tiny-coder"), help="training run folder")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--hidden-size", type=int, default=192)
@@ -75,8 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer_dir = args.work_dir / "tokenizer"
     if not (args.resume and (tokenizer_dir / "tokenizer.json").exists()):
         print(f"training a {args.vocab_size}-token BPE tokenizer on the standard library's train split ...")
-        save_tokenizer(train_tokenizer(stdlib_texts("train", args.max_chars), args.vocab_size),
-                       tokenizer_dir, model_max_length=args.max_positions)
+        save_tokenizer(
+            train_tokenizer(stdlib_texts("train", args.max_chars), args.vocab_size),
+            tokenizer_dir,
+            model_max_length=args.max_positions,
+        )
     tokenizer = load_tokenizer(tokenizer_dir)
     print("tokenizing and packing the corpus ...")
     train = stdlib_dataset(tokenizer, "train", args.seq_len, args.max_chars)
@@ -85,10 +92,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     special = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["special_token_ids"]
     config = DreamConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.max_positions, rope_theta=10000.0, tie_word_embeddings=False,
-        mask_token_id=special["mask"], pad_token_id=special["pad"], eos_token_id=special["eos"],
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_positions,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        mask_token_id=special["mask"],
+        pad_token_id=special["pad"],
+        eos_token_id=special["eos"],
         bos_token_id=special["bos"],
     )
     model = DreamModel(config)
@@ -96,10 +111,20 @@ def main(argv: list[str] | None = None) -> dict:
     if n_params * 4 > MAX_WEIGHT_BYTES:
         raise ValueError(f"{n_params / 1e6:.1f}M parameters exceed the {MAX_WEIGHT_BYTES / 1e6:.0f} MB fp32 budget")
     train_config = TrainConfig(
-        run_dir=str(args.work_dir), max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, clip=args.clip, sm_prob=0.0,
-        noise=PRETRAIN_NOISE, seed=args.seed, adapter=AdapterConfig(kind="full"), save_every=args.save_every,
-        eval_every=max(1, args.max_steps // 4), eval_batches=args.eval_batches,
+        run_dir=str(args.work_dir),
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        clip=args.clip,
+        sm_prob=0.0,
+        noise=PRETRAIN_NOISE,
+        seed=args.seed,
+        adapter=AdapterConfig(kind="full"),
+        save_every=args.save_every,
+        eval_every=max(1, args.max_steps // 4),
+        eval_batches=args.eval_batches,
     )
     trainer = Trainer(model, train, train_config, val_data=val, tokenizer=tokenizer, device="cpu")
     if args.resume and trainer.resume():

@@ -1,8 +1,10 @@
 """Pure-PyTorch reference of the soft-masking ops.
 
 These functions define the semantics of :mod:`softmask_ext.ops`: the property tests use them as the oracle, and
-:mod:`softmask_ext.ops` falls back to them when the compiled extension is missing (after validating the inputs with
-the same checks as the kernels; these functions assume valid inputs). They favour clarity over speed (several passes over each logits row, a gathered ``[N, m, D]`` intermediate in the blend).
+:mod:`softmask_ext.ops` falls back to them when the compiled extension is missing (after validating the inputs with the
+same checks as the kernels; these functions assume valid inputs). They favour clarity over speed (several passes over
+each logits row, a gathered ``[N, m, D]`` intermediate in the blend).
+
 
 :func:`dense_soft_embeddings` is the other reference: the authors' formulation, which builds a dense
 ``[N, V]`` mixture and multiplies it by the embedding table. It exists only as a baseline for benchmarks and
@@ -85,9 +87,7 @@ def blend_embeddings(weight: Tensor, ids: Tensor, coeffs: Tensor) -> Tensor:
     return (coeffs.to(acc).unsqueeze(-1) * rows).sum(-2).to(weight.dtype)
 
 
-def dense_soft_embeddings(
-    logits: Tensor, weight: Tensor, mask_token_id: int, lam: Tensor, k: int
-) -> Tensor:
+def dense_soft_embeddings(logits: Tensor, weight: Tensor, mask_token_id: int, lam: Tensor, k: int) -> Tensor:
     """The authors' soft-mask blend: a dense ``[N, V]`` mixture times the ``[V, D]`` table (baseline only).
 
     ``e = (1 - lam) * E[mask] + lam * sum_{i in topk} pi_i * E[v_i]`` for each of the ``N`` rows of ``logits``

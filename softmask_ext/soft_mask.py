@@ -28,8 +28,15 @@ from torch import Tensor, nn
 from . import ops
 from .model.family import prediction_row_index
 
-__all__ = ["SoftMask", "ALGS", "SCHEDULES", "CONFIG_FILENAME", "BINARY_ALG", "binary_transparency_config",
-           "write_transparency_config"]
+__all__ = [
+    "SoftMask",
+    "ALGS",
+    "SCHEDULES",
+    "CONFIG_FILENAME",
+    "BINARY_ALG",
+    "binary_transparency_config",
+    "write_transparency_config",
+]
 
 ALGS = ("mixinputs_with_topk", "mixinputs_with_temp")
 #: ``transparency_alg`` of a binary (no soft-masking) model: the authors' binary runs write exactly
@@ -58,7 +65,8 @@ def _softplus_inv(y: float) -> float:
 
 
 def _fp32_value(t: Tensor) -> float:
-    """A scalar parameter as a Python float, rounded to 6 significant digits (fp32 holds about 7; 0.3, not 0.30000001)."""
+    """A scalar parameter as a Python float, rounded to 6 significant digits (fp32 holds about 7: 0.3, not
+    0.30000001)."""
     return float(f"{t.detach().item():.6g}")
 
 
@@ -253,7 +261,7 @@ class SoftMask(nn.Module):
 
     # --- the authors' transparency_config.json ------------------------------------------------------------
     @classmethod
-    def from_transparency_config(cls, config: Mapping[str, Any] | str | os.PathLike) -> "SoftMask | None":
+    def from_transparency_config(cls, config: Mapping[str, Any] | str | os.PathLike) -> SoftMask | None:
         """Build from the authors' ``transparency_config.json`` (a dict or a path to the file or its folder).
 
         Returns ``None`` (binary decoding) when ``transparency_alg`` is ``"none"``, as the authors' decoding does; the
@@ -296,7 +304,7 @@ class SoftMask(nn.Module):
         return write_transparency_config(path, self)
 
     @classmethod
-    def beside(cls, model_dir: str | os.PathLike) -> "SoftMask | None":
+    def beside(cls, model_dir: str | os.PathLike) -> SoftMask | None:
         """The soft-mask of the ``transparency_config.json`` in a model folder (fine-tuning writes one into its run
         and ``final/`` folders), or ``None`` when there is none: what ``generate`` and ``evaluate`` decode with
         unless told otherwise."""
@@ -304,7 +312,9 @@ class SoftMask(nn.Module):
         return cls.from_transparency_config(path) if os.path.isfile(path) else None
 
     @classmethod
-    def from_any(cls, soft_mask: "SoftMask | Mapping[str, Any] | str | os.PathLike | None" = None, **kwargs: Any) -> "SoftMask | None":
+    def from_any(
+        cls, soft_mask: SoftMask | Mapping[str, Any] | str | os.PathLike | None = None, **kwargs: Any
+    ) -> SoftMask | None:
         """A :class:`SoftMask` from whatever a user hands a decoding or evaluation call.
 
         Accepts a ``SoftMask`` (returned as is), a transparency-config dict, a path to the JSON file or its
@@ -320,7 +330,9 @@ class SoftMask(nn.Module):
         return cls.from_transparency_config(soft_mask)
 
     def extra_repr(self) -> str:
-        values = ", ".join(f"{k}={_fp32_value(getattr(self, k)):.4g}" for k in ("scale", "steepness", "centre", "temperature"))
+        values = ", ".join(
+            f"{k}={_fp32_value(getattr(self, k)):.4g}" for k in ("scale", "steepness", "centre", "temperature")
+        )
         return f"alg={self.alg}, k={self.k}, schedule={self.schedule}, {values}"
 
 

@@ -37,7 +37,7 @@ def _filtered_probs(logits, temperature, top_p, top_k):
     if temperature > 0:
         z = z / temperature
     if top_p is not None and top_p < 1:
-        sorted_z, order = torch.sort(z, descending=True)
+        sorted_z, _order = torch.sort(z, descending=True)
         cum = torch.softmax(sorted_z, -1).cumsum(-1)
         remove = cum > top_p
         remove[1:] = remove[:-1].clone()
@@ -180,8 +180,9 @@ def oracle_generate(
             else:
                 score = {j: proposals[j][1] for j in positions}
                 if alg_temp:
-                    score = {j: float(torch.tensor(c) / alg_temp + select_noise[b, j - start])
-                             for j, c in score.items()}
+                    score = {
+                        j: float(torch.tensor(c) / alg_temp + select_noise[b, j - start]) for j, c in score.items()
+                    }
                 # Most confident first; equal confidences (common after top-p at low temperature) go to the earlier
                 # position, the engine's documented rule (Dream's torch.topk leaves their order unspecified).
                 chosen = sorted(positions, key=lambda j: (-score[j], j))[:number]

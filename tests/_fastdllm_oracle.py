@@ -65,8 +65,8 @@ def cached_forward(model, inputs, first, past=None, replace=None):
         if past is not None:
             past_k, past_v = past[index]
             if replace is not None:
-                past_k[:, :, replace[0]:replace[1]] = k
-                past_v[:, :, replace[0]:replace[1]] = v
+                past_k[:, :, replace[0] : replace[1]] = k
+                past_v[:, :, replace[0] : replace[1]] = v
                 k, v = past_k, past_v
             else:
                 k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -85,8 +85,21 @@ def _embed(model, x, embeds):
 
 
 @torch.no_grad()
-def llada_cached(model, prompt, *, steps, gen_length, block_length, temperature=0.0, remasking="low_confidence",
-                 mask_id, threshold=None, dual=False, soft_mask=None, generator=None):
+def llada_cached(
+    model,
+    prompt,
+    *,
+    steps,
+    gen_length,
+    block_length,
+    temperature=0.0,
+    remasking="low_confidence",
+    mask_id,
+    threshold=None,
+    dual=False,
+    soft_mask=None,
+    generator=None,
+):
     """Fast-dLLM's ``generate_with_prefix_cache`` (``dual=False``) or ``generate_with_dual_cache``."""
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long)
@@ -110,7 +123,7 @@ def llada_cached(model, prompt, *, steps, gen_length, block_length, temperature=
             """Unmask in the block from ``logits`` ``[B, Q, V]`` of the positions ``first ..``."""
             nonlocal embeds
             gumbel, scores = draw_noise((batch, block_length), vocab, temperature, remasking, generator)
-            block_logits = logits[:, start - first:end - first]
+            block_logits = logits[:, start - first : end - first]
             x0 = gumbel_argmax(block_logits, temperature, gumbel)
             if remasking == "low_confidence":
                 x0_p = torch.softmax(block_logits.to(torch.float64), -1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
@@ -121,7 +134,7 @@ def llada_cached(model, prompt, *, steps, gen_length, block_length, temperature=
             x[:, start:end][transfer] = x0[transfer]
             if soft_mask is not None:
                 full = torch.zeros(batch, x.shape[1], vocab, dtype=logits.dtype)
-                full[:, first:first + logits.shape[1]] = logits
+                full[:, first : first + logits.shape[1]] = logits
                 embeds = block_soft_embeddings(model, x, full, start, end, mask_id, soft_mask, block_initial)
 
         logits, past = cached_forward(model, _embed(model, x, embeds), 0)
@@ -142,9 +155,25 @@ def llada_cached(model, prompt, *, steps, gen_length, block_length, temperature=
 
 
 @torch.no_grad()
-def dream_blocks(model, prompt, *, steps, max_new_tokens, block_length, cache, temperature=0.0, top_p=None,
-                 top_k=None, alg="entropy", alg_temp=None, eps=1e-3, threshold=None, compat=True, soft_mask=None,
-                 generator=None):
+def dream_blocks(
+    model,
+    prompt,
+    *,
+    steps,
+    max_new_tokens,
+    block_length,
+    cache,
+    temperature=0.0,
+    top_p=None,
+    top_k=None,
+    alg="entropy",
+    alg_temp=None,
+    eps=1e-3,
+    threshold=None,
+    compat=True,
+    soft_mask=None,
+    generator=None,
+):
     """Fast-dLLM's Dream ``_sample`` (``cache`` "prefix" or "dual", ``compat=True``), or the engine's block-wise
     Dream decoding (``compat=False``; ``cache`` "none", "prefix" or "dual")."""
     mask_id = model.config.mask_token_id
@@ -194,18 +223,22 @@ def dream_blocks(model, prompt, *, steps, max_new_tokens, block_length, cache, t
                     chosen = ranked[:1] + [j for j in ranked[1:] if proposals[j][1] >= threshold]
                 else:
                     t, s = timesteps[i], timesteps[i + 1]
-                    number = int(torch.tensor(float(len(positions))) * (1 - s / t)) if i < steps_per_block - 1 \
+                    number = (
+                        int(torch.tensor(float(len(positions))) * (1 - s / t))
+                        if i < steps_per_block - 1
                         else len(positions)
+                    )
                     score = {j: proposals[j][1] for j in positions}
                     if alg_temp:
-                        score = {j: float(torch.tensor(c) / alg_temp + select_noise[b, j - start])
-                                 for j, c in score.items()}
+                        score = {
+                            j: float(torch.tensor(c) / alg_temp + select_noise[b, j - start]) for j, c in score.items()
+                        }
                     chosen = sorted(positions, key=lambda j: (-score[j], j))[:number]
                 for j in chosen:
                     x[b, j] = proposals[j][0]
             if soft_mask is not None:
                 full = torch.zeros(batch, x.shape[1], shifted.shape[-1], dtype=shifted.dtype)
-                full[:, first:first + shifted.shape[1]] = shifted
+                full[:, first : first + shifted.shape[1]] = shifted
                 embeds = block_soft_embeddings(model, x, full, start, end, mask_id, soft_mask, block_initial)
 
         def shift(logits):
@@ -227,4 +260,3 @@ def dream_blocks(model, prompt, *, steps, max_new_tokens, block_length, cache, t
             if threshold is not None and not bool((x[:, start:end] == mask_id).any()):
                 break
     return x
-

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from _training_helpers import random_examples, tiny_model
+
 from softmask_ext import SoftMask
 from softmask_ext.finetune import main as finetune
 from softmask_ext.training import AdapterConfig, DistEnv, TrainConfig, Trainer, init_distributed
@@ -26,22 +26,64 @@ STEPS = 3
 
 def cli_args(model: Path, data: Path, out: Path, name: str) -> list[str]:
     """Full fine-tuning with gradient checkpointing through the CLI (add --grad-accum)."""
-    return ["--model", str(model), "--data", str(data), "--val-data", str(data), "--output-dir", str(out),
-            "--name", name, "--max-steps", str(STEPS), "--batch-size", "2", "--lr", "3e-3", "--sm-lr", "0.1",
-            "--sm-prob", "0.5", "--eval-batches", "3", "--max-length", "128", "--device", "cpu", "--full",
-            "--gradient-checkpointing"]
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--val-data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--name",
+        name,
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--sm-lr",
+        "0.1",
+        "--sm-prob",
+        "0.5",
+        "--eval-batches",
+        "3",
+        "--max-length",
+        "128",
+        "--device",
+        "cpu",
+        "--full",
+        "--gradient-checkpointing",
+    ]
 
 
 def config(run_dir: Path, **overrides) -> TrainConfig:
     """Per-process batch 2; one process uses grad_accum=2 to see the same global batch as two processes."""
-    fields = dict(run_dir=str(run_dir), max_steps=STEPS, batch_size=2, grad_accum=1, lr=3e-3, sm_lr=0.1,
-                  sm_prob=0.5, seed=3, eval_batches=5)
+    fields = dict(
+        run_dir=str(run_dir),
+        max_steps=STEPS,
+        batch_size=2,
+        grad_accum=1,
+        lr=3e-3,
+        sm_lr=0.1,
+        sm_prob=0.5,
+        seed=3,
+        eval_batches=5,
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
 def trainer(run_dir: Path, env: DistEnv | None = None, **overrides) -> Trainer:
-    return Trainer(tiny_model(), DATA, config(run_dir, **overrides), val_data=VAL, device="cpu", env=env,
-                   soft_mask=SoftMask(k=1, scale=0.3, centre=-6.0, steepness=1.0))
+    return Trainer(
+        tiny_model(),
+        DATA,
+        config(run_dir, **overrides),
+        val_data=VAL,
+        device="cpu",
+        env=env,
+        soft_mask=SoftMask(k=1, scale=0.3, centre=-6.0, steepness=1.0),
+    )
 
 
 def resume_case(out: Path, env: DistEnv, name: str, adapter: AdapterConfig) -> None:

@@ -81,9 +81,22 @@ def block_soft_embeddings(model, x, logits, start, end, mask_id, soft_mask, bloc
 
 
 @torch.no_grad()
-def llada_generate(model, prompt, attention_mask=None, *, steps, gen_length, block_length, temperature=0.0,
-                   cfg_scale=0.0, remasking="low_confidence", mask_id, threshold=None, soft_mask=None,
-                   generator=None):
+def llada_generate(
+    model,
+    prompt,
+    attention_mask=None,
+    *,
+    steps,
+    gen_length,
+    block_length,
+    temperature=0.0,
+    cfg_scale=0.0,
+    remasking="low_confidence",
+    mask_id,
+    threshold=None,
+    soft_mask=None,
+    generator=None,
+):
     """LLaDA's ``generate`` (and Fast-dLLM's, with ``threshold``): returns the canvas ``[B, P + gen_length]``."""
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long)

@@ -28,7 +28,7 @@ def _layer_norm(x, weight):
 
 
 def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -42,8 +42,11 @@ def dit_logits(state, config, x=None, embeds=None):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     sigma = torch.zeros(B)
     t_freq = torch.cat([torch.cos(sigma[:, None] * freqs), torch.sin(sigma[:, None] * freqs)], -1)
-    c = F.linear(F.silu(F.linear(t_freq, s["sigma_map.mlp.0.weight"], s["sigma_map.mlp.0.bias"])),
-                 s["sigma_map.mlp.2.weight"], s["sigma_map.mlp.2.bias"])
+    c = F.linear(
+        F.silu(F.linear(t_freq, s["sigma_map.mlp.0.weight"], s["sigma_map.mlp.0.bias"])),
+        s["sigma_map.mlp.2.weight"],
+        s["sigma_map.mlp.2.bias"],
+    )
     c = F.silu(c)
     hd = D // H
     inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
@@ -64,11 +67,15 @@ def dit_logits(state, config, x=None, embeds=None):
         y = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, T, D)
         h = skip + gate_msa * F.linear(y, s[p + "attn_out.weight"])
         y = _layer_norm(h, s[p + "norm2.weight"]) * (1 + scale_mlp) + shift_mlp
-        y = F.linear(F.gelu(F.linear(y, s[p + "mlp.0.weight"], s[p + "mlp.0.bias"]), approximate="tanh"),
-                     s[p + "mlp.2.weight"], s[p + "mlp.2.bias"])
+        y = F.linear(
+            F.gelu(F.linear(y, s[p + "mlp.0.weight"], s[p + "mlp.0.bias"]), approximate="tanh"),
+            s[p + "mlp.2.weight"],
+            s[p + "mlp.2.bias"],
+        )
         h = h + gate_mlp * y
-    shift, scale = F.linear(c, s["output_layer.adaLN_modulation.weight"],
-                            s["output_layer.adaLN_modulation.bias"])[:, None].chunk(2, dim=2)
+    shift, scale = F.linear(c, s["output_layer.adaLN_modulation.weight"], s["output_layer.adaLN_modulation.bias"])[
+        :, None
+    ].chunk(2, dim=2)
     h = _layer_norm(h, s["output_layer.norm_final.weight"]) * (1 + scale) + shift
     logits = F.linear(h, s["output_layer.linear.weight"], s["output_layer.linear.bias"])
     logits[:, :, config.mask_token_id] += NEG_INF
@@ -107,8 +114,23 @@ def _categorical(probs, generator):
     return (probs / gumbel_norm).argmax(dim=-1)
 
 
-def sample(backbone, x, mask_index, *, steps, sampler="mdlm", eps=1e-5, eta=0.0, t_on=0.55, t_off=0.05,
-           alpha_on=0.9, p_nucleus=1.0, head=None, table=None, generator=None):
+def sample(
+    backbone,
+    x,
+    mask_index,
+    *,
+    steps,
+    sampler="mdlm",
+    eps=1e-5,
+    eta=0.0,
+    t_on=0.55,
+    t_off=0.05,
+    alpha_on=0.9,
+    p_nucleus=1.0,
+    head=None,
+    table=None,
+    generator=None,
+):
     """The reference loop. ``backbone(x=..., embeds=...) -> logits`` [B, T, V] (mask class already at -1e6)."""
 
     def forward(x, log_p_prev):
@@ -161,11 +183,14 @@ def sample(backbone, x, mask_index, *, steps, sampler="mdlm", eps=1e-5, eta=0.0,
         else:
             time = t[0].item()
             if time > t_on:
-                xs = ancestral((1 - (1 - t) * alpha_on / (1 - t_on))[:, None, None],
-                               (1 - (1 - t + dt) * alpha_on / (1 - t_on))[:, None, None])
+                xs = ancestral(
+                    (1 - (1 - t) * alpha_on / (1 - t_on))[:, None, None],
+                    (1 - (1 - t + dt) * alpha_on / (1 - t_on))[:, None, None],
+                )
             elif time <= t_off:
-                xs = ancestral((t * (1 - alpha_on) / t_off)[:, None, None],
-                               ((t - dt) * (1 - alpha_on) / t_off)[:, None, None])
+                xs = ancestral(
+                    (t * (1 - alpha_on) / t_off)[:, None, None], ((t - dt) * (1 - alpha_on) / t_off)[:, None, None]
+                )
             else:
                 xs = remask(alpha_on, alpha_on, eta)
         p_x0_cache = p_x0 if torch.equal(xs, x) else None

@@ -21,9 +21,20 @@ CODE = [
 
 
 def tiny_config(vocab_size: int = 64, **overrides) -> DreamConfig:
-    fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-                  mask_token_id=MASK_ID, pad_token_id=PAD_ID, eos_token_id=PAD_ID, bos_token_id=PAD_ID)
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        mask_token_id=MASK_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=PAD_ID,
+        bos_token_id=PAD_ID,
+    )
     return DreamConfig(**{**fields, **overrides})
 
 
@@ -48,7 +59,8 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
     """A complete checkpoint folder: a BPE tokenizer trained on a few lines of code and a random tiny model."""
     ids = save_tokenizer(train_tokenizer(CODE, vocab_size=300), path, model_max_length=256)
     torch.manual_seed(seed)
-    config = tiny_config(vocab_size=300, mask_token_id=ids.mask, pad_token_id=ids.pad, eos_token_id=ids.eos,
-                         bos_token_id=ids.bos)
+    config = tiny_config(
+        vocab_size=300, mask_token_id=ids.mask, pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos
+    )
     DreamModel(config).save_pretrained(path)
     return path

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _training_helpers import make_model_dir
+
 from softmask_ext import evaluate, generate
 from softmask_ext.model import DreamModel
 from softmask_ext.training import AdapterConfig, apply_adapters
@@ -22,8 +22,9 @@ def base_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("base"))
 
 
-def write_adapters(base_dir: Path, path: Path, kind: str,
-                   targets: tuple[str, ...] = AdapterConfig().targets) -> torch.Tensor:
+def write_adapters(
+    base_dir: Path, path: Path, kind: str, targets: tuple[str, ...] = AdapterConfig().targets
+) -> torch.Tensor:
     """Adapters with non-zero weights on ``base_dir``, saved as fine-tuning saves them (plus the tokenizer, as a run's
     final folder has it); returns the logits of the unmerged adapter model on ``IDS``."""
     config = AdapterConfig(kind=kind, rank=4, alpha=8.0, targets=targets)
@@ -98,11 +99,40 @@ def test_bad_adapter_folders(base_dir, tmp_path):
 def test_clis_take_an_adapter_folder(base_dir, tmp_path, capsys):
     adapters = tmp_path / "final"
     write_adapters(base_dir, adapters, "dora")
-    generate.main(["--model", str(adapters), "--prompt", "def f(x):", "--max-new-tokens", "8", "--steps", "4",
-                   "--temperature", "0", "--device", "cpu", "--no-chat-template"])
+    generate.main(
+        [
+            "--model",
+            str(adapters),
+            "--prompt",
+            "def f(x):",
+            "--max-new-tokens",
+            "8",
+            "--steps",
+            "4",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+            "--no-chat-template",
+        ]
+    )
     assert capsys.readouterr().out.strip()
-    report = evaluate.main(["--model", str(adapters), "--task", "elbo", "--limit", "2", "--num-samples", "2",
-                            "--out", str(tmp_path / "eval"), "--soft-mask", "none"])
+    report = evaluate.main(
+        [
+            "--model",
+            str(adapters),
+            "--task",
+            "elbo",
+            "--limit",
+            "2",
+            "--num-samples",
+            "2",
+            "--out",
+            str(tmp_path / "eval"),
+            "--soft-mask",
+            "none",
+        ]
+    )
     assert report["results"]["binary"]["nll_bound"] > 0
     with pytest.raises(SystemExit, match="error: the adapters in .* belong to the base model"):
         evaluate.main(["--model", str(adapters), "--task", "elbo", "--base-model", str(tmp_path / "nowhere")])

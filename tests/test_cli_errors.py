@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _training_helpers import CODE, make_model_dir
+
 from softmask_ext import evaluate, finetune, generate
 from softmask_ext.cli_errors import user_errors
 from softmask_ext.model.file_checks import CorruptWeightsError, check_safetensors_file
@@ -34,8 +34,9 @@ def broken_model(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Show code {i}.", "response": code}) + "\n"
-                            for i, code in enumerate(CODE)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Show code {i}.", "response": code}) + "\n" for i, code in enumerate(CODE))
+    )
     return path
 
 
@@ -47,16 +48,21 @@ def test_truncated_weights_are_named_by_every_cli(broken_model, data_file, tmp_p
     with pytest.raises(SystemExit, match=f"{weights}: truncated safetensors file"):
         generate.main(["--model", str(broken_model), "--prompt", "x", "--device", "cpu"])
     with pytest.raises(SystemExit, match=f"{weights}: truncated safetensors file"):
-        evaluate.main(["--model", str(broken_model), "--task", "elbo", "--out", str(tmp_path / "eval"),
-                       "--device", "cpu"])
+        evaluate.main(
+            ["--model", str(broken_model), "--task", "elbo", "--out", str(tmp_path / "eval"), "--device", "cpu"]
+        )
     with pytest.raises(CorruptWeightsError):  # --debug: the exception itself, with its traceback
         generate.main(["--model", str(broken_model), "--prompt", "x", "--device", "cpu", "--debug"])
 
 
 def test_weight_file_checks(model_dir, tmp_path):
     check_safetensors_file(model_dir / "model.safetensors")
-    cases = {b"": "no header", (10**9).to_bytes(8, "little") + b"{}": "header of", (2).to_bytes(8, "little") + b"[x":
-             "not JSON", (model_dir / "model.safetensors").read_bytes() + b"junk": "after the last tensor"}
+    cases = {
+        b"": "no header",
+        (10**9).to_bytes(8, "little") + b"{}": "header of",
+        (2).to_bytes(8, "little") + b"[x": "not JSON",
+        (model_dir / "model.safetensors").read_bytes() + b"junk": "after the last tensor",
+    }
     for i, (content, message) in enumerate(cases.items()):
         path = tmp_path / f"w{i}.safetensors"
         path.write_bytes(content)
@@ -76,32 +82,67 @@ def test_an_unwritable_output_folder_is_reported_before_loading(broken_model, da
 
 def test_no_room_for_the_checkpoints_is_reported_before_loading(model_dir, data_file, tmp_path):
     with pytest.raises(SystemExit, match=r"no space left for this run: .* checkpoints .*MiB free"):
-        finetune.main(["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(tmp_path),
-                       "--keep-checkpoints", str(10**12)])
+        finetune.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data_file),
+                "--output-dir",
+                str(tmp_path),
+                "--keep-checkpoints",
+                str(10**12),
+            ]
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_says_no_space_left():
     # /dev/full is the kernel's always-full device: a real ENOSPC.
-    with pytest.raises(SystemExit, match="no space left on device.*continue with --resume"), user_errors(), \
-            open("/dev/full", "w") as f:
+    with (
+        pytest.raises(SystemExit, match="no space left on device.*continue with --resume"),
+        user_errors(),
+        open("/dev/full", "w") as f,
+    ):
         f.write("x")
         f.flush()
 
 
 def test_max_length_beyond_the_models_positions(model_dir, data_file, tmp_path):
     with pytest.raises(SystemExit, match="--max-length 100000 exceeds the 256 positions"):
-        finetune.main(["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(tmp_path),
-                       "--max-length", "100000"])
+        finetune.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data_file),
+                "--output-dir",
+                str(tmp_path),
+                "--max-length",
+                "100000",
+            ]
+        )
     with pytest.raises(SystemExit, match="--max-length 100000 exceeds the 256 positions"):
-        evaluate.main(["--model", str(model_dir), "--task", "elbo", "--max-length", "100000",
-                       "--out", str(tmp_path / "eval")])
+        evaluate.main(
+            ["--model", str(model_dir), "--task", "elbo", "--max-length", "100000", "--out", str(tmp_path / "eval")]
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_data_missing_or_malformed(model_dir, tmp_path):
-    common = ["--model", str(model_dir), "--task", "elbo", "--out", str(tmp_path / "eval"), "--device", "cpu",
-              "--quiet", "--max-length", "64"]
+    common = [
+        "--model",
+        str(model_dir),
+        "--task",
+        "elbo",
+        "--out",
+        str(tmp_path / "eval"),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--max-length",
+        "64",
+    ]
     with pytest.raises(SystemExit, match="data file not found: .*missing.jsonl"):
         evaluate.main([*common, "--data", str(tmp_path / "missing.jsonl")])
     bad = tmp_path / "bad.jsonl"
@@ -141,9 +182,25 @@ def test_evaluation_results_go_to_a_folder_per_model_and_task(model_dir, tmp_pat
     shutil.copytree(model_dir, final)
     assert evaluate.model_label(final) == "my-run-final"
     assert evaluate.model_label(tmp_path / "runs" / "my-run" / "checkpoints" / "step-00000060" / "model") == (
-        "my-run-checkpoints-step-00000060-model")
+        "my-run-checkpoints-step-00000060-model"
+    )
     assert evaluate.model_label(model_dir) == Path(model_dir).name
     monkeypatch.chdir(tmp_path)
-    evaluate.main(["--model", str(final), "--task", "elbo", "--limit", "1", "--num-samples", "2",
-                   "--max-length", "64", "--device", "cpu", "--quiet"])
+    evaluate.main(
+        [
+            "--model",
+            str(final),
+            "--task",
+            "elbo",
+            "--limit",
+            "1",
+            "--num-samples",
+            "2",
+            "--max-length",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert (tmp_path / "runs" / "eval" / "my-run-final" / "elbo" / "elbo.json").is_file()

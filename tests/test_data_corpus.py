@@ -1,4 +1,5 @@
 """The standard-library corpus: what is in it, and a split that never moves."""
+
 import ast
 import hashlib
 
@@ -42,9 +43,18 @@ def test_corpus_excludes_tests_apps_and_generated_files(modules):
 
 
 def test_listing_rules_on_a_made_up_library(tmp_path):
-    for relative in ("a.py", "pkg/__init__.py", "pkg/mod.py", "pkg/tests/test_mod.py", "test/test_a.py",
-                     "site-packages/dep.py", "idlelib/run.py", "config-3.11-x86_64/makesetup.py",
-                     "_sysconfigdata__linux.py", "notes.txt"):
+    for relative in (
+        "a.py",
+        "pkg/__init__.py",
+        "pkg/mod.py",
+        "pkg/tests/test_mod.py",
+        "test/test_a.py",
+        "site-packages/dep.py",
+        "idlelib/run.py",
+        "config-3.11-x86_64/makesetup.py",
+        "_sysconfigdata__linux.py",
+        "notes.txt",
+    ):
         path = tmp_path / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x = 1\n")

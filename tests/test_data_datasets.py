@@ -1,4 +1,5 @@
 """Loading training files: every format, the prompt mask, length filtering, packing, errors, batching and order."""
+
 import json
 from pathlib import Path
 
@@ -28,13 +29,21 @@ from softmask_ext.model.tokenizer import load_tokenizer
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 CHAT = [
-    {"messages": [{"role": "user", "content": "Add two numbers."},
-                  {"role": "assistant", "content": "def add(a, b):\n    return a + b\n"}]},
-    {"messages": [{"role": "system", "content": "Code only."},
-                  {"role": "user", "content": "Square."},
-                  {"role": "assistant", "content": "lambda x: x * x"},
-                  {"role": "user", "content": "Cube?"},
-                  {"role": "assistant", "content": "lambda x: x ** 3"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Add two numbers."},
+            {"role": "assistant", "content": "def add(a, b):\n    return a + b\n"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Code only."},
+            {"role": "user", "content": "Square."},
+            {"role": "assistant", "content": "lambda x: x * x"},
+            {"role": "user", "content": "Cube?"},
+            {"role": "assistant", "content": "lambda x: x ** 3"},
+        ]
+    },
 ]
 
 
@@ -75,8 +84,12 @@ def test_chat_prompt_mask_covers_everything_but_the_responses(tokenizer, tmp_pat
 
 def test_prompt_response_equals_the_two_turn_chat(tokenizer, tmp_path):
     record = {"prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b\n"}
-    as_chat = {"messages": [{"role": "user", "content": record["prompt"]},
-                            {"role": "assistant", "content": record["response"]}]}
+    as_chat = {
+        "messages": [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
+    }
     from_columns, from_chat = load_dataset(write_jsonl(tmp_path / "d.jsonl", [record, as_chat]), tokenizer, 512)
     assert torch.equal(from_columns.input_ids, from_chat.input_ids)
     assert torch.equal(from_columns.prompt_mask, from_chat.prompt_mask)
@@ -92,15 +105,17 @@ def test_without_a_chat_template_prompt_and_response_are_joined_raw(tokenizer):
         def encode(self, text, add_special_tokens=False):
             return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    example = tokenize_conversation(Plain(), [{"role": "user", "content": "Q: 2+2?"},
-                                              {"role": "assistant", "content": " A: 4"}])
+    example = tokenize_conversation(
+        Plain(), [{"role": "user", "content": "Q: 2+2?"}, {"role": "assistant", "content": " A: 4"}]
+    )
     response, prompt = responses_and_prompt(tokenizer, example)
     assert (prompt, response) == ("Q: 2+2?", " A: 4<|endoftext|>")
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(tokenizer, "chat_template",
-                        "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(
+        tokenizer, "chat_template", "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(ValueError, match="prefix-consistently"):
         load_dataset(write_jsonl(tmp_path / "d.jsonl", CHAT[:1]), tokenizer, 256)
 
@@ -114,8 +129,10 @@ def test_jsonl_json_and_parquet_give_the_same_examples(tokenizer, tmp_path):
     pq.write_table(pa.Table.from_pylist(records), parquet)
     loaded = [load_dataset(path, tokenizer, 256) for path in (jsonl, as_json, parquet)]
     for other in loaded[1:]:
-        assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.prompt_mask, b.prompt_mask)
-                   for a, b in zip(loaded[0], other))
+        assert all(
+            torch.equal(a.input_ids, b.input_ids) and torch.equal(a.prompt_mask, b.prompt_mask)
+            for a, b in zip(loaded[0], other)
+        )
 
 
 def test_parquet_chat_records(tokenizer, tmp_path):
@@ -153,7 +170,7 @@ def test_packing_joins_documents_with_eos_and_drops_the_tail(tokenizer):
     dataset = pack_texts(docs, tokenizer, 5)
     blocks = torch.stack([e.input_ids for e in dataset])
     assert blocks.shape == (len(stream) // 5, 5)
-    assert blocks.flatten().tolist() == stream[:blocks.numel()]
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
     assert dataset.report.n_tokens_dropped == len(stream) % 5
     assert not any(e.prompt_mask.any() for e in dataset)
     with pytest.raises(DataFormatError, match="fewer than one block"):
@@ -192,18 +209,21 @@ def test_everything_too_long_is_an_error(tokenizer, tmp_path):
 # ------------------------------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "p", "response": ', "not valid JSON"),
-    ('["a", "b"]', "expected a JSON object, got list"),
-    ('{"prompt": "p", "response": 3}', "field 'response' must be a string"),
-    ('{"prompt": "p", "response": "  "}', "field 'response' is empty"),
-    ('{"question": "p"}', "none of the fields"),
-    ('{"messages": []}', "non-empty list"),
-    ('{"messages": [{"role": "user"}]}', r"messages\[0\].content must be a string"),
-    ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant message"),
-    ('{"messages": [{"role": "assistant", "content": "a"}]}', "starts with an assistant message"),
-    ('{"text": "a text among chat records"}', "text record among"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "p", "response": ', "not valid JSON"),
+        ('["a", "b"]', "expected a JSON object, got list"),
+        ('{"prompt": "p", "response": 3}', "field 'response' must be a string"),
+        ('{"prompt": "p", "response": "  "}', "field 'response' is empty"),
+        ('{"question": "p"}', "none of the fields"),
+        ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "user"}]}', r"messages\[0\].content must be a string"),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant message"),
+        ('{"messages": [{"role": "assistant", "content": "a"}]}', "starts with an assistant message"),
+        ('{"text": "a text among chat records"}', "text record among"),
+    ],
+)
 def test_malformed_jsonl_line_names_file_and_line(tokenizer, tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     good = json.dumps(CHAT[0])
@@ -225,8 +245,7 @@ def test_malformed_json_array_and_parquet_records_are_numbered(tokenizer, tmp_pa
     with pytest.raises(DataFormatError, match="expected a JSON array"):
         load_dataset(as_json, tokenizer, 256)
     parquet = tmp_path / "d.parquet"
-    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}, {"prompt": "p", "response": None}]),
-                   parquet)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}, {"prompt": "p", "response": None}]), parquet)
     with pytest.raises(DataFormatError, match=f"{parquet}, record 2: field 'response' must be a string"):
         load_dataset(parquet, tokenizer, 256)
     parquet.write_bytes(b"not parquet")
@@ -292,8 +311,10 @@ def test_collate_pads_on_the_right():
         collate([], 0)
 
 
-@given(st.lists(st.lists(st.tuples(st.integers(1, 99), st.booleans()), min_size=1, max_size=12), min_size=1,
-                max_size=6), st.integers(0, 4))
+@given(
+    st.lists(st.lists(st.tuples(st.integers(1, 99), st.booleans()), min_size=1, max_size=12), min_size=1, max_size=6),
+    st.integers(0, 4),
+)
 def test_collate_keeps_every_example_intact(rows, extra):
     examples = [example([i for i, _ in row], [p for _, p in row]) for row in rows]
     length = max(map(len, rows)) + extra

@@ -43,8 +43,13 @@ def test_huge_records_take_bounded_memory(tmp_path):
     text = tmp_path / "text.txt"
     line = "def f(x):\n    return x + 1\n"
     text.write_text(line * ((4 << 20) // len(line)))
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(SHIPPED_MODEL), str(chat), str(text)], check=True,
-                         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(SHIPPED_MODEL), str(chat), str(text)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["dropped"] == 1 and result["blocks"] > 1000
     assert result["peak_growth_mb"] < 500, result

@@ -1,4 +1,5 @@
 """The byte-level BPE tokenizer trained on the corpus: exact round trips, fixed special ids, loadable files."""
+
 import json
 
 import pytest
@@ -75,13 +76,20 @@ def test_vocab_too_small_is_rejected():
 
 def test_saved_files_load_with_transformers_and_our_loader(saved):
     out, ids = saved
-    assert sorted(p.name for p in out.iterdir()) == ["special_tokens_map.json", "tokenizer.json",
-                                                      "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE and config["model_max_length"] == 512
     for tokenizer in (PreTrainedTokenizerFast.from_pretrained(out), load_tokenizer(out)):
-        assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id, tokenizer.bos_token_id) == \
-            (ids.eos, ids.pad, ids.mask, ids.bos)
+        assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id, tokenizer.bos_token_id) == (
+            ids.eos,
+            ids.pad,
+            ids.mask,
+            ids.bos,
+        )
         assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [ids.im_start, ids.im_end]
         assert tokenizer.model_max_length == 512
         encoded = tokenizer.encode(CODE)
@@ -91,8 +99,7 @@ def test_saved_files_load_with_transformers_and_our_loader(saved):
 
 
 def test_stdlib_tokenizer_is_trained_and_saved_in_one_call(tmp_path):
-    ids = train_stdlib_tokenizer(tmp_path, vocab_size=300, max_chars=50_000, model_max_length=128,
-                                 show_progress=False)
+    ids = train_stdlib_tokenizer(tmp_path, vocab_size=300, max_chars=50_000, model_max_length=128, show_progress=False)
     assert ids.mask == 1 and load_tokenizer(tmp_path).model_max_length == 128
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["special_token_ids"] == {"eos": 0, "pad": 0, "mask": 1, "im_start": 2, "im_end": 3, "bos": 4}
@@ -102,7 +109,9 @@ def test_chat_template_is_chatml_with_a_default_system_turn(loaded):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "def f(): pass"}]
     assert loaded.apply_chat_template(chat, tokenize=False) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-        "<|im_start|>assistant\ndef f(): pass<|im_end|>\n")
+        "<|im_start|>assistant\ndef f(): pass<|im_end|>\n"
+    )
     with_system = [{"role": "system", "content": "Be brief."}, chat[0]]
     assert loaded.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )

@@ -1,13 +1,14 @@
-"""Decoding parity: the engine against the oracle (Dream's algorithm, the paper's dense soft-masking), token for token."""
+"""Decoding parity: the engine against the oracle (Dream's algorithm, the paper's dense soft-masking), token for
+token."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _decoding_oracle import oracle_generate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _decoding_oracle import oracle_generate
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.decoding import ALGS, diffusion_generate
 
@@ -16,9 +17,17 @@ MASK = 96
 
 def tiny_model(vocab: int = 97, seed: int = 0) -> DreamModel:
     config = DreamConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, mask_token_id=vocab - 1, pad_token_id=0,
-        eos_token_id=0, bos_token_id=0,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        mask_token_id=vocab - 1,
+        pad_token_id=0,
+        eos_token_id=0,
+        bos_token_id=0,
     )
     torch.manual_seed(seed)
     model = DreamModel(config).eval()
@@ -51,8 +60,13 @@ def both(model, ids, mask=None, *, seed=None, soft_mask=None, **kw):
     gen_b = torch.Generator().manual_seed(seed) if seed is not None else None
     ours = diffusion_generate(model, ids, mask, generator=gen_a, soft_mask=soft_mask, **kw)
     theirs, _ = oracle_generate(
-        model, ids, mask, mask_token_id=model.config.mask_token_id, generator=gen_b,
-        soft_mask=SoftMask.from_any(soft_mask), **kw,
+        model,
+        ids,
+        mask,
+        mask_token_id=model.config.mask_token_id,
+        generator=gen_b,
+        soft_mask=SoftMask.from_any(soft_mask),
+        **kw,
     )
     return ours, theirs
 
@@ -65,8 +79,9 @@ def test_binary_greedy_matches_reference(model, alg):
 
 @pytest.mark.parametrize("alg", ALGS)
 def test_binary_sampling_matches_reference_with_shared_noise(model, alg):
-    ours, theirs = both(model, prompts(), max_new_tokens=10, steps=4, alg=alg, temperature=0.8, top_p=0.9,
-                        top_k=20, seed=11)
+    ours, theirs = both(
+        model, prompts(), max_new_tokens=10, steps=4, alg=alg, temperature=0.8, top_p=0.9, top_k=20, seed=11
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -81,8 +96,12 @@ SOFT_MASKS = [
     {"transparency_scale": 0.9, "transparency_centre": -3.5, "transparency_steepness": 2.0},
     {"transparency_scale": 0.7, "transparency_centre": -3.0, "mixinputs_k": 3, "transparency_scheduling": "linear"},
     {"transparency_scale": 0.8, "transparency_centre": -4.0, "mixinputs_k": 2, "transparency_scheduling": "stepwise"},
-    {"transparency_alg": "mixinputs_with_temp", "transparency_scale": 0.6, "transparency_centre": -3.5,
-     "mixture_temp": 0.7},
+    {
+        "transparency_alg": "mixinputs_with_temp",
+        "transparency_scale": 0.6,
+        "transparency_centre": -3.5,
+        "mixture_temp": 0.7,
+    },
 ]
 
 
@@ -102,8 +121,17 @@ def test_soft_masking_changes_the_decoding(model):
 
 
 def test_soft_masking_with_sampling_matches_reference(model):
-    ours, theirs = both(model, prompts(), max_new_tokens=10, steps=5, alg="entropy", temperature=0.5,
-                        top_p=0.95, seed=4, soft_mask=SOFT_MASKS[1])
+    ours, theirs = both(
+        model,
+        prompts(),
+        max_new_tokens=10,
+        steps=5,
+        alg="entropy",
+        temperature=0.5,
+        top_p=0.95,
+        seed=4,
+        soft_mask=SOFT_MASKS[1],
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -121,8 +149,9 @@ def test_soft_masking_with_sampling_matches_reference(model):
     prompt_masks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5)), max_size=4),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference_property(model, alg, batch, prompt_len, length, steps_frac, temperature, top_p, top_k,
-                                     sm, prompt_masks, seed):
+def test_matches_reference_property(
+    model, alg, batch, prompt_len, length, steps_frac, temperature, top_p, top_k, sm, prompt_masks, seed
+):
     ids = prompts(batch, prompt_len, seed=seed)
     # Mask tokens inside the prompts are decoded too (position 0 included). The last prompt token stays real: a
     # canvas of masks only makes near-equal predictions at every position, whose order fp rounding decides.
@@ -132,8 +161,18 @@ def test_matches_reference_property(model, alg, batch, prompt_len, length, steps
     if fewest == 0:
         length = fewest = 1
     steps = max(1, round(steps_frac * fewest))
-    ours, theirs = both(model, ids, max_new_tokens=length, steps=steps, alg=alg, temperature=temperature,
-                        top_p=top_p, top_k=top_k, seed=seed, soft_mask=sm)
+    ours, theirs = both(
+        model,
+        ids,
+        max_new_tokens=length,
+        steps=steps,
+        alg=alg,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        soft_mask=sm,
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -153,7 +192,7 @@ def test_batch_equals_each_prompt_alone(model, alg, sm):
     for b in range(ids.shape[0]):
         real = mask[b].bool()
         alone = diffusion_generate(model, ids[b : b + 1, real], **kw)
-        assert torch.equal(batched[b, ids.shape[1]:], alone[0, int(real.sum()):])
+        assert torch.equal(batched[b, ids.shape[1] :], alone[0, int(real.sum()) :])
 
 
 def infill_prompts() -> torch.Tensor:
@@ -170,11 +209,12 @@ def infill_prompts() -> torch.Tensor:
 @pytest.mark.parametrize("alg", ALGS)
 def test_prompt_masks_match_reference(model, alg, sm, new_tokens):
     ids, mask = infill_prompts()
-    ours, theirs = both(model, ids, mask, max_new_tokens=new_tokens, steps=2, alg=alg, seed=6, soft_mask=sm,
-                        temperature=0.5)
+    ours, theirs = both(
+        model, ids, mask, max_new_tokens=new_tokens, steps=2, alg=alg, seed=6, soft_mask=sm, temperature=0.5
+    )
     assert torch.equal(ours, theirs)
     known = ids != MASK
-    assert torch.equal(ours[:, :ids.shape[1]][known], ids[known])
+    assert torch.equal(ours[:, : ids.shape[1]][known], ids[known])
 
 
 @pytest.mark.parametrize("new_tokens", [0, 2])
@@ -183,8 +223,9 @@ def test_rows_with_fewer_masks_than_steps_match_reference(model, new_tokens):
     ids = prompts(3, 6, seed=9)
     ids[0, 1:5] = MASK
     ids[1, 2] = MASK
-    ours, theirs = both(model, ids, max_new_tokens=new_tokens, steps=4 + new_tokens, alg="entropy", seed=1,
-                        soft_mask=SOFT_MASKS[1])
+    ours, theirs = both(
+        model, ids, max_new_tokens=new_tokens, steps=4 + new_tokens, alg="entropy", seed=1, soft_mask=SOFT_MASKS[1]
+    )
     assert torch.equal(ours, theirs)
     assert torch.equal(ours[2, :6], ids[2])
 
@@ -204,8 +245,9 @@ def test_prompt_masks_decode_as_a_suffix_placed_by_a_tokens_hook(model, sm):
 
     kw = dict(steps=4, alg="entropy", temperature=0.7, seed=3, soft_mask=sm)
     native = diffusion_generate(model, ids, mask, max_new_tokens=0, **kw)
-    hooked = diffusion_generate(model, prefix, mask[:, :-7], max_new_tokens=7, generation_tokens_hook_func=place_suffix,
-                                **kw)
+    hooked = diffusion_generate(
+        model, prefix, mask[:, :-7], max_new_tokens=7, generation_tokens_hook_func=place_suffix, **kw
+    )
     assert torch.equal(native, hooked)
 
 
@@ -237,10 +279,12 @@ def test_global_generator_is_used_without_seed(model):
 
 def test_history(model):
     ids = prompts()
-    out = diffusion_generate(model, ids, max_new_tokens=12, steps=4, alg="maskgit_plus", output_history=True,
-                             return_dict_in_generate=True)
-    _, reference_history = oracle_generate(model, ids, max_new_tokens=12, steps=4, alg="maskgit_plus",
-                                           mask_token_id=MASK)
+    out = diffusion_generate(
+        model, ids, max_new_tokens=12, steps=4, alg="maskgit_plus", output_history=True, return_dict_in_generate=True
+    )
+    _, reference_history = oracle_generate(
+        model, ids, max_new_tokens=12, steps=4, alg="maskgit_plus", mask_token_id=MASK
+    )
     assert len(out.history) == 4
     assert torch.equal(out.history[-1], out.sequences)
     for ours, theirs in zip(out.history, reference_history):
@@ -265,11 +309,19 @@ def test_identity_hooks_match_reference(model, sm):
         return x
 
     ids = prompts()
-    ours = diffusion_generate(model, ids, max_new_tokens=8, steps=4, alg="entropy", soft_mask=sm,
-                              generation_tokens_hook_func=tokens_hook,
-                              generation_logits_hook_func=lambda step, x, logits: logits)
-    theirs, _ = oracle_generate(model, ids, max_new_tokens=8, steps=4, alg="entropy", mask_token_id=MASK,
-                                soft_mask=SoftMask.from_any(sm))
+    ours = diffusion_generate(
+        model,
+        ids,
+        max_new_tokens=8,
+        steps=4,
+        alg="entropy",
+        soft_mask=sm,
+        generation_tokens_hook_func=tokens_hook,
+        generation_logits_hook_func=lambda step, x, logits: logits,
+    )
+    theirs, _ = oracle_generate(
+        model, ids, max_new_tokens=8, steps=4, alg="entropy", mask_token_id=MASK, soft_mask=SoftMask.from_any(sm)
+    )
     assert torch.equal(ours, theirs)
     assert calls == [(None, None)] + [(i, (2, 13, 97)) for i in range(4)]
 
@@ -280,13 +332,15 @@ def test_logits_hook_can_forbid_tokens(model):
         logits[..., :50] = float("-inf")
         return logits
 
-    out = diffusion_generate(model, prompts(), max_new_tokens=10, steps=5, alg="maskgit_plus",
-                             generation_logits_hook_func=ban_low_ids)
+    out = diffusion_generate(
+        model, prompts(), max_new_tokens=10, steps=5, alg="maskgit_plus", generation_logits_hook_func=ban_low_ids
+    )
     assert (out[:, 5:] >= 50).all()
 
 
 def test_tokens_hook_edits_are_kept_and_recounted(model):
     """A hook that fills positions itself: Dream recounts the masks, and so must the engine."""
+
     def fill_last_four(step, x, logits):
         x = x.clone()
         x[:, -4:] = 7
@@ -310,8 +364,10 @@ def test_transparency_config_file(model, tmp_path):
     sm = SoftMask(k=1, scale=0.75, centre=-3.5, steepness=2.0)
     path = sm.save_transparency_config(tmp_path)
     kw = dict(max_new_tokens=8, steps=4, alg="entropy")
-    assert torch.equal(diffusion_generate(model, prompts(), soft_mask=path, **kw),
-                       diffusion_generate(model, prompts(), soft_mask=sm, **kw))
+    assert torch.equal(
+        diffusion_generate(model, prompts(), soft_mask=path, **kw),
+        diffusion_generate(model, prompts(), soft_mask=sm, **kw),
+    )
 
 
 def test_model_method_delegates(model):

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_decoding import SOFT_MASKS, infill_prompts, padded_batch, prompts, tiny_model
 
-from conftest import requires_cuda
 from softmask_ext import SoftMask
-from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
-from softmask_ext.decoding import sampling
+from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate, sampling
 from softmask_ext.decoding.sampling import StepNoise, filter_logits, propose, select_transfers
 from softmask_ext.decoding.schedule import step_ratios
-from test_decoding import SOFT_MASKS, infill_prompts, padded_batch, prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,20 @@ def model():
 
 def decoder_for(model, ids, mask=None, soft_mask=None, generator=None, cuda_graph=None, **kw):
     options = DecodeOptions(mask_token_id=model.config.mask_token_id, **kw)
-    prompt = check_prompt(ids, mask, options, vocab_size=model.config.vocab_size, max_positions=None,
-                          device=model.device)
-    decoder = DiffusionDecoder(model, options, batch=prompt.batch, prompt_len=prompt.length,
-                               padded=prompt.attention_mask is not None, decode_from=prompt.first_mask,
-                               soft_mask=soft_mask, generator=generator, cuda_graph=cuda_graph)
+    prompt = check_prompt(
+        ids, mask, options, vocab_size=model.config.vocab_size, max_positions=None, device=model.device
+    )
+    decoder = DiffusionDecoder(
+        model,
+        options,
+        batch=prompt.batch,
+        prompt_len=prompt.length,
+        padded=prompt.attention_mask is not None,
+        decode_from=prompt.first_mask,
+        soft_mask=soft_mask,
+        generator=generator,
+        cuda_graph=cuda_graph,
+    )
     return decoder, prompt
 
 
@@ -115,9 +123,16 @@ def test_each_step_unmasks_dreams_count(model, length, steps):
     def never_predict_mask(step, x, logits):
         return logits.index_fill(-1, torch.tensor([mask_id]), float("-inf"))
 
-    out = diffusion_generate(model, prompts(1), max_new_tokens=length, steps=steps, alg="entropy",
-                             generation_logits_hook_func=never_predict_mask,
-                             return_dict_in_generate=True, output_history=True)
+    out = diffusion_generate(
+        model,
+        prompts(1),
+        max_new_tokens=length,
+        steps=steps,
+        alg="entropy",
+        generation_logits_hook_func=never_predict_mask,
+        return_dict_in_generate=True,
+        output_history=True,
+    )
     ts = torch.linspace(1, 1e-3, steps + 1)
     left = length
     for i, canvas in enumerate(out.history):
@@ -174,8 +189,9 @@ def test_top_p_candidates_match_a_full_sort(rows, vocab, spread, top_p, ties, se
     logits[:, ::7] = float("-inf")
     logits[:, 1] = logits[:, 1].clamp_min(0.0)  # no row without a finite logit
     z = sampling._top_p_filter(logits, top_p)
-    floor, _ = sampling._nucleus_floor(torch.sort(logits, dim=-1, descending=True).values, _softmax_total(logits),
-                                       top_p)
+    floor, _ = sampling._nucleus_floor(
+        torch.sort(logits, dim=-1, descending=True).values, _softmax_total(logits), top_p
+    )
     assert torch.equal(z > torch.finfo(torch.float32).min, logits >= floor)
 
 
@@ -192,8 +208,12 @@ def test_top_p_uses_both_paths():
 
 
 @settings(max_examples=30, deadline=None)
-@given(offset=st.sampled_from([0.0, 30.0, 300.0]), temperature=st.sampled_from([0.1, 1.0]),
-       top_p=st.floats(0.5, 0.99), seed=st.integers(0, 2**16))
+@given(
+    offset=st.sampled_from([0.0, 30.0, 300.0]),
+    temperature=st.sampled_from([0.1, 1.0]),
+    top_p=st.floats(0.5, 0.99),
+    seed=st.integers(0, 2**16),
+)
 def test_top_p_matches_the_nucleus_computed_in_fp64(offset, temperature, top_p, seed):
     """Dream's rule with the probabilities in fp64, for logits of any magnitude (shares relative to the row's
     maximum; through logsumexp, large logits would shift every share by its rounding). Rows whose cumulative
@@ -217,8 +237,9 @@ def test_inverse_cdf_samples_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
     n = 20000
     uniform = torch.empty(n, dtype=torch.float64).uniform_(generator=torch.Generator().manual_seed(0))
-    tokens, conf = propose(probs.log().expand(n, 5), alg="maskgit_plus", temperature=1.0, top_p=None, top_k=None,
-                           token_noise=uniform)
+    tokens, conf = propose(
+        probs.log().expand(n, 5), alg="maskgit_plus", temperature=1.0, top_p=None, top_k=None, token_noise=uniform
+    )
     freq = torch.bincount(tokens, minlength=5).float() / n
     assert freq[2] == 0
     assert torch.allclose(freq, probs, atol=0.015)
@@ -246,9 +267,16 @@ def test_inverse_cdf_resolves_tiny_probabilities():
 
 def test_confidences():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
-    for alg, expected in [("maskgit_plus", 0.6), ("topk_margin", 0.3),
-                          ("entropy", 0.6 * torch.log(torch.tensor(0.6)) + 0.3 * torch.log(torch.tensor(0.3))
-                           + 0.1 * torch.log(torch.tensor(0.1)))]:
+    for alg, expected in [
+        ("maskgit_plus", 0.6),
+        ("topk_margin", 0.3),
+        (
+            "entropy",
+            0.6 * torch.log(torch.tensor(0.6))
+            + 0.3 * torch.log(torch.tensor(0.3))
+            + 0.1 * torch.log(torch.tensor(0.1)),
+        ),
+    ]:
         tokens, conf = propose(logits, alg=alg, temperature=0.0, top_p=None, top_k=None, token_noise=None)
         assert tokens.tolist() == [0]
         assert torch.allclose(conf, torch.tensor([float(expected)]), atol=1e-6)
@@ -259,8 +287,9 @@ def test_selection_counts_ranks_and_ties():
     masked = torch.tensor([[True, True, True, False, True], [True, False, True, True, True]])
     conf = torch.tensor([[0.1, 0.9, 0.5, 2.0, 0.5], [0.3, 9.0, 0.3, 0.3, 0.2]])
     # four masks per row, ratio 0.5 -> two per row; the unmasked 2.0 / 9.0 never count; ties go left
-    out = select_transfers(masked, alg="maskgit_plus", confidence=conf, ratio=torch.tensor([0.5]), alg_temp=None,
-                           select_noise=None)
+    out = select_transfers(
+        masked, alg="maskgit_plus", confidence=conf, ratio=torch.tensor([0.5]), alg_temp=None, select_noise=None
+    )
     assert out.tolist() == [[False, True, True, False, False], [True, False, True, False, False]]
 
 
@@ -269,8 +298,9 @@ def test_gumbel_top_k_follows_softmax_of_confidence():
     conf = torch.log(torch.tensor([0.6, 0.3, 0.1])).expand(20000, 3)
     gen = torch.Generator().manual_seed(0)
     gumbel = -torch.empty(20000, 3).exponential_(generator=gen).log()
-    out = select_transfers(masked, alg="entropy", confidence=conf, ratio=torch.tensor([0.34]), alg_temp=1.0,
-                           select_noise=gumbel)
+    out = select_transfers(
+        masked, alg="entropy", confidence=conf, ratio=torch.tensor([0.34]), alg_temp=1.0, select_noise=gumbel
+    )
     assert (out.sum(-1) == 1).all()
     assert torch.allclose(out.float().mean(0), torch.tensor([0.6, 0.3, 0.1]), atol=0.015)
 
@@ -300,9 +330,12 @@ def test_cuda_graph_matches_eager(case, infill):
     sm = case["soft_mask"]
     kw = dict(case, soft_mask=None if sm is None else SoftMask.from_any(sm.to_transparency_config()).cuda())
     new_tokens = 0 if infill else 9
-    outs = [diffusion_generate(model, ids.cuda(), mask.cuda(), max_new_tokens=new_tokens, steps=4, seed=0,
-                               cuda_graph=graph, **kw)
-            for graph in (False, True)]
+    outs = [
+        diffusion_generate(
+            model, ids.cuda(), mask.cuda(), max_new_tokens=new_tokens, steps=4, seed=0, cuda_graph=graph, **kw
+        )
+        for graph in (False, True)
+    ]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -310,9 +343,17 @@ def test_cuda_graph_matches_eager(case, infill):
 @pytest.mark.cuda
 def test_cuda_step_never_syncs():
     model = tiny_model().cuda()
-    decoder, prompt = decoder_for(model, prompts().cuda(), soft_mask=SoftMask.from_any(SOFT_MASKS[1]).cuda(),
-                                  max_new_tokens=8, steps=4, alg="entropy", temperature=0.5, top_p=0.9,
-                                  cuda_graph=False)
+    decoder, prompt = decoder_for(
+        model,
+        prompts().cuda(),
+        soft_mask=SoftMask.from_any(SOFT_MASKS[1]).cuda(),
+        max_new_tokens=8,
+        steps=4,
+        alg="entropy",
+        temperature=0.5,
+        top_p=0.9,
+        cuda_graph=False,
+    )
     decoder.run(prompt)  # warm-up: lazy initialisation may sync once
     decoder.load(prompt)
     torch.cuda.synchronize()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_decoding import prompts, tiny_model
 
 from softmask_ext.decoding import diffusion_generate
-from test_decoding import prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +66,22 @@ OK = dict(max_new_tokens=6, steps=3, alg="entropy")
         (dict(cache="prefix", dual_cache=True), ValueError, r"cache='prefix' conflicts with dual_cache=True"),
         (dict(cache="none", use_cache=True), ValueError, r"cache='none' conflicts with use_cache=True"),
         (dict(use_cache="yes"), TypeError, "use_cache must be a bool"),
-        (dict(cache="dual", generation_tokens_hook_func=lambda i, x, l: x), ValueError,
-         "generation_tokens_hook_func needs cache='none'"),
-        (dict(use_cache=True, generation_logits_hook_func=lambda i, x, l: l), ValueError,
-         "generation_logits_hook_func needs cache='none'"),
+        (
+            dict(cache="dual", generation_tokens_hook_func=lambda i, x, l: x),
+            ValueError,
+            "generation_tokens_hook_func needs cache='none'",
+        ),
+        (
+            dict(use_cache=True, generation_logits_hook_func=lambda i, x, l: l),
+            ValueError,
+            "generation_logits_hook_func needs cache='none'",
+        ),
         (dict(fast_dllm_compat=True), ValueError, "fast_dllm_compat reproduces Fast-dLLM's cached Dream loop"),
-        (dict(fast_dllm_compat=True, cache="dual", block_length=3, steps=2), ValueError,
-         "fast_dllm_compat needs at least 2 steps per block"),
+        (
+            dict(fast_dllm_compat=True, cache="dual", block_length=3, steps=2),
+            ValueError,
+            "fast_dllm_compat needs at least 2 steps per block",
+        ),
         (dict(remasking="low_confidence"), ValueError, "remasking is a LLaDA decoding keyword"),
         (dict(cfg_scale=1.0), ValueError, "cfg_scale is a LLaDA decoding keyword"),
         (dict(alg="low_confidence"), ValueError, "alg 'low_confidence' is LLaDA's remasking rule"),

@@ -18,14 +18,28 @@ MASK = 96
 class NoShiftModel(DreamModel):
     """Dream's architecture under LLaDA's conventions (no logit shift, LLaDA's decoding keywords)."""
 
-    family = ModelFamily(name="llada-conventions", model_types=(), logit_shift=0, load=DreamModel.from_pretrained,
-                         decoder_layer=DecoderLayer, default_decoding={"remasking": "low_confidence"})
+    family = ModelFamily(
+        name="llada-conventions",
+        model_types=(),
+        logit_shift=0,
+        load=DreamModel.from_pretrained,
+        decoder_layer=DecoderLayer,
+        default_decoding={"remasking": "low_confidence"},
+    )
 
 
 def no_shift_model(seed: int = 0) -> NoShiftModel:
     config = DreamConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, mask_token_id=MASK, pad_token_id=0, eos_token_id=0,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        mask_token_id=MASK,
+        pad_token_id=0,
+        eos_token_id=0,
         bos_token_id=0,
     )
     torch.manual_seed(seed)
@@ -44,12 +58,29 @@ def prompts(batch=2, length=5, seed=1):
 
 
 def both(model, ids, mask=None, *, seed=0, soft_mask=None, gen_length, steps, block_length=None, **kw):
-    ours = diffusion_generate(model, ids, mask, max_new_tokens=gen_length, steps=steps, block_length=block_length,
-                              soft_mask=soft_mask, generator=torch.Generator().manual_seed(seed), **kw)
-    theirs = llada_generate(model, ids, mask, steps=steps, gen_length=gen_length,
-                            block_length=block_length or gen_length, mask_id=MASK,
-                            soft_mask=SoftMask.from_any(soft_mask), generator=torch.Generator().manual_seed(seed),
-                            **kw)
+    ours = diffusion_generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=gen_length,
+        steps=steps,
+        block_length=block_length,
+        soft_mask=soft_mask,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+    theirs = llada_generate(
+        model,
+        ids,
+        mask,
+        steps=steps,
+        gen_length=gen_length,
+        block_length=block_length or gen_length,
+        mask_id=MASK,
+        soft_mask=SoftMask.from_any(soft_mask),
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
     return ours, theirs
 
 
@@ -59,17 +90,27 @@ def test_transfer_counts_follow_llada():
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-@pytest.mark.parametrize("blocks", [(12, 6), (4, 6), pytest.param((3, 4), marks=pytest.mark.slow)],
-                         ids=["one-block", "three-blocks", "four-blocks"])
+@pytest.mark.parametrize(
+    "blocks",
+    [(12, 6), (4, 6), pytest.param((3, 4), marks=pytest.mark.slow)],
+    ids=["one-block", "three-blocks", "four-blocks"],
+)
 def test_matches_llada_generate(model, remasking, temperature, blocks):
     block_length, steps = blocks
-    ours, theirs = both(model, prompts(), gen_length=12, steps=steps, block_length=block_length,
-                        remasking=remasking, temperature=temperature, seed=3)
+    ours, theirs = both(
+        model,
+        prompts(),
+        gen_length=12,
+        steps=steps,
+        block_length=block_length,
+        remasking=remasking,
+        temperature=temperature,
+        seed=3,
+    )
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("sm", [SOFT_MASKS[0], pytest.param(SOFT_MASKS[1], marks=pytest.mark.slow),
-                                SOFT_MASKS[2]])
+@pytest.mark.parametrize("sm", [SOFT_MASKS[0], pytest.param(SOFT_MASKS[1], marks=pytest.mark.slow), SOFT_MASKS[2]])
 def test_soft_masking_matches_dense_formulation(model, sm):
     ours, theirs = both(model, prompts(), gen_length=12, steps=6, block_length=4, temperature=0.5, soft_mask=sm)
     assert torch.equal(ours, theirs)
@@ -77,19 +118,22 @@ def test_soft_masking_matches_dense_formulation(model, sm):
 
 @pytest.mark.parametrize("sm", [None, SOFT_MASKS[0]])
 def test_cfg_matches_llada_generate(model, sm):
-    ours, theirs = both(model, prompts(), gen_length=8, steps=4, block_length=4, cfg_scale=1.5, temperature=0.3,
-                        soft_mask=sm)
+    ours, theirs = both(
+        model, prompts(), gen_length=8, steps=4, block_length=4, cfg_scale=1.5, temperature=0.3, soft_mask=sm
+    )
     assert torch.equal(ours, theirs)
-    plain = diffusion_generate(model, prompts(), max_new_tokens=8, steps=4, block_length=4, temperature=0.3,
-                               soft_mask=sm, seed=0)
+    plain = diffusion_generate(
+        model, prompts(), max_new_tokens=8, steps=4, block_length=4, temperature=0.3, soft_mask=sm, seed=0
+    )
     assert not torch.equal(ours, plain)
 
 
 @pytest.mark.parametrize("threshold", [0.05, pytest.param(0.3, marks=pytest.mark.slow), 1.0])
 @pytest.mark.parametrize("sm", [None, SOFT_MASKS[1]])
 def test_threshold_matches_fast_dllm_rule(model, threshold, sm):
-    ours, theirs = both(model, prompts(), gen_length=12, steps=3, block_length=4, threshold=threshold, soft_mask=sm,
-                        temperature=0.4)
+    ours, theirs = both(
+        model, prompts(), gen_length=12, steps=3, block_length=4, threshold=threshold, soft_mask=sm, temperature=0.4
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -109,8 +153,8 @@ def test_left_padding_matches_llada_generate_and_single_prompts(model, sm):
     assert torch.equal(ours, theirs)
     for b in range(3):
         real = mask[b].bool()
-        alone, _ = both(model, ids[b: b + 1, real], **kw)
-        assert torch.equal(ours[b, 6:], alone[0, int(real.sum()):])
+        alone, _ = both(model, ids[b : b + 1, real], **kw)
+        assert torch.equal(ours[b, 6:], alone[0, int(real.sum()) :])
 
 
 def test_dream_keywords_are_errors(model):

@@ -1,7 +1,9 @@
-"""Parity with Dream's ``diffusion_generate`` keywords and with the authors' binary setting (transparency_alg "none")."""
+"""Parity with Dream's ``diffusion_generate`` keywords and with the authors' binary setting (transparency_alg
+"none")."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
 import warnings
@@ -18,8 +20,13 @@ from softmask_ext.decoding import diffusion_generate
 from softmask_ext.evaluate import resolve_soft_mask
 
 BINARY = {"transparency_alg": "none"}
-SM = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.9, "transparency_centre": -3.5,
-      "transparency_steepness": 2.0, "mixinputs_k": 2}
+SM = {
+    "transparency_alg": "mixinputs_with_topk",
+    "transparency_scale": 0.9,
+    "transparency_centre": -3.5,
+    "transparency_steepness": 2.0,
+    "mixinputs_k": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,9 @@ def run(model, ids, mask=None, seed=0, **kw):
 
 
 def oracle(model, ids, mask=None, seed=0, **kw):
-    return oracle_generate(model, ids, mask, mask_token_id=model.config.mask_token_id,
-                           generator=torch.Generator().manual_seed(seed), **kw)
+    return oracle_generate(
+        model, ids, mask, mask_token_id=model.config.mask_token_id, generator=torch.Generator().manual_seed(seed), **kw
+    )
 
 
 # ------------------------------------------------------------------------------------------ transparency_alg "none"
@@ -60,8 +68,20 @@ def test_none_config_is_binary_everywhere_it_is_read(model, tmp_path):
 
 def test_generate_cli_decodes_a_none_config_as_binary(tmp_path, capsys):
     model_dir = make_model_dir(tmp_path / "ckpt")
-    argv = ["--model", str(model_dir), "--prompt", "def f(x):", "--max-new-tokens", "8", "--steps", "4",
-            "--temperature", "0", "--device", "cpu"]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "def f(x):",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "4",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]
     generate.main([*argv, "--binary"])
     binary = capsys.readouterr().out
     config = tmp_path / "none.json"
@@ -108,7 +128,7 @@ def test_num_return_sequences_repeats_each_row(model, alg, temperature):
     ours = run(model, ids, mask, seed=4, **kw)
     theirs, _ = oracle(model, ids, mask, seed=4, **kw)
     assert ours.shape == (9, ids.shape[1] + 6) and torch.equal(ours, theirs)
-    assert torch.equal(ours[:, :ids.shape[1]], ids.repeat_interleave(3, 0))
+    assert torch.equal(ours[:, : ids.shape[1]], ids.repeat_interleave(3, 0))
     if temperature == 0.0:  # greedy: the copies agree
         assert torch.equal(ours[0::3], ours[1::3]) and torch.equal(ours[0::3], ours[2::3])
 
@@ -119,13 +139,20 @@ def test_more_steps_than_masks_matches_dream(model, alg, soft_mask, eps):
     Dream's eps may be 0 (the last step then ends at s = 0)."""
     ids = prompts()
     kw = dict(max_new_tokens=5, steps=12, alg=alg, temperature=0.5, eps=eps)
-    result = diffusion_generate(model, ids, generator=torch.Generator().manual_seed(2), soft_mask=soft_mask,
-                                output_history=True, return_dict_in_generate=True, **kw)
+    result = diffusion_generate(
+        model,
+        ids,
+        generator=torch.Generator().manual_seed(2),
+        soft_mask=soft_mask,
+        output_history=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
     theirs, history = oracle(model, ids, seed=2, soft_mask=SoftMask.from_any(soft_mask), **kw)
     assert torch.equal(result.sequences, theirs)
     assert all(torch.equal(a, b) for a, b in zip(result.history, history)) and len(result.history) == 12
     left = [int((h == 96).sum()) for h in result.history]
-    assert any(a == b for a, b in zip(left, left[1:]))  # some steps unmask nothing
+    assert any(a == b for a, b in itertools.pairwise(left))  # some steps unmask nothing
 
 
 def test_generation_config_object_or_dict_and_keywords_override_it(model):
@@ -137,8 +164,16 @@ def test_generation_config_object_or_dict_and_keywords_override_it(model):
     assert torch.equal(run(model, ids, generation_config=GenerationConfig(**fields)), expected)
     # A keyword wins over the config, as Dream's generation_config.update(**kwargs).
     assert torch.equal(run(model, ids, generation_config={**fields, "alg": "entropy"}, alg="maskgit_plus"), expected)
-    result = run(model, ids, generation_config={**fields, "return_dict_in_generate": True, "output_history": True,
-                                                "num_return_sequences": 2})
+    result = run(
+        model,
+        ids,
+        generation_config={
+            **fields,
+            "return_dict_in_generate": True,
+            "output_history": True,
+            "num_return_sequences": 2,
+        },
+    )
     assert result.sequences.shape[0] == 4 and len(result.history) == 3
 
 

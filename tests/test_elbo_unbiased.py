@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from _training_helpers import MASK_ID, tiny_model
 
-from softmask_ext.evaluation import estimate_elbo
 from softmask_ext.diffusion.noise import NoiseSchedule
+from softmask_ext.evaluation import estimate_elbo
 
 T = 0.3  # one noise level (t_min = t_max), so the bound is a finite sum over the 2^3 masks of 3 response tokens
 

@@ -35,8 +35,13 @@ from softmask_ext.model import DreamConfig, DreamModel, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
 
 STRONG_SOFT_MASK = {
-    "transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.9, "transparency_centre": -9.0,
-    "transparency_steepness": 5.0, "mixinputs_k": 2, "mixture_temp": 1.0, "transparency_scheduling": "none",
+    "transparency_alg": "mixinputs_with_topk",
+    "transparency_scale": 0.9,
+    "transparency_centre": -9.0,
+    "transparency_steepness": 5.0,
+    "mixinputs_k": 2,
+    "mixture_temp": 1.0,
+    "transparency_scheduling": "none",
 }
 
 
@@ -46,9 +51,18 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-eval-model")
     ids = save_tokenizer(train_tokenizer(stdlib_texts("train", 200_000), vocab_size=512), path, model_max_length=512)
     config = DreamConfig(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, rope_theta=10000.0, mask_token_id=ids.mask,
-        pad_token_id=ids.pad, eos_token_id=ids.eos, bos_token_id=ids.bos,
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        mask_token_id=ids.mask,
+        pad_token_id=ids.pad,
+        eos_token_id=ids.eos,
+        bos_token_id=ids.bos,
     )
     torch.manual_seed(0)
     model = DreamModel(config)
@@ -70,8 +84,10 @@ def tokenizer(checkpoint):
 def _blocks(model: DreamModel, n: int, length: int = 48, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, model.config.vocab_size, (n, length), generator=gen)
-    return [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones_like(ids[i:i + 2], dtype=torch.bool)}
-            for i in range(0, n, 2)]
+    return [
+        {"input_ids": ids[i : i + 2], "attention_mask": torch.ones_like(ids[i : i + 2], dtype=torch.bool)}
+        for i in range(0, n, 2)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------ elbo
@@ -118,8 +134,14 @@ def test_elbo_soft_mask_uses_the_two_pass_forward(model):
     mask_id = model.config.mask_token_id
     binary = estimate_elbo(model, blocks, mask_id, num_samples=2, progress=False)
     initial = estimate_elbo(model, blocks, mask_id, num_samples=2, soft_mask=SoftMask(k=1), progress=False)
-    strong = estimate_elbo(model, blocks, mask_id, num_samples=2, progress=False,
-                           soft_mask=SoftMask.from_transparency_config(STRONG_SOFT_MASK))
+    strong = estimate_elbo(
+        model,
+        blocks,
+        mask_id,
+        num_samples=2,
+        progress=False,
+        soft_mask=SoftMask.from_transparency_config(STRONG_SOFT_MASK),
+    )
     assert initial.soft_mask and strong.soft_mask and not binary.soft_mask
     # The paper's initial scale (~1e-6) leaves the inputs as plain masks; a strong one changes the predictions.
     assert initial.nll_bound == pytest.approx(binary.nll_bound, abs=1e-4)
@@ -210,8 +232,9 @@ def test_infill_tokens_see_the_suffix_and_batch_like_single_rows(model):
     gen = torch.Generator().manual_seed(1)
     prefixes = [torch.randint(5, 512, (n,), generator=gen).tolist() for n in (7, 12, 9)]
     suffixes = [torch.randint(5, 512, (6,), generator=gen).tolist() for _ in prefixes]
-    kwargs = dict(span_length=4, steps=2, pad_token_id=config.pad_token_id, fill_token_id=config.eos_token_id,
-                  alg="entropy")
+    kwargs = dict(
+        span_length=4, steps=2, pad_token_id=config.pad_token_id, fill_token_id=config.eos_token_id, alg="entropy"
+    )
     batched = infill_tokens(model, prefixes, suffixes, **kwargs)
     assert [len(s) for s in batched] == [4, 4, 4]
     # Equal suffix lengths need no filling: a batch decodes each row as it would alone (left padding only).
@@ -235,9 +258,17 @@ def test_infill_in_one_step_is_the_argmax_of_one_forward(model, tokenizer, funct
         with torch.no_grad():
             logits = model(input_ids=canvas).logits[0]
         start = len(e.prefix)
-        expected = logits[start - 1:start + 5].argmax(-1).tolist()
-        got = infill_tokens(model, [e.prefix], [e.suffix], span_length=6, steps=1, pad_token_id=tokenizer.pad_token_id,
-                            fill_token_id=tokenizer.eos_token_id, alg="entropy")
+        expected = logits[start - 1 : start + 5].argmax(-1).tolist()
+        got = infill_tokens(
+            model,
+            [e.prefix],
+            [e.suffix],
+            span_length=6,
+            steps=1,
+            pad_token_id=tokenizer.pad_token_id,
+            fill_token_id=tokenizer.eos_token_id,
+            alg="entropy",
+        )
         assert got == [expected]
 
 
@@ -284,7 +315,8 @@ def test_looping_and_file_writing_solutions_are_stopped(problems):
     looping = run_tests(problem, problem.prompt + "    while True:\n        pass\n", Limits(wall_s=5.0, cpu_s=1))
     assert not looping.ok and looping.status in ("cpu_limit", "timeout")
     flooding = problem.prompt + (
-        "    with open('junk', 'wb') as f:\n        while True:\n            f.write(b'x' * 4096)\n")
+        "    with open('junk', 'wb') as f:\n        while True:\n            f.write(b'x' * 4096)\n"
+    )
     written = run_tests(problem, flooding, Limits(wall_s=5.0, cpu_s=3, file_bytes=1 << 20))
     assert not written.ok and "File too large" in written.stderr
 
@@ -327,8 +359,20 @@ def test_pass_at_k_bad_input():
 
 
 def test_humaneval_end_to_end_with_the_engine(model, tokenizer, problems):
-    result = evaluate_humaneval(model, tokenizer, problems[:2], chat=False, max_new_tokens=8, steps=4, num_samples=2,
-                                batch_size=3, progress=False, temperature=0.5, seed=0, alg="entropy")
+    result = evaluate_humaneval(
+        model,
+        tokenizer,
+        problems[:2],
+        chat=False,
+        max_new_tokens=8,
+        steps=4,
+        num_samples=2,
+        batch_size=3,
+        progress=False,
+        temperature=0.5,
+        seed=0,
+        alg="entropy",
+    )
     assert result["num_problems"] == 2 and result["num_samples"] == 2
     assert len(result["samples"]) == 4
     assert 0.0 <= result["pass@1"] <= 1.0
@@ -344,8 +388,25 @@ def test_cli_elbo_with_a_soft_mask_config(checkpoint, tmp_path):
     config = tmp_path / "transparency_config.json"
     config.write_text(json.dumps(STRONG_SOFT_MASK))
     out = tmp_path / "out"
-    report = evaluate_main(["--model", str(checkpoint), "--task", "elbo", "--soft-mask", str(config), "--limit", "4",
-                            "--num-samples", "2", "--max-length", "64", "--out", str(out), "--quiet"])
+    report = evaluate_main(
+        [
+            "--model",
+            str(checkpoint),
+            "--task",
+            "elbo",
+            "--soft-mask",
+            str(config),
+            "--limit",
+            "4",
+            "--num-samples",
+            "2",
+            "--max-length",
+            "64",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     saved = json.loads((out / "elbo.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["soft_mask"] == SoftMask.from_transparency_config(STRONG_SOFT_MASK).to_transparency_config()
@@ -360,38 +421,92 @@ def test_cli_elbo_on_a_data_file_counts_response_tokens(checkpoint, tokenizer, t
     from softmask_ext.data import load_dataset
 
     data = tmp_path / "val.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Write f{i}.", "response": f"def f{i}(x):\n    return x + {i}\n"})
-                            + "\n" for i in range(5)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Write f{i}.", "response": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
+            for i in range(5)
+        )
+    )
     expected = sum(int((~e.prompt_mask).sum()) for e in load_dataset(data, tokenizer, 128))
-    report = evaluate_main(["--model", str(checkpoint), "--task", "elbo", "--data", str(data), "--num-samples", "2",
-                            "--out", str(tmp_path / "out"), "--quiet", "--max-length", "128"])
+    report = evaluate_main(
+        [
+            "--model",
+            str(checkpoint),
+            "--task",
+            "elbo",
+            "--data",
+            str(data),
+            "--num-samples",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--max-length",
+            "128",
+        ]
+    )
     assert report["results"]["binary"]["num_tokens"] == expected
     assert report["soft_mask"] is None and set(report["results"]) == {"binary"}
 
 
 def test_cli_infill_writes_json_and_plot(checkpoint, tmp_path):
-    report = evaluate_main(["--model", str(checkpoint), "--task", "infill", "--limit", "2", "--span-length", "4",
-                            "--tokens-per-step", "1,2", "--out", str(tmp_path), "--quiet", "--soft-mask", "none"])
+    report = evaluate_main(
+        [
+            "--model",
+            str(checkpoint),
+            "--task",
+            "infill",
+            "--limit",
+            "2",
+            "--span-length",
+            "4",
+            "--tokens-per-step",
+            "1,2",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            "--soft-mask",
+            "none",
+        ]
+    )
     assert set(report["results"]) == {"binary"} and set(report["results"]["binary"]) == {"1", "2"}
     assert (tmp_path / "infill.json").exists() and (tmp_path / "infill.png").exists()
 
 
 def test_cli_humaneval_writes_samples(checkpoint, tmp_path):
-    report = evaluate_main(["--model", str(checkpoint), "--task", "humaneval", "--limit", "1", "--max-new-tokens", "8",
-                            "--tokens-per-step", "4", "--out", str(tmp_path), "--quiet"])
+    report = evaluate_main(
+        [
+            "--model",
+            str(checkpoint),
+            "--task",
+            "humaneval",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--tokens-per-step",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert report["chat"] is False and set(report["results"]) == {"4"}
     lines = (tmp_path / "humaneval_samples.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["task_id"] == "HumanEval/0"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--task", "elbo", "--model", "/nonexistent/model"], "is not a directory"),
-    (["--task", "infill", "--tokens-per-step", "0"], "expected integers >= 1"),
-    (["--task", "infill", "--limit", "0"], "--limit must be >= 1"),
-    (["--task", "infill", "--span-length", "12", "--tokens-per-step", "1,8"], "must divide --span-length 12"),
-    (["--task", "humaneval", "--max-new-tokens", "10", "--tokens-per-step", "4"], "must divide --max-new-tokens"),
-    (["--task", "nonsense"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "elbo", "--model", "/nonexistent/model"], "is not a directory"),
+        (["--task", "infill", "--tokens-per-step", "0"], "expected integers >= 1"),
+        (["--task", "infill", "--limit", "0"], "--limit must be >= 1"),
+        (["--task", "infill", "--span-length", "12", "--tokens-per-step", "1,8"], "must divide --span-length 12"),
+        (["--task", "humaneval", "--max-new-tokens", "10", "--tokens-per-step", "4"], "must divide --max-new-tokens"),
+        (["--task", "nonsense"], "invalid choice"),
+    ],
+)
 def test_cli_bad_arguments_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(argv)
@@ -421,12 +536,17 @@ def test_reproduce_conditions_match_updates_and_compute(reproduce):
 
 def test_reproduce_verdicts_compare_gains_with_seed_noise(reproduce):
     def row(acc, std, scale=0.3):
-        return {"elbo_nll": (2.0, 0.01), "sm_scale": (scale, 0.01),
-                **{f"acc@{t}": (acc, std) for t in reproduce.TOKENS_PER_STEP}}
+        return {
+            "elbo_nll": (2.0, 0.01),
+            "sm_scale": (scale, 0.01),
+            **{f"acc@{t}": (acc, std) for t in reproduce.TOKENS_PER_STEP},
+        }
 
     summary = {"binary": row(0.30, 0.01), "sm_same_updates": row(0.35, 0.02), "sm_same_compute": row(0.305, 0.02)}
-    paired = {c: {"elbo_difference_mean": -0.01, "elbo_difference_ci95_pooled": [-0.02, 0.0]}
-              for c in ("sm_same_updates", "sm_same_compute")}
+    paired = {
+        c: {"elbo_difference_mean": -0.01, "elbo_difference_ci95_pooled": [-0.02, 0.0]}
+        for c in ("sm_same_updates", "sm_same_compute")
+    }
     lines = reproduce.verdicts(summary, paired)
     updates = [line for line in lines if line.startswith("sm_same_updates: infill")]
     compute = [line for line in lines if line.startswith("sm_same_compute: infill")]
@@ -442,12 +562,16 @@ def test_reproduce_verdicts_compare_gains_with_seed_noise(reproduce):
 
 def test_reproduce_headline_reads_each_condition_with_its_own_protocol(reproduce):
     def metrics(acc):
-        return {str(t): {"token_accuracy": acc, "exact_match": 0.0, "parse_rate": 1.0}
-                for t in reproduce.TOKENS_PER_STEP}
+        return {
+            str(t): {"token_accuracy": acc, "exact_match": 0.0, "parse_rate": 1.0} for t in reproduce.TOKENS_PER_STEP
+        }
 
     sm_config = {"transparency_scale": 0.3}
-    result = {"elbo": {"soft_mask": {"nll_bound": 1.5, "perplexity_bound": math.exp(1.5)}},
-              "infill": {"soft_mask": metrics(0.4)}, "soft_mask_config": sm_config}
+    result = {
+        "elbo": {"soft_mask": {"nll_bound": 1.5, "perplexity_bound": math.exp(1.5)}},
+        "infill": {"soft_mask": metrics(0.4)},
+        "soft_mask_config": sm_config,
+    }
     row = reproduce.headline("sm_same_updates", result)
     assert row["elbo_nll"] == 1.5 and row["acc@8"] == 0.4 and row["sm_scale"] == 0.3
     assert "elbo_nll_plain_forward" not in row
@@ -455,8 +579,9 @@ def test_reproduce_headline_reads_each_condition_with_its_own_protocol(reproduce
     result["infill"]["binary"] = metrics(0.2)
     row = reproduce.headline("sm_same_updates", result)
     assert row["elbo_nll"] == 1.5 and row["elbo_nll_plain_forward"] == 1.7 and row["acc@2_binary_decoding"] == 0.2
-    binary = reproduce.headline("binary", {"elbo": {"plain": result["elbo"]["plain"]},
-                                           "infill": {"binary": metrics(0.2)}})
+    binary = reproduce.headline(
+        "binary", {"elbo": {"plain": result["elbo"]["plain"]}, "infill": {"binary": metrics(0.2)}}
+    )
     assert binary["elbo_nll"] == 1.7 and binary["acc@1"] == 0.2 and "sm_scale" not in binary
 
 

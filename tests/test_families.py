@@ -24,9 +24,20 @@ from softmask_ext.training import masked_neg_entropy, scale_gradient
 VOCAB, MASK, PAD = 64, 63, 0
 FAMILIES = ("dream", "llada")
 ROW = {"dream": lambda i: max(i - 1, 0), "llada": lambda i: i}  # the logits row that predicts position i
-SHAPES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, mask_token_id=MASK,
-              pad_token_id=PAD, eos_token_id=PAD, bos_token_id=1)
+SHAPES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=10000.0,
+    mask_token_id=MASK,
+    pad_token_id=PAD,
+    eos_token_id=PAD,
+    bos_token_id=1,
+)
 
 
 def tiny_model(family: str, seed: int = 0) -> DreamModel | LLaDAModel:
@@ -108,8 +119,14 @@ def test_objective_reads_the_familys_rows(family):
     masked = torch.zeros(2, 7, dtype=torch.bool)
     masked[0, [0, 2, 5]] = True
     masked[1, 6] = True
-    expected = sum(F.cross_entropy(logits[b, ROW[family](i)], targets[b, i], reduction="sum")
-                   for b, i in masked.nonzero().tolist()) / 0.5 / 9
+    expected = (
+        sum(
+            F.cross_entropy(logits[b, ROW[family](i)], targets[b, i], reduction="sum")
+            for b, i in masked.nonzero().tolist()
+        )
+        / 0.5
+        / 9
+    )
     shift = tiny_model(family).family.logit_shift
     torch.testing.assert_close(masked_token_loss(logits, targets, masked, 0.5, 9, shift), expected)
 
@@ -124,8 +141,14 @@ def _batches(answer: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("soft", [False, True])
 def test_elbo_of_an_oracle_is_zero(family, soft):
     answer = clean_batch()
-    result = estimate_elbo(oracle(family, answer), _batches(answer), MASK, num_samples=2, progress=False,
-                           soft_mask=SoftMask(k=2) if soft else None)
+    result = estimate_elbo(
+        oracle(family, answer),
+        _batches(answer),
+        MASK,
+        num_samples=2,
+        progress=False,
+        soft_mask=SoftMask(k=2) if soft else None,
+    )
     assert result.nll_bound < 1e-3 and result.num_tokens == answer.numel() - 2 * answer.shape[0]
 
 
@@ -148,8 +171,15 @@ def test_plain_decoding_reads_the_familys_rows(family, soft):
     prompt = answer[:, :4]
     # each family's own confidence rule (Dream: alg, LLaDA: remasking)
     rule = dict(alg="maskgit_plus") if family == "dream" else dict(remasking="low_confidence")
-    out = diffusion_generate(oracle(family, answer), prompt, max_new_tokens=5, steps=3, temperature=0.0,
-                             soft_mask=SoftMask(k=2) if soft else None, **rule)
+    out = diffusion_generate(
+        oracle(family, answer),
+        prompt,
+        max_new_tokens=5,
+        steps=3,
+        temperature=0.0,
+        soft_mask=SoftMask(k=2) if soft else None,
+        **rule,
+    )
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     assert torch.equal(sequences, answer)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from _training_helpers import CODE, make_model_dir
 from safetensors.torch import load_file
 
-from _training_helpers import CODE, make_model_dir
 from softmask_ext import SoftMask
 from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.finetune import main, parse_args, resolve_settings
@@ -24,8 +24,17 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     with open(path, "w") as f:
         for i, code in enumerate(CODE):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Show code {i % 5}."},
-                                             {"role": "assistant", "content": code}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Show code {i % 5}."},
+                            {"role": "assistant", "content": code},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -40,9 +49,18 @@ def test_dream_paper_preset_is_the_default_for_7b_models_and_flags_override_it()
     assert (s["sm_init_scale"], s["sm_init_centre"]) == (0.0, -0.75)  # the paper's initialisation
     s = resolve_settings(parse_args(["--lora", "--rank", "8", "--lr", "2e-5", "--no-bf16"]), seven_b)
     assert (s["adapter"], s["rank"], s["lr"], s["bf16"], s["alpha"]) == ("lora", 8, 2e-5, False, 16.0)
-    small = DreamConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, mask_token_id=1, pad_token_id=0,
-                        eos_token_id=0, bos_token_id=0)
+    small = DreamConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mask_token_id=1,
+        pad_token_id=0,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     tiny = resolve_settings(parse_args([]), small)
     assert tiny["preset"] == "tiny"
     # The paper's SM start in both presets; the tiny run is short, so its SM parameters learn faster.
@@ -77,9 +95,29 @@ def test_bad_settings_are_a_clear_error(model_dir, data_file, tmp_path, capsys):
 
 def test_binary_run_reports_only_the_binary_loss(model_dir, data_file, tmp_path, capsys):
     """--sm-prob 0 (the binary baseline) trains no SM parameters and validates with plain masks only."""
-    summary = main(["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(tmp_path), "--full",
-                    "--sm-prob", "0", "--max-steps", "2", "--batch-size", "2", "--max-length", "128",
-                    "--eval-batches", "1", "--device", "cpu"])
+    summary = main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_file),
+            "--output-dir",
+            str(tmp_path),
+            "--full",
+            "--sm-prob",
+            "0",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "128",
+            "--eval-batches",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "val_soft_mask" not in summary and summary["soft_mask"] == {"transparency_alg": "none"}
     # Exactly what the authors' binary runs write, beside the run and the final model: binary decoding when read.
     run = tmp_path / "model0-sm"  # the default name: <model folder>-sm
@@ -93,9 +131,33 @@ def test_binary_run_reports_only_the_binary_loss(model_dir, data_file, tmp_path,
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_adapter_run_writes_peft_adapters_and_transparency_config(model_dir, data_file, tmp_path, capsys, kind):
-    summary = main(["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(tmp_path),
-                    "--name", kind, f"--{kind}", "--rank", "4", "--alpha", "8", "--max-steps", "2", "--batch-size", "2",
-                    "--max-length", "128", "--eval-batches", "1", "--device", "cpu"])
+    summary = main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_file),
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            kind,
+            f"--{kind}",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "128",
+            "--eval-batches",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     final = tmp_path / kind / "final"
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["use_dora"] == (kind == "dora")
@@ -109,8 +171,20 @@ def test_adapter_run_writes_peft_adapters_and_transparency_config(model_dir, dat
 @pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the tiny model has not been built yet")
 def test_default_run_shortened(tmp_path, capsys):
     """The no-argument command with fewer steps and a smaller corpus slice: same code path end to end."""
-    summary = main(["--output-dir", str(tmp_path), "--max-steps", "3", "--batch-size", "2", "--eval-batches", "1",
-                    "--max-chars", "400000"])
+    summary = main(
+        [
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--eval-batches",
+            "1",
+            "--max-chars",
+            "400000",
+        ]
+    )
     run = tmp_path / f"{SHIPPED_MODEL.name}-sm"
     assert (run / "final" / "model.safetensors").exists() and (run / "training.png").exists()
     assert (run / "final" / "tokenizer.json").exists()

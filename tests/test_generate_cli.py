@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from _training_helpers import make_model_dir
+
 from softmask_ext import SoftMask, generate
 from softmask_ext.decoding import diffusion_generate
 from softmask_ext.model import DreamModel, load_tokenizer
@@ -25,11 +25,20 @@ def model_dir(tmp_path_factory):
 def expected_text(model_dir, prompt, soft_mask=None):
     tokenizer = load_tokenizer(model_dir)
     model = DreamModel.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
-    out = diffusion_generate(model, torch.tensor([ids]), max_new_tokens=12, steps=4, temperature=0.0, top_p=0.95,
-                             alg="entropy", soft_mask=soft_mask)
-    return generate.final_text(tokenizer, out[0, len(ids):].tolist()), tokenizer.decode(ids)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    out = diffusion_generate(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens=12,
+        steps=4,
+        temperature=0.0,
+        top_p=0.95,
+        alg="entropy",
+        soft_mask=soft_mask,
+    )
+    return generate.final_text(tokenizer, out[0, len(ids) :].tolist()), tokenizer.decode(ids)
 
 
 def test_prints_the_answer_of_a_chat_prompt(model_dir, capsys):
@@ -72,14 +81,24 @@ def test_live_view_shows_every_step(model_dir, capsys):
 def test_mask_tokens_in_the_prompt_are_filled_in(model_dir, capsys):
     """Infilling from the command line: the text from the first mask on, as the library decodes it."""
     prompt = "def add(a, b):\n    <|mask|><|mask|><|mask|><|mask|>\n"
-    argv = ["--model", str(model_dir), "--prompt", prompt, "--no-chat-template", "--max-new-tokens", "0",
-            "--temperature", "0", "--device", "cpu"]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--prompt",
+        prompt,
+        "--no-chat-template",
+        "--max-new-tokens",
+        "0",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]
     generate.main([*argv, "--live"])
     tokenizer, model = load_tokenizer(model_dir), DreamModel.from_pretrained(model_dir)
     ids = tokenizer(prompt)["input_ids"]
     start = ids.index(model.config.mask_token_id)
-    out = diffusion_generate(model, torch.tensor([ids]), max_new_tokens=0, temperature=0.0, top_p=0.95,
-                             alg="entropy")
+    out = diffusion_generate(model, torch.tensor([ids]), max_new_tokens=0, temperature=0.0, top_p=0.95, alg="entropy")
     captured = capsys.readouterr()
     assert captured.out == generate.final_text(tokenizer, out[0, start:].tolist()) + "\n"
     frames = captured.err.split("--- step ")[1:]
@@ -122,7 +141,9 @@ def test_missing_tiny_model_is_a_clear_error(monkeypatch, tmp_path):
 def test_runs_as_a_module_with_the_shipped_model():
     result = subprocess.run(
         [sys.executable, "-m", "softmask_ext.generate", "--prompt", "def add(a, b):", *ARGS],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n")

@@ -9,8 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_dream import write_checkpoint
-from tiny_llada import (bidirectional_logits, llama_reference, make_checkpoint, make_checkpoint_with_tokenizer,
-                        random_tensors, tiny_config)
+from tiny_llada import (
+    bidirectional_logits,
+    llama_reference,
+    make_checkpoint,
+    make_checkpoint_with_tokenizer,
+    random_tensors,
+    tiny_config,
+)
 
 import softmask_ext
 from softmask_ext.model import DreamModel, LLaDAConfig, LLaDAModel, family_of, load_model
@@ -24,8 +30,8 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = s
-        mask[b, T - len(s):] = 1
+        ids[b, T - len(s) :] = s
+        mask[b, T - len(s) :] = 1
     return ids, mask
 
 
@@ -39,8 +45,12 @@ def test_logits_match_transformers_llama_bidirectional(tmp_path, shards, tied, g
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, bidirectional_logits(reference, ids), rtol=1e-5, atol=1e-5)
         embeds = model.get_input_embeddings()(ids)
-        torch.testing.assert_close(model(inputs_embeds=embeds).logits,
-                                   bidirectional_logits(reference, inputs_embeds=embeds), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(inputs_embeds=embeds).logits,
+            bidirectional_logits(reference, inputs_embeds=embeds),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         padded, mask = left_pad([torch.randint(0, VOCAB, (n,)) for n in (9, 4, 7)])
         got = model(padded, attention_mask=mask).logits
         want = bidirectional_logits(reference, padded, attention_mask=mask)
@@ -54,7 +64,9 @@ def test_reference_is_really_bidirectional(tmp_path):
     ids = torch.randint(0, VOCAB - 1, (1, 6))
     changed = ids.clone()
     changed[0, -1] += 1
-    assert not torch.allclose(bidirectional_logits(reference, ids)[0, 0], bidirectional_logits(reference, changed)[0, 0])
+    assert not torch.allclose(
+        bidirectional_logits(reference, ids)[0, 0], bidirectional_logits(reference, changed)[0, 0]
+    )
 
 
 def test_ff_proj_is_the_gated_projection(tmp_path):
@@ -63,8 +75,10 @@ def test_ff_proj_is_the_gated_projection(tmp_path):
     swapped = dict(tensors)
     for i in range(cfg["n_layers"]):
         p = f"model.transformer.blocks.{i}."
-        swapped[p + "ff_proj.weight"], swapped[p + "up_proj.weight"] = tensors[p + "up_proj.weight"], \
-            tensors[p + "ff_proj.weight"]
+        swapped[p + "ff_proj.weight"], swapped[p + "up_proj.weight"] = (
+            tensors[p + "up_proj.weight"],
+            tensors[p + "ff_proj.weight"],
+        )
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         want = bidirectional_logits(llama_reference(cfg, tensors), ids)
@@ -84,9 +98,17 @@ def test_family_and_exports(tmp_path):
 
 def test_config_defaults_are_llada_8b():
     config = LLaDAConfig()
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.rms_norm_eps, config.rope_theta, config.qkv_bias,
-            config.tie_word_embeddings) == (4096, 32, 32, 32, 12288, 1e-5, 500000.0, False, False)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.rms_norm_eps,
+        config.rope_theta,
+        config.qkv_bias,
+        config.tie_word_embeddings,
+    ) == (4096, 32, 32, 32, 12288, 1e-5, 500000.0, False, False)
 
 
 def test_save_round_trip_keeps_llada_layout(tmp_path):
@@ -120,7 +142,9 @@ def test_logits_rows_select_the_same_rows(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 7))
     full = model(ids).logits
     rows = torch.tensor([[0, 3, 6], [1, 1, 5]])
-    torch.testing.assert_close(model(ids, logits_rows=rows).logits, full.gather(1, rows[..., None].expand(-1, -1, VOCAB)))
+    torch.testing.assert_close(
+        model(ids, logits_rows=rows).logits, full.gather(1, rows[..., None].expand(-1, -1, VOCAB))
+    )
     flat = torch.tensor([0, 8, 13])
     torch.testing.assert_close(model(ids, logits_rows=flat).logits, full.reshape(14, VOCAB)[flat])
 
@@ -178,8 +202,9 @@ def test_compiles_fullgraph(tmp_path):
     mask[0, :2] = 0
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits,
-                                   model(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            compiled(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+        )
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -194,21 +219,28 @@ def test_error_lists_every_missing_extra_and_misshapen_tensor(tmp_path):
     with pytest.raises(ValueError) as info:
         load_model(tmp_path)
     message = str(info.value)
-    for expected in ("blocks.1.up_proj.weight", "transformer.ln_f.weight", "blocks.0.extra.weight",
-                     "blocks.2.attn_out.weight: file [64, 32] vs model [64, 64]"):
+    for expected in (
+        "blocks.1.up_proj.weight",
+        "transformer.ln_f.weight",
+        "blocks.0.extra.weight",
+        "blocks.2.attn_out.weight: file [64, 32] vs model [64, 64]",
+    ):
         assert expected in message
 
 
-@pytest.mark.parametrize("override, match", [
-    ({"block_type": "sequential"}, "block_type='sequential'"),
-    ({"alibi": True, "rope": False}, "alibi=True"),
-    ({"include_bias": True}, "include_bias=True"),
-    ({"layer_norm_type": "default"}, "layer_norm_type='default'"),
-    ({"scale_logits": True}, "scale_logits=True"),
-    ({"mask_token_id": 9999}, "mask_token_id must be a token id"),
-    ({"n_kv_heads": 3}, "multiple of num_key_value_heads"),
-    ({"multi_query_attention": True}, "contradicts multi_query_attention"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"block_type": "sequential"}, "block_type='sequential'"),
+        ({"alibi": True, "rope": False}, "alibi=True"),
+        ({"include_bias": True}, "include_bias=True"),
+        ({"layer_norm_type": "default"}, "layer_norm_type='default'"),
+        ({"scale_logits": True}, "scale_logits=True"),
+        ({"mask_token_id": 9999}, "mask_token_id must be a token id"),
+        ({"n_kv_heads": 3}, "multiple of num_key_value_heads"),
+        ({"multi_query_attention": True}, "contradicts multi_query_attention"),
+    ],
+)
 def test_unsupported_llada_config_is_a_clear_error(tmp_path, override, match):
     config = tiny_config(**override)
     (tmp_path / "config.json").write_text(json.dumps(config))

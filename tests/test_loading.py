@@ -8,8 +8,14 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_dream import (bidirectional_logits, make_checkpoint, random_tensors, tiny_config, transformers_reference,
-                        write_checkpoint)
+from tiny_dream import (
+    bidirectional_logits,
+    make_checkpoint,
+    random_tensors,
+    tiny_config,
+    transformers_reference,
+    write_checkpoint,
+)
 
 from softmask_ext.model import DreamConfig, DreamModel, load_tokenizer
 
@@ -22,8 +28,8 @@ def _left_padded_batch(vocab: int, lengths: list[int], seed: int = 1) -> tuple[t
     ids = torch.full((len(lengths), T), 500, dtype=torch.long)
     mask = torch.zeros(len(lengths), T, dtype=torch.long)
     for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(0, vocab - 16, (n,), generator=gen)
-        mask[b, T - n:] = 1
+        ids[b, T - n :] = torch.randint(0, vocab - 16, (n,), generator=gen)
+        mask[b, T - n :] = 1
     return ids, mask
 
 
@@ -40,8 +46,9 @@ def test_logits_match_transformers_qwen2_bidirectional(tmp_path, shards, tied):
         torch.testing.assert_close(ours(ids).logits, bidirectional_logits(ref, input_ids=ids), atol=ATOL, rtol=0)
 
         embeds = torch.randn(2, 11, cfg["hidden_size"])
-        torch.testing.assert_close(ours(inputs_embeds=embeds).logits, bidirectional_logits(ref, inputs_embeds=embeds),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            ours(inputs_embeds=embeds).logits, bidirectional_logits(ref, inputs_embeds=embeds), atol=ATOL, rtol=0
+        )
 
         ids, mask = _left_padded_batch(cfg["vocab_size"], [13, 7, 1])
         got = ours(ids, attention_mask=mask).logits
@@ -110,16 +117,27 @@ def test_loaded_model_is_fully_materialised_in_eval_mode(tmp_path):
 
 def test_meta_device_construction_allocates_nothing():
     with torch.device("meta"):
-        model = DreamModel(DreamConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, mask_token_id=999,
-                                       pad_token_id=0, eos_token_id=0, bos_token_id=0))
+        model = DreamModel(
+            DreamConfig(
+                vocab_size=1000,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                mask_token_id=999,
+                pad_token_id=0,
+                eos_token_id=0,
+                bos_token_id=0,
+            )
+        )
     assert all(p.is_meta for p in model.parameters())
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_load_straight_onto_cuda(tmp_path):
-    cfg, tensors = make_checkpoint(tmp_path, shards=2)
+    cfg, _ = make_checkpoint(tmp_path, shards=2)
     model = DreamModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16
     ids = torch.randint(0, cfg["vocab_size"], (2, 9))
@@ -148,8 +166,10 @@ def test_save_pretrained_round_trip_single_and_sharded(tmp_path):
     assert len(shards) > 2
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(model.state_dict())
-    assert all(os.path.getsize(tmp_path / "out" / f) < 40_000 + 4_096 or
-               len(load_file(tmp_path / "out" / f)) == 1 for f in shards)
+    assert all(
+        os.path.getsize(tmp_path / "out" / f) < 40_000 + 4_096 or len(load_file(tmp_path / "out" / f)) == 1
+        for f in shards
+    )
     torch.testing.assert_close(DreamModel.from_pretrained(tmp_path / "out")(ids).logits, want, atol=0, rtol=0)
 
 
@@ -206,13 +226,15 @@ def test_error_index_names_absent_shard_or_tensor(tmp_path):
 
 
 def test_error_bad_config_values(tmp_path):
-    for overrides, match in [({"model_type": "llama"}, "model_type 'llama' is not supported"),
-                             ({"use_sliding_window": True}, "sliding_window"),
-                             ({"hidden_act": "gelu"}, "hidden_act"),
-                             ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
-                             ({"num_key_value_heads": 3}, "multiple of"),
-                             ({"mask_token_id": 4096}, "mask_token_id must be a token id"),
-                             ({"hidden_size": 0}, "hidden_size must be a positive integer")]:
+    for overrides, match in [
+        ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+        ({"use_sliding_window": True}, "sliding_window"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+        ({"num_key_value_heads": 3}, "multiple of"),
+        ({"mask_token_id": 4096}, "mask_token_id must be a token id"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+    ]:
         (tmp_path / "config.json").write_text(json.dumps(tiny_config(**overrides)))
         _error(tmp_path, match)
     (tmp_path / "config.json").write_text("{not json")
@@ -223,7 +245,7 @@ def test_error_bad_dtype_and_stored_dtype(tmp_path):
     make_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="dtype must be one of"):
         DreamModel.from_pretrained(tmp_path, dtype=torch.int8)
-    cfg, tensors = make_checkpoint(tmp_path / "b")
+    _, tensors = make_checkpoint(tmp_path / "b")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].double()
     save_file(tensors, tmp_path / "b" / "model.safetensors")
     _error(tmp_path / "b", "unsupported dtype.*model.norm.weight")
@@ -258,22 +280,30 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
 
 def _train_bpe(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["def add(a, b):\n    return a + b\n", "hello world, hello tokens"] * 20, trainer)
     return tok
 
 
 def _write_tokenizer_config(path):
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "DreamTokenizer",  # remote code in the real checkpoint: must not be needed
-        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
-        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>",
-        "chat_template": CHAT_TEMPLATE,
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "DreamTokenizer",  # remote code in the real checkpoint: must not be needed
+                "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "mask_token": "<|mask|>",
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
 
 
 def test_tokenizer_from_tokenizer_json_with_chat_template(tmp_path):
@@ -283,8 +313,9 @@ def test_tokenizer_from_tokenizer_json_with_chat_template(tmp_path):
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.mask_token_id == tok.token_to_id("<|mask|>")
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == tok.token_to_id("<|endoftext|>")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "add two numbers"}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "add two numbers"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|im_start|>user\nadd two numbers<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tok.token_to_id("<|im_start|>") and tokenizer.decode(ids) == text
@@ -296,8 +327,9 @@ def test_tokenizer_from_vocab_and_merges(tmp_path):
     _write_tokenizer_config(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.decode(tokenizer("def add(a, b)")["input_ids"]) == "def add(a, b)"
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
-                                         tokenize=False).endswith("<|im_start|>assistant\n")
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+    ).endswith("<|im_start|>assistant\n")
 
 
 def test_tokenizer_errors(tmp_path):

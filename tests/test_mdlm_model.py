@@ -32,7 +32,7 @@ def test_loads_public_layout_and_matches_mdlm_dit(checkpoint):
     x = torch.randint(0, 39, (2, 24))
     x[:, ::3] = model.config.mask_token_id
     with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
-        state = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
+        state = {n: f.get_tensor(n) for n in f.keys()}
     expected = dit_logits(state, model.config, x=x)
     got = model(input_ids=x).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
@@ -40,8 +40,9 @@ def test_loads_public_layout_and_matches_mdlm_dit(checkpoint):
     embeds = model.get_input_embeddings()(x)
     torch.testing.assert_close(model(inputs_embeds=embeds).logits, got)
     rows = torch.tensor([[0, 5], [7, 23]])
-    torch.testing.assert_close(model(input_ids=x, logits_rows=rows).logits, got.gather(
-        1, rows[:, :, None].expand(2, 2, got.shape[-1])))
+    torch.testing.assert_close(
+        model(input_ids=x, logits_rows=rows).logits, got.gather(1, rows[:, :, None].expand(2, 2, got.shape[-1]))
+    )
 
 
 def test_round_trip_keeps_names_config_and_values(checkpoint, tmp_path):
@@ -51,8 +52,9 @@ def test_round_trip_keeps_names_config_and_values(checkpoint, tmp_path):
         names = set(f.keys())
     assert names == set(layout(TINY_CONFIG)) - {"backbone.rotary_emb.inv_freq"}
     raw = json.loads((tmp_path / "config.json").read_text())
-    assert raw["model_type"] == "mdlm" and {k: raw[k] for k in ("hidden_dim", "cond_dim", "n_blocks", "n_heads")} \
-        == {k: TINY_CONFIG[k] for k in ("hidden_dim", "cond_dim", "n_blocks", "n_heads")}
+    assert raw["model_type"] == "mdlm" and {k: raw[k] for k in ("hidden_dim", "cond_dim", "n_blocks", "n_heads")} == {
+        k: TINY_CONFIG[k] for k in ("hidden_dim", "cond_dim", "n_blocks", "n_heads")
+    }
     again = load_model(tmp_path, dtype=torch.bfloat16)
     assert again.dtype == torch.bfloat16
     for (n1, t1), (n2, t2) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -60,17 +62,29 @@ def test_round_trip_keeps_names_config_and_values(checkpoint, tmp_path):
 
 
 def test_bad_layout_lists_every_problem_in_one_error(tmp_path):
-    write_checkpoint(str(tmp_path), drop=("backbone.blocks.1.attn_out.weight",),
-                     extra={"backbone.lm_head.weight": (40, 32)},
-                     reshape={"backbone.blocks.0.mlp.0.weight": (64, 32)})
+    write_checkpoint(
+        str(tmp_path),
+        drop=("backbone.blocks.1.attn_out.weight",),
+        extra={"backbone.lm_head.weight": (40, 32)},
+        reshape={"backbone.blocks.0.mlp.0.weight": (64, 32)},
+    )
     with open(tmp_path / "tokenizer.json", "w") as f:
-        json.dump({"version": "1.0", "model": {"type": "WordLevel", "vocab": {f"t{i}": i for i in range(30)},
-                                                 "unk_token": "t0"}}, f)
+        json.dump(
+            {
+                "version": "1.0",
+                "model": {"type": "WordLevel", "vocab": {f"t{i}": i for i in range(30)}, "unk_token": "t0"},
+            },
+            f,
+        )
     with pytest.raises(ValueError) as info:
         load_model(tmp_path)
     message = str(info.value)
-    for part in ("missing tensors: backbone.blocks.1.attn_out.weight", "unexpected tensors: backbone.lm_head.weight",
-                 "backbone.blocks.0.mlp.0.weight: file [64, 32]", "the tokenizer has 30 ids"):
+    for part in (
+        "missing tensors: backbone.blocks.1.attn_out.weight",
+        "unexpected tensors: backbone.lm_head.weight",
+        "backbone.blocks.0.mlp.0.weight: file [64, 32]",
+        "the tokenizer has 30 ids",
+    ):
         assert part in message
 
 

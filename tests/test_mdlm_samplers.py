@@ -32,8 +32,14 @@ def _oracle(model, batch, length, seed, **kwargs):
 
     x = torch.full((batch, length), model.config.mask_token_id)
     with torch.no_grad():
-        return oracle.sample(backbone, x, model.config.mask_token_id, table=model.get_input_embeddings().weight,
-                             generator=torch.Generator().manual_seed(seed), **kwargs)
+        return oracle.sample(
+            backbone,
+            x,
+            model.config.mask_token_id,
+            table=model.get_input_embeddings().weight,
+            generator=torch.Generator().manual_seed(seed),
+            **kwargs,
+        )
 
 
 CASES = [
@@ -48,8 +54,7 @@ CASES = [
 def test_binary_parity_with_published_algorithm(model, case):
     expected, expected_forwards = _oracle(model, 2, 12, seed=5, **case)
     kwargs = {k if k != "p_nucleus" else "nucleus_p": v for k, v in case.items()}
-    got, forwards = mdlm_generate(model, batch_size=2, max_new_tokens=12, seed=5, return_forward_count=True,
-                                  **kwargs)
+    got, forwards = mdlm_generate(model, batch_size=2, max_new_tokens=12, seed=5, return_forward_count=True, **kwargs)
     assert torch.equal(got, expected)
     assert forwards == expected_forwards
 
@@ -67,10 +72,10 @@ def test_soft_masked_parity_with_dense_formulation(model, case):
 
 
 def test_cache_only_saves_forward_passes(model):
-    cached, n_cached = mdlm_generate(model, batch_size=2, max_new_tokens=8, steps=32, seed=1,
-                                     return_forward_count=True)
-    plain, n_plain = mdlm_generate(model, batch_size=2, max_new_tokens=8, steps=32, seed=1, cache=False,
-                                   return_forward_count=True)
+    cached, n_cached = mdlm_generate(model, batch_size=2, max_new_tokens=8, steps=32, seed=1, return_forward_count=True)
+    plain, n_plain = mdlm_generate(
+        model, batch_size=2, max_new_tokens=8, steps=32, seed=1, cache=False, return_forward_count=True
+    )
     assert torch.equal(cached, plain) and n_plain == 33 and n_cached < n_plain
 
 
@@ -83,8 +88,15 @@ def test_prefix_is_kept_and_no_mask_is_left(model):
 
 def _runner(model):
     options = MDLMSamplerOptions(steps=4, sampler="remdm-loop", t_on=0.8, t_off=0.3, nucleus_p=0.9)
-    runner = MDLMSampler(model, options, batch=2, prompt_len=0, new_tokens=6, soft_mask=SoftMask(k=3, scale=0.5),
-                         generator=torch.Generator().manual_seed(0))
+    runner = MDLMSampler(
+        model,
+        options,
+        batch=2,
+        prompt_len=0,
+        new_tokens=6,
+        soft_mask=SoftMask(k=3, scale=0.5),
+        generator=torch.Generator().manual_seed(0),
+    )
     runner.load(None)
     runner.forward_part(soft=False)
     runner.draw_noise()
@@ -108,23 +120,28 @@ def test_forward_part_compiles_without_graph_breaks(model):
 
 def test_diffusion_generate_reaches_the_samplers(model):
     prefix = torch.randint(0, 39, (1, 4))
-    expected = mdlm_generate(model, prefix, max_new_tokens=6, steps=6, sampler="remdm-cap", seed=2,
-                             transparency_scale=0.5, mixinputs_k=3)
-    got = diffusion_generate(model, prefix, max_new_tokens=6, steps=6, sampler="remdm-cap", seed=2,
-                             transparency_scale=0.5, mixinputs_k=3)
+    expected = mdlm_generate(
+        model, prefix, max_new_tokens=6, steps=6, sampler="remdm-cap", seed=2, transparency_scale=0.5, mixinputs_k=3
+    )
+    got = diffusion_generate(
+        model, prefix, max_new_tokens=6, steps=6, sampler="remdm-cap", seed=2, transparency_scale=0.5, mixinputs_k=3
+    )
     assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="do not apply to MDLM"):
         diffusion_generate(model, prefix, max_new_tokens=6, alg="entropy", temperature=0.5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(steps=0), "steps must be an int >= 1"),
-    (dict(sampler="remdm-rescale"), "ReMDM schedule 'rescale' does not exist"),
-    (dict(sampler="ddpm"), "unknown sampler 'ddpm'"),
-    (dict(max_new_tokens=25), "exceeds the model's length of 24"),
-    (dict(sampler="remdm-loop", t_on=0.1, t_off=0.2), "remdm-loop needs"),
-    (dict(nucleus_p=0.0), "nucleus_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "steps must be an int >= 1"),
+        (dict(sampler="remdm-rescale"), "ReMDM schedule 'rescale' does not exist"),
+        (dict(sampler="ddpm"), "unknown sampler 'ddpm'"),
+        (dict(max_new_tokens=25), "exceeds the model's length of 24"),
+        (dict(sampler="remdm-loop", t_on=0.1, t_off=0.2), "remdm-loop needs"),
+        (dict(nucleus_p=0.0), "nucleus_p"),
+    ],
+)
 def test_settings_that_cannot_hold_are_clear_errors(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mdlm_generate(model, batch_size=1, **{"max_new_tokens": 8, **kwargs})

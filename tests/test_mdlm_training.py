@@ -41,8 +41,16 @@ def _model(seed=0):
 
 
 # Shared with tests/_mdlm_ddp_worker.py: the single-process run uses grad_accum=2 to see the same global batch.
-DDP_SETTINGS = {"max_steps": 3, "batch_size": 4, "warmup_steps": 1, "sm_prob": 0.5, "ema": 0.9, "lr": 1e-3,
-                "eval_batches": 1, "seed": 2}
+DDP_SETTINGS = {
+    "max_steps": 3,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "sm_prob": 0.5,
+    "ema": 0.9,
+    "lr": 1e-3,
+    "eval_batches": 1,
+    "seed": 2,
+}
 
 
 def _blocks(n, seed=0):
@@ -120,8 +128,16 @@ def test_ema_state_resumes_exactly():
 
 def test_preset_is_the_authors_recipe():
     config = mdlm_preset("mdlm-sm-paper", run_dir="x", max_steps=1)
-    assert (config.lr, config.sm_lr, config.sm_prob, config.sm_k, config.clip, config.ema, config.warmup_steps,
-            config.weight_decay) == (3e-4, 1e-2, 0.8, 3, 1.0, 0.9999, 2500, 0.0)
+    assert (
+        config.lr,
+        config.sm_lr,
+        config.sm_prob,
+        config.sm_k,
+        config.clip,
+        config.ema,
+        config.warmup_steps,
+        config.weight_decay,
+    ) == (3e-4, 1e-2, 0.8, 3, 1.0, 0.9999, 2500, 0.0)
     assert MDLM_PRESETS["mdlm-pretrain"]["sm_prob"] == 0.0
     with pytest.raises(ValueError, match="unknown MDLM preset"):
         mdlm_preset("dream-paper", run_dir="x", max_steps=1)
@@ -129,16 +145,18 @@ def test_preset_is_the_authors_recipe():
 
 def test_trainer_resumes_exactly(tmp_path):
     train, val = _blocks(24), _blocks(8, seed=1)
-    kwargs = dict(max_steps=4, batch_size=4, grad_accum=2, warmup_steps=2, sm_prob=0.5, ema=0.9, lr=1e-3,
-                  eval_batches=1)
+    kwargs = dict(
+        max_steps=4, batch_size=4, grad_accum=2, warmup_steps=2, sm_prob=0.5, ema=0.9, lr=1e-3, eval_batches=1
+    )
     straight = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "a"), **kwargs), train, val)
     straight.train()
     first = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train, val)
     for _ in range(2):
         first.train_step()
     first.save_checkpoint()
-    resumed = MDLMTrainer(_model(seed=5), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train,
-                          val)
+    resumed = MDLMTrainer(
+        _model(seed=5), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train, val
+    )
     summary = resumed.train()
     assert resumed.step == 4 and summary["steps"] == 4
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
@@ -149,7 +167,9 @@ def test_trainer_resumes_exactly(tmp_path):
     assert (tmp_path / "b" / "final" / "transparency_config.json").exists()
     # the final model holds the EMA weights
     final = MDLMModel.from_pretrained(tmp_path / "b" / "final")
-    assert torch.equal(final.backbone.blocks[1].attn_out.weight, resumed.ema.shadow["backbone.blocks.1.attn_out.weight"])
+    assert torch.equal(
+        final.backbone.blocks[1].attn_out.weight, resumed.ema.shadow["backbone.blocks.1.attn_out.weight"]
+    )
 
 
 def test_elbo_perplexity_is_paired_and_sm_changes_it():
@@ -164,12 +184,14 @@ def test_elbo_perplexity_is_paired_and_sm_changes_it():
 @pytest.mark.slow  # loads transformers' GPT-2 classes (tens of seconds on a busy CI machine)
 def test_generative_perplexity_with_a_local_scorer(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     assets = "softmask_ext/assets/tiny-coder"
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(f"{assets}/{name}", tmp_path / name)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     result = generative_perplexity(["def f(x):\n    return x + 1\n", "import os\n"], tmp_path, max_length=64)
     assert result["tokens"] > 5 and 100 < result["perplexity"] < 2000  # an untrained scorer: about uniform over 512
     with pytest.raises(FileNotFoundError, match="scorer"):
@@ -191,13 +213,32 @@ def test_two_processes_match_one(tmp_path):
     import os
     import subprocess
     import sys
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), "tests"])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "tests/_mdlm_ddp_worker.py", str(tmp_path / "ddp")], env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "tests/_mdlm_ddp_worker.py",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    single = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "one"), grad_accum=2,
-                                               **DDP_SETTINGS), _blocks(24), _blocks(4, seed=1))
+    single = MDLMTrainer(
+        _model(),
+        mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "one"), grad_accum=2, **DDP_SETTINGS),
+        _blocks(24),
+        _blocks(4, seed=1),
+    )
     single.train()
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -205,6 +246,7 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(ddp, one):
         assert abs(a["loss"] - b["loss"]) < 1e-5
     final = MDLMModel.from_pretrained(tmp_path / "ddp" / "final")
-    for (name, p), q in zip(final.named_parameters(), MDLMModel.from_pretrained(tmp_path / "one" / "final")
-                            .parameters()):
+    for (name, p), q in zip(
+        final.named_parameters(), MDLMModel.from_pretrained(tmp_path / "one" / "final").parameters()
+    ):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -15,9 +15,20 @@ VOCAB, PAD, MASK = 512, 500, 511
 
 
 def tiny_model(seed: int = 0, **overrides) -> DreamModel:
-    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0,
-                  mask_token_id=MASK, pad_token_id=PAD, eos_token_id=PAD, bos_token_id=501)
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        mask_token_id=MASK,
+        pad_token_id=PAD,
+        eos_token_id=PAD,
+        bos_token_id=501,
+    )
     torch.manual_seed(seed)
     model = DreamModel(DreamConfig(**{**fields, **overrides}))
     model.reset_parameters(std=0.15)  # larger than pretraining init so attention is far from uniform
@@ -34,8 +45,8 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = s
-        mask[b, T - len(s):] = 1
+        ids[b, T - len(s) :] = s
+        mask[b, T - len(s) :] = 1
     return ids, mask
 
 
@@ -60,8 +71,7 @@ def test_attention_is_bidirectional(model):
 @torch.no_grad()
 def test_inputs_embeds_equal_input_ids(model):
     ids = torch.randint(0, VOCAB, (2, 9))
-    torch.testing.assert_close(model(inputs_embeds=model.embed_tokens(ids)).logits, model(ids).logits,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(model(inputs_embeds=model.embed_tokens(ids)).logits, model(ids).logits, atol=0, rtol=0)
     assert model.get_input_embeddings() is model.embed_tokens is model.model.embed_tokens
 
 
@@ -70,8 +80,9 @@ def test_logits_rows_select_the_same_rows(model):
     ids = torch.randint(0, VOCAB, (2, 10))
     full = model(ids).logits
     rows = torch.tensor([[9, 3, 4], [0, 0, 7]])
-    torch.testing.assert_close(model(ids, logits_rows=rows).logits, torch.stack([full[0, rows[0]], full[1, rows[1]]]),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        model(ids, logits_rows=rows).logits, torch.stack([full[0, rows[0]], full[1, rows[1]]]), atol=1e-5, rtol=0
+    )
     flat = torch.tensor([19, 2, 10])  # row b*T + t
     torch.testing.assert_close(model(ids, logits_rows=flat).logits, full.reshape(20, VOCAB)[flat], atol=1e-5, rtol=0)
 
@@ -87,7 +98,7 @@ def test_left_padded_batch_matches_each_sequence_alone(model, lengths, seed):
         batched = model(ids, attention_mask=mask).logits
         for b, s in enumerate(seqs):
             alone = model(s[None]).logits[0]
-            torch.testing.assert_close(batched[b, ids.shape[1] - len(s):], alone, atol=2e-5, rtol=0)
+            torch.testing.assert_close(batched[b, ids.shape[1] - len(s) :], alone, atol=2e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -96,8 +107,10 @@ def test_mask_forms_agree(model):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = mask.bool()
     want = model(ids, attention_mask=mask).logits
-    for mask_4d in (keep[:, None, None, :],  # bool, True = may attend
-                    torch.zeros(3, 1, 8, 8).masked_fill(~keep[:, None, None, :], float("-inf"))):  # additive
+    for mask_4d in (
+        keep[:, None, None, :],  # bool, True = may attend
+        torch.zeros(3, 1, 8, 8).masked_fill(~keep[:, None, None, :], float("-inf")),
+    ):  # additive
         got = model(ids, attention_mask=mask_4d, position_ids=positions).logits
         torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=0)
     torch.testing.assert_close(model(ids, attention_mask=keep).logits, want, atol=0, rtol=0)
@@ -162,8 +175,11 @@ def test_compiles_fullgraph_without_host_syncs(model):
     ids, mask = left_pad([torch.randint(0, VOCAB, (n,)) for n in (8, 3)])
     rows = torch.tensor([[5, 6, 7], [5, 6, 7]])
     with torch.no_grad():
-        for kwargs in (dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask, logits_rows=rows),
-                       dict(inputs_embeds=m.embed_tokens(ids), attention_mask=mask, logits_rows=rows.flatten())):
+        for kwargs in (
+            dict(input_ids=ids),
+            dict(input_ids=ids, attention_mask=mask, logits_rows=rows),
+            dict(inputs_embeds=m.embed_tokens(ids), attention_mask=mask, logits_rows=rows.flatten()),
+        ):
             torch.testing.assert_close(compiled(**kwargs).logits, m(**kwargs).logits, atol=1e-5, rtol=0)
     torch._dynamo.reset()
 
@@ -209,8 +225,13 @@ def test_bf16_autocast_training_with_fp32_weights(model):
 def test_peft_adapters_train_and_merge(model, use_dora):
     peft = pytest.importorskip("peft")
     base = copy.deepcopy(model)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                             use_dora=use_dora, init_lora_weights=True)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        use_dora=use_dora,
+        init_lora_weights=True,
+    )
     wrapped = peft.get_peft_model(base, config)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -252,30 +273,53 @@ def test_peft_adapter_save_and_reload(model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(), ValueError, "exactly one of input_ids or inputs_embeds"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), inputs_embeds=torch.zeros(2, 3, 64)), ValueError,
-     "exactly one"),
-    (dict(input_ids=torch.zeros(3, dtype=torch.long)), ValueError, r"2-D \[batch, seq\]"),
-    (dict(input_ids=torch.zeros(2, 3)), TypeError, "int64 or int32"),
-    (dict(inputs_embeds=torch.zeros(2, 3, 32)), ValueError, r"\[batch, seq, 64\]"),
-    (dict(inputs_embeds=torch.zeros(2, 3, 64, dtype=torch.float64)), TypeError, "model is torch.float32"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)), ValueError,
-     r"attention_mask must be \[2, 3\]"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 1, 4, 4)), ValueError,
-     "4-D attention_mask must broadcast"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, 3)), ValueError,
-     "or 4-D"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=[[1, 1, 1]] * 2), TypeError, "tensor"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), position_ids=torch.zeros(2, 4, dtype=torch.long)),
-     ValueError, "position_ids must be"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), position_ids=torch.zeros(2, 3)), TypeError,
-     "position_ids must be an integer tensor"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), logits_rows=torch.zeros(3, 1, dtype=torch.long)),
-     ValueError, r"logits_rows must be \[2, R\]"),
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), logits_rows=torch.zeros(2, 1)), TypeError,
-     "logits_rows must be an integer tensor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(), ValueError, "exactly one of input_ids or inputs_embeds"),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), inputs_embeds=torch.zeros(2, 3, 64)),
+            ValueError,
+            "exactly one",
+        ),
+        (dict(input_ids=torch.zeros(3, dtype=torch.long)), ValueError, r"2-D \[batch, seq\]"),
+        (dict(input_ids=torch.zeros(2, 3)), TypeError, "int64 or int32"),
+        (dict(inputs_embeds=torch.zeros(2, 3, 32)), ValueError, r"\[batch, seq, 64\]"),
+        (dict(inputs_embeds=torch.zeros(2, 3, 64, dtype=torch.float64)), TypeError, "model is torch.float32"),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4)),
+            ValueError,
+            r"attention_mask must be \[2, 3\]",
+        ),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 1, 4, 4)),
+            ValueError,
+            "4-D attention_mask must broadcast",
+        ),
+        (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3, 3)), ValueError, "or 4-D"),
+        (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=[[1, 1, 1]] * 2), TypeError, "tensor"),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), position_ids=torch.zeros(2, 4, dtype=torch.long)),
+            ValueError,
+            "position_ids must be",
+        ),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), position_ids=torch.zeros(2, 3)),
+            TypeError,
+            "position_ids must be an integer tensor",
+        ),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), logits_rows=torch.zeros(3, 1, dtype=torch.long)),
+            ValueError,
+            r"logits_rows must be \[2, R\]",
+        ),
+        (
+            dict(input_ids=torch.zeros(2, 3, dtype=torch.long), logits_rows=torch.zeros(2, 1)),
+            TypeError,
+            "logits_rows must be an integer tensor",
+        ),
+    ],
+)
 def test_bad_input_is_a_clear_error(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         model(**kwargs)
@@ -285,8 +329,16 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(TypeError, match="DreamConfig"):
         DreamModel({"hidden_size": 64})
     with pytest.raises(ValueError, match="head_dim must be even"):
-        DreamConfig(hidden_size=60, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                    mask_token_id=MASK, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+        DreamConfig(
+            hidden_size=60,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            mask_token_id=MASK,
+            pad_token_id=0,
+            eos_token_id=0,
+            bos_token_id=0,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- decoding hook-up
@@ -296,5 +348,6 @@ def test_diffusion_generate_delegates_to_the_engine(model):
         pytest.skip("the decoding engine is not in place yet")
     prompt = torch.randint(0, VOCAB - 16, (1, 4))
     kwargs = dict(max_new_tokens=4, steps=2, temperature=0.0, alg="maskgit_plus")
-    torch.testing.assert_close(model.diffusion_generate(prompt, **kwargs),
-                               decoding.diffusion_generate(model, prompt, **kwargs))
+    torch.testing.assert_close(
+        model.diffusion_generate(prompt, **kwargs), decoding.diffusion_generate(model, prompt, **kwargs)
+    )

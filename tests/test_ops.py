@@ -8,9 +8,6 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
-
 from _ops_checks import (
     assert_blend_matches,
     assert_lower_index_wins_ties,
@@ -18,6 +15,9 @@ from _ops_checks import (
     make_invalid_rows,
     make_logits,
 )
+from hypothesis import given
+from hypothesis import strategies as st
+
 from softmask_ext import ops, reference
 
 pytestmark = pytest.mark.skipif(not ops.EXTENSION_LOADED, reason="the compiled extension is not built")
@@ -36,8 +36,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
     temperature=st.sampled_from([1.0, 0.5, 2.0]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_topk_entropy_matches_reference(lead, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature,
-                                        seed):
+def test_topk_entropy_matches_reference(
+    lead, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature, seed
+):
     g = torch.Generator().manual_seed(seed)
     k = min(k_seed, vocab)
     logits = make_logits((*lead, vocab), dtype, scale, neg_inf_fraction, tie_levels, g)
@@ -196,10 +197,14 @@ def _opcheck_samples():
     coeffs = torch.rand(6, 4, requires_grad=True)
     yield torch.ops.softmask_ext.blend_embeddings, (weight, ids, coeffs)
     yield torch.ops.softmask_ext.blend_embeddings, (weight.detach().half().requires_grad_(), ids, coeffs)
-    yield torch.ops.softmask_ext.blend_embeddings_backward, (torch.randn(6, 24), weight.detach(), ids,
-                                                              coeffs.detach(), False)
-    yield torch.ops.softmask_ext.blend_embeddings_backward, (torch.randn(6, 24), weight.detach(), ids,
-                                                              coeffs.detach(), True, False)
+    yield (
+        torch.ops.softmask_ext.blend_embeddings_backward,
+        (torch.randn(6, 24), weight.detach(), ids, coeffs.detach(), False),
+    )
+    yield (
+        torch.ops.softmask_ext.blend_embeddings_backward,
+        (torch.randn(6, 24), weight.detach(), ids, coeffs.detach(), True, False),
+    )
     yield torch.ops.softmask_ext.blend_embeddings, (weight.detach(), ids, coeffs)  # frozen table
 
 
@@ -241,16 +246,32 @@ BAD_DIRECT = [
     (lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(2, 4), 5), ValueError, "exceeds the vocabulary"),
     (lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(2, 10).double(), 2), TypeError, "logits must be float32"),
     (lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(10, 2).t(), 2), ValueError, "must be contiguous"),
-    (lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(2, 10), 2, torch.tensor([2])), IndexError,
-     r"rows must lie in \[0, 2\)"),
-    (lambda: torch.ops.softmask_ext.blend_embeddings(torch.randn(10), torch.zeros(2, 1, dtype=torch.long),
-                                                     torch.ones(2, 1)), ValueError, r"weight must be \[V, D\]"),
-    (lambda: torch.ops.softmask_ext.blend_embeddings_backward(
-        torch.randn(1, 5), torch.randn(10, 4), torch.tensor([[1]]), torch.ones(1, 1), False),
-     ValueError, r"grad_out must be \[N, D\]"),
-    (lambda: torch.ops.softmask_ext.blend_embeddings_backward(
-        torch.randn(1, 4).half(), torch.randn(10, 4), torch.tensor([[1]]), torch.ones(1, 1), False),
-     TypeError, "grad_out must have weight's dtype"),
+    (
+        lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(2, 10), 2, torch.tensor([2])),
+        IndexError,
+        r"rows must lie in \[0, 2\)",
+    ),
+    (
+        lambda: torch.ops.softmask_ext.blend_embeddings(
+            torch.randn(10), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)
+        ),
+        ValueError,
+        r"weight must be \[V, D\]",
+    ),
+    (
+        lambda: torch.ops.softmask_ext.blend_embeddings_backward(
+            torch.randn(1, 5), torch.randn(10, 4), torch.tensor([[1]]), torch.ones(1, 1), False
+        ),
+        ValueError,
+        r"grad_out must be \[N, D\]",
+    ),
+    (
+        lambda: torch.ops.softmask_ext.blend_embeddings_backward(
+            torch.randn(1, 4).half(), torch.randn(10, 4), torch.tensor([[1]]), torch.ones(1, 1), False
+        ),
+        TypeError,
+        "grad_out must have weight's dtype",
+    ),
 ]
 
 
@@ -262,7 +283,7 @@ def test_bad_inputs_to_the_registered_ops_raise_clear_errors(call, error, messag
 
 def test_max_k_is_the_kernel_core_value():
     assert ops.MAX_K == ops._C.MAX_K == 32
-    assert ops.TOPK_VARIANTS == tuple(ops._C.TOPK_VARIANTS) and ops.TOPK_VARIANTS[0] == "baseline"
+    assert tuple(ops._C.TOPK_VARIANTS) == ops.TOPK_VARIANTS and ops.TOPK_VARIANTS[0] == "baseline"
     assert ops.DEFAULT_TOPK_VARIANT in ops.TOPK_VARIANTS
 
 

@@ -11,9 +11,6 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from _ops_checks import (
     assert_blend_matches,
     assert_lower_index_wins_ties,
@@ -21,6 +18,9 @@ from _ops_checks import (
     make_invalid_rows,
     make_logits,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from softmask_ext import ops
 
 pytestmark = [
@@ -71,8 +71,9 @@ def deterministic_algorithms():
     temperature=st.sampled_from([1.0, 0.5]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_topk_entropy_matches_reference(variant, rows, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature,
-                                        seed):
+def test_topk_entropy_matches_reference(
+    variant, rows, vocab, k_seed, dtype, scale, neg_inf_fraction, tie_levels, temperature, seed
+):
     logits = cuda_logits((rows, vocab), dtype, scale, neg_inf_fraction, tie_levels, cuda_generator(seed))
     assert_topk_entropy_matches(logits, min(k_seed, vocab), temperature=temperature)
 
@@ -251,7 +252,9 @@ def test_cuda_graph_capture_of_backward():
         train_step()
     graph.replay()
     torch.cuda.synchronize()
-    expected_gw = torch.zeros_like(weight).index_add_(0, ids.reshape(-1), (coeffs.detach()[..., None] * grad_out[:, None]).reshape(-1, 128))
+    expected_gw = torch.zeros_like(weight).index_add_(
+        0, ids.reshape(-1), (coeffs.detach()[..., None] * grad_out[:, None]).reshape(-1, 128)
+    )
     torch.testing.assert_close(static["gw"], expected_gw, rtol=1e-4, atol=1e-4)
 
 
@@ -262,7 +265,9 @@ def test_torch_compile_fullgraph(variant):
 
     def soft(logits, weight):
         ids, probs, negh = ops.topk_entropy(logits, 3)
-        return ops.blend_embeddings(weight, ids.reshape(-1, 3), probs.reshape(-1, 3) * torch.sigmoid(negh).reshape(-1, 1))
+        return ops.blend_embeddings(
+            weight, ids.reshape(-1, 3), probs.reshape(-1, 3) * torch.sigmoid(negh).reshape(-1, 1)
+        )
 
     compiled = torch.compile(soft, fullgraph=True)
     out = compiled(logits, weight)

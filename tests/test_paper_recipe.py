@@ -18,10 +18,10 @@ from softmask_ext.data import (
     save_tokenizer,
     train_tokenizer,
 )
-from softmask_ext.finetune import main, parse_args, resolve_settings
-from softmask_ext.model import DreamConfig, load_tokenizer
 from softmask_ext.diffusion.noise import NoiseSchedule, apply_noise, sample_noise
 from softmask_ext.diffusion.objective import masked_token_loss, sequence_mean_loss
+from softmask_ext.finetune import main, parse_args, resolve_settings
+from softmask_ext.model import DreamConfig, load_tokenizer
 from softmask_ext.training.presets import PRESETS, drop_token_ids
 
 LN2 = math.log(2.0)
@@ -43,8 +43,10 @@ def test_sequence_loss_is_one_over_t_times_each_sequences_mean_summed():
     total = sequence_mean_loss(logits, targets, masked, t, logit_shift=0)
     assert total.item() == pytest.approx(7 * LN2, rel=1e-6)
     # Summed over micro-batches of one sequence each (the authors' accumulation) it is the same number.
-    parts = [sequence_mean_loss(logits[i:i + 1], targets[i:i + 1], masked[i:i + 1], t[i:i + 1], logit_shift=0)
-             for i in range(2)]
+    parts = [
+        sequence_mean_loss(logits[i : i + 1], targets[i : i + 1], masked[i : i + 1], t[i : i + 1], logit_shift=0)
+        for i in range(2)
+    ]
     assert parts[0].item() == pytest.approx(3 * LN2) and parts[1].item() == pytest.approx(4 * LN2)
     # The per-token normalisation (dream-tokens) with one t = 0.5 over the 6 response tokens weighs the two sequences
     # by their masked token counts instead: (ln 2 + ln 4 + ln 2) / 0.5 / 6.
@@ -63,16 +65,25 @@ def test_mask_probability_has_the_authors_floor_and_t_is_per_sequence():
     share = noised.masked.float().mean(1)
     assert share[0].item() == pytest.approx(1e-3, rel=0.15)  # (1 - 1e-3) * 0 + 1e-3
     assert share[1].item() == pytest.approx((1 - 1e-3) * 0.5 + 1e-3, rel=0.02)
-    rows = sample_noise(torch.zeros(64, 8, dtype=torch.int64), torch.ones(64, 8, dtype=torch.bool), 7,
-                        NoiseSchedule(0.2, 0.8), generator, per_sequence=True, mask_eps=1e-3)
+    rows = sample_noise(
+        torch.zeros(64, 8, dtype=torch.int64),
+        torch.ones(64, 8, dtype=torch.bool),
+        7,
+        NoiseSchedule(0.2, 0.8),
+        generator,
+        per_sequence=True,
+        mask_eps=1e-3,
+    )
     assert rows.t.shape == (64,) and rows.t.unique().numel() == 64 and 0.2 <= rows.t.min() <= rows.t.max() <= 0.8
     assert bool(rows.masked.any(1).all())  # at least one masked token per sequence, as the authors' collator forces
 
 
 def test_padding_is_trained_as_response_with_the_pad_token_as_label():
     pad = 9
-    examples = [Example(torch.arange(10, 15), torch.tensor([True, True, False, False, False])),
-                Example(torch.arange(20, 29), torch.tensor([True] * 3 + [False] * 6))]
+    examples = [
+        Example(torch.arange(10, 15), torch.tensor([True, True, False, False, False])),
+        Example(torch.arange(20, 29), torch.tensor([True] * 3 + [False] * 6)),
+    ]
     stream = BatchStream(examples, 2, pad, seed=0, pad_as_response=True)
     lengths = set()
     for _ in range(6):
@@ -100,10 +111,14 @@ def tokenizer(tmp_path_factory):
 
 
 def test_last_message_is_the_response_and_short_or_tool_call_samples_are_dropped(tokenizer, tmp_path):
-    conversation = {"messages": [{"role": "user", "content": "Add."},
-                                 {"role": "assistant", "content": "def add(a, b):"},
-                                 {"role": "user", "content": "Now class."},
-                                 {"role": "assistant", "content": CODE[1]}]}
+    conversation = {
+        "messages": [
+            {"role": "user", "content": "Add."},
+            {"role": "assistant", "content": "def add(a, b):"},
+            {"role": "user", "content": "Now class."},
+            {"role": "assistant", "content": CODE[1]},
+        ]
+    }
     short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]}
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (conversation, short)))
@@ -127,14 +142,38 @@ def test_presets_name_both_recipes():
     paper = resolve_settings(parse_args(["--preset", "dream-paper"]), seven_b)
     assert paper == resolve_settings(parse_args([]), seven_b)  # the default for large models
     assert (paper["loss"], paper["mask_eps"], paper["pad_as_response"], paper["responses"]) == (
-        "sequence", 1e-3, True, "last")
+        "sequence",
+        1e-3,
+        True,
+        "last",
+    )
     assert (paper["min_response_tokens"], paper["drop_tool_calls"], paper["max_samples"]) == (5, True, 300_000)
     assert (paper["clip"], paper["batch_size"], paper["grad_accum"], paper["t_min"], paper["t_max"]) == (
-        7.0, 1, 8, 0.2, 0.8)
+        7.0,
+        1,
+        8,
+        0.2,
+        0.8,
+    )
     ours = resolve_settings(parse_args(["--preset", "dream-tokens"]), seven_b)
     assert (ours["loss"], ours["mask_eps"], ours["pad_as_response"], ours["responses"]) == ("tokens", 0.0, False, "all")
-    same_optimisation = ("adapter", "rank", "alpha", "lr", "sm_lr", "clip", "batch_size", "grad_accum", "max_length",
-                         "sm_prob", "bf16", "gradient_checkpointing", "warmup_ratio", "sm_init_scale", "sm_init_centre")
+    same_optimisation = (
+        "adapter",
+        "rank",
+        "alpha",
+        "lr",
+        "sm_lr",
+        "clip",
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "sm_prob",
+        "bf16",
+        "gradient_checkpointing",
+        "warmup_ratio",
+        "sm_init_scale",
+        "sm_init_centre",
+    )
     assert {k: ours[k] for k in same_optimisation} == {k: paper[k] for k in same_optimisation}
     assert set(PRESETS) == {"tiny", "dream-paper", "dream-tokens"}
 
@@ -142,13 +181,45 @@ def test_presets_name_both_recipes():
 def test_dream_paper_run_keeps_the_best_checkpoint_and_caps_the_samples(tmp_path, capsys):
     model_dir = make_model_dir(tmp_path / "model")
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Code {i}."},
-                                                     {"role": "assistant", "content": code}]}) + "\n"
-                            for i, code in enumerate(CODE)))
-    summary = main(["--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path), "--name", "paper",
-                    "--preset", "dream-paper", "--full", "--no-gradient-checkpointing", "--max-steps", "3",
-                    "--grad-accum", "2", "--max-samples", "8", "--eval-every", "1", "--eval-batches", "1",
-                    "--max-length", "128", "--device", "cpu"])
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"Code {i}."}, {"role": "assistant", "content": code}]}
+            )
+            + "\n"
+            for i, code in enumerate(CODE)
+        )
+    )
+    summary = main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "paper",
+            "--preset",
+            "dream-paper",
+            "--full",
+            "--no-gradient-checkpointing",
+            "--max-steps",
+            "3",
+            "--grad-accum",
+            "2",
+            "--max-samples",
+            "8",
+            "--eval-every",
+            "1",
+            "--eval-batches",
+            "1",
+            "--max-length",
+            "128",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "on 8 sequences" in capsys.readouterr().out
     run = tmp_path / "paper"
     best = json.loads((run / "best" / "best.json").read_text())

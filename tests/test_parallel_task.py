@@ -1,4 +1,5 @@
 """The spelling task of the parallel-decoding experiment: lexicon, validity checker, splits, determinism, layout."""
+
 import itertools
 
 import pytest
@@ -45,7 +46,7 @@ def test_mixing_two_spellings_within_a_word_is_invalid(data):
     choices = [0] * 4
     answer = letters_of(TASK, words, choices)
     n = TASK.word_length
-    answer[i * n:(i + 1) * n] = TASK.spellings[words[i]][first][:cut] + TASK.spellings[words[i]][second][cut:]
+    answer[i * n : (i + 1) * n] = TASK.spellings[words[i]][first][:cut] + TASK.spellings[words[i]][second][cut:]
     tokens = TASK.answer_tokens(TASK.sequence_ids(words, answer))
     assert not TASK.is_valid(words, tokens)
     assert TASK.word_validity(words, tokens) == [j != i for j in range(4)]
@@ -108,10 +109,17 @@ def test_examples_and_canvas_layout():
     assert (~example.prompt_mask).nonzero().flatten().tolist() == TASK.answer_positions
     assert TASK.answer_tokens(ids) == TASK.answer_ids(item.answer)
     # each word token sits right before its letters
-    assert [ids[p - 1] for p in TASK.answer_positions[::TASK.word_length]] == [TASK.word_token(w) for w in item.words]
+    assert [ids[p - 1] for p in TASK.answer_positions[:: TASK.word_length]] == [TASK.word_token(w) for w in item.words]
     canvas = TASK.sequence_ids(item.words)
     mask = TASK.token_ids["mask_token_id"]
     assert [t for t in canvas if t == mask] == [mask] * TASK.answer_length
     assert [p for p, t in enumerate(canvas) if t == mask] == TASK.answer_positions
-    DreamConfig(vocab_size=TASK.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, **TASK.token_ids)  # the ids fit a model's vocabulary
+    DreamConfig(
+        vocab_size=TASK.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        **TASK.token_ids,
+    )  # the ids fit a model's vocabulary

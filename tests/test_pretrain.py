@@ -22,17 +22,46 @@ def test_unigram_cross_entropy_matches_the_definition():
 
 def test_pretrain_writes_a_loadable_dream_model_directory(tmp_path):
     out = tmp_path / "model"
-    metadata = main(["--output", str(out), "--work-dir", str(tmp_path / "run"), "--max-chars", "150000",
-                     "--vocab-size", "400", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                     "--intermediate-size", "64", "--seq-len", "64", "--batch-size", "4", "--max-steps", "3",
-                     "--eval-batches", "2", "--save-every", "2"])
+    metadata = main(
+        [
+            "--output",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "run"),
+            "--max-chars",
+            "150000",
+            "--vocab-size",
+            "400",
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--intermediate-size",
+            "64",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--eval-batches",
+            "2",
+            "--save-every",
+            "2",
+        ]
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "Dream" and config["vocab_size"] == 400
     model = DreamModel.from_pretrained(out)
     tokenizer = load_tokenizer(out)
     assert tokenizer.mask_token_id == model.config.mask_token_id
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>assistant\n")
     saved = json.loads((out / "metadata.json").read_text())
     assert saved == metadata

@@ -15,7 +15,9 @@ def _neg_entropy_f64(row: torch.Tensor) -> float:
     return float(sum(pi * math.log(pi) for pi in p.tolist() if pi > 0))
 
 
-@given(vocab=st.integers(1, 300), k=st.integers(1, 8), scale=st.sampled_from([0.1, 1.0, 30.0]), seed=st.integers(0, 2**16))
+@given(
+    vocab=st.integers(1, 300), k=st.integers(1, 8), scale=st.sampled_from([0.1, 1.0, 30.0]), seed=st.integers(0, 2**16)
+)
 def test_topk_entropy_matches_float64_formulas(vocab, k, scale, seed):
     k = min(k, vocab)
     g = torch.Generator().manual_seed(seed)

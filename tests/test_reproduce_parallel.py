@@ -1,4 +1,5 @@
 """benchmarks/reproduce_parallel.py: its statistics, its settings, and the whole pipeline on a tiny configuration."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -40,8 +41,9 @@ def test_settings(bench):
     assert bench.tokens_per_step(SpellingTask.generate(word_length=3, prompt_words=4)) == (1, 2, 4)
 
 
-@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--seeds", "0,0"], ["--seeds", "0,1000"], ["--sm-prob", "0"],
-                                  ["--threads", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["--seeds", "0"], ["--seeds", "0,0"], ["--seeds", "0,1000"], ["--sm-prob", "0"], ["--threads", "0"]]
+)
 def test_bad_arguments_are_refused(bench, argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
@@ -50,21 +52,57 @@ def test_bad_arguments_are_refused(bench, argv):
 def test_verdicts_read_the_intervals(bench):
     tps = (1, 2, 4, 8, 16)
     summary = {"binary": {str(t): {"valid": {"mean": 1.0 / t}} for t in tps}}
-    paired = {f"{sm} - {b}": {str(t): {"mean": d, "ci95": [d - 0.01, d + 0.01]}
-                              for t, d in zip(tps, (0.0, 0.05, -0.05, 0.0, 0.0))} for sm, b in bench.COMPARISONS}
+    paired = {
+        f"{sm} - {b}": {
+            str(t): {"mean": d, "ci95": [d - 0.01, d + 0.01]} for t, d in zip(tps, (0.0, 0.05, -0.05, 0.0, 0.0))
+        }
+        for sm, b in bench.COMPARISONS
+    }
     lines = bench.verdicts(summary, paired, tps, (0, 1, 2))
     assert "requirement >= 50%: met" in lines[0] and "fall of 87.5 points (requirement >= 10: met)" in lines[1]
     words = [line.rsplit(": ", 1)[1] for line in lines[2:7]]
-    assert words == ["no difference detected", "SM better", "SM worse", "no difference detected",
-                     "no difference detected"]
+    assert words == [
+        "no difference detected",
+        "SM better",
+        "SM worse",
+        "no difference detected",
+        "no difference detected",
+    ]
 
 
 def test_pipeline_end_to_end_on_a_tiny_configuration(bench, tmp_path):
     """Every stage (base, learning-rate choice, conditions, statistics, JSON, plot, cache) on a model too small and
     too briefly trained to learn the task: the --quick path runs the same code with larger numbers."""
-    argv = ["--seeds", "0,1", "--base-steps", "3", "--steps", "2", "--lr-grid", "1e-3,3e-3", "--sm-lr-grid", "0.1", "--train-size", "64",
-            "--val-size", "8", "--test-size", "8", "--hidden-size", "16", "--layers", "1", "--batch-size", "8",
-            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--name", "tiny"]
+    argv = [
+        "--seeds",
+        "0,1",
+        "--base-steps",
+        "3",
+        "--steps",
+        "2",
+        "--lr-grid",
+        "1e-3,3e-3",
+        "--sm-lr-grid",
+        "0.1",
+        "--train-size",
+        "64",
+        "--val-size",
+        "8",
+        "--test-size",
+        "8",
+        "--hidden-size",
+        "16",
+        "--layers",
+        "1",
+        "--batch-size",
+        "8",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+        "--name",
+        "tiny",
+    ]
     report = bench.main(argv)
     saved = json.loads((tmp_path / "out" / "tiny.json").read_text())
     assert (tmp_path / "out" / "tiny.png").stat().st_size > 0
@@ -79,8 +117,11 @@ def test_pipeline_end_to_end_on_a_tiny_configuration(bench, tmp_path):
             assert 0.0 <= valid["mean"] <= 1.0 and valid["ci95"][0] <= valid["mean"] <= valid["ci95"][1]
     assert saved["conditions"]["sm_same_compute"] == {"sm_prob": 0.5, "updates": 1}
     assert saved["conditions"]["binary_same_compute"] == {"sm_prob": 0.0, "updates": 1}
-    assert set(saved["paired_sm_minus_binary"]) == {"sm_same_updates - binary", "sm_same_compute - binary",
-                                                    "sm_same_compute - binary_same_compute"}
+    assert set(saved["paired_sm_minus_binary"]) == {
+        "sm_same_updates - binary",
+        "sm_same_compute - binary",
+        "sm_same_compute - binary_same_compute",
+    }
     for condition in bench.SM_CONDITIONS:
         assert set(saved["learned_soft_mask"][condition]) == {"0", "1"}
         assert saved["learned_soft_mask"][condition]["0"]["transparency_alg"] == "mixinputs_with_topk"
@@ -88,8 +129,9 @@ def test_pipeline_end_to_end_on_a_tiny_configuration(bench, tmp_path):
     args = bench.parse_args(argv)
     task = SpellingTask.generate(args.task_seed)
     test = task.sample("test", args.test_size, seed=0)
-    cached = bench.run_condition(args, task, [], args.work_dir / "base" / "final", "sm_same_updates", 1,
-                                 chosen["sm_same_updates"], test, "test")
+    cached = bench.run_condition(
+        args, task, [], args.work_dir / "base" / "final", "sm_same_updates", 1, chosen["sm_same_updates"], test, "test"
+    )
     assert cached["validity"] == saved["per_seed_validity"]["sm_same_updates"]["1"]
 
 

@@ -31,8 +31,11 @@ DATA = random_examples(32, seed=1)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _trainer(run_dir: Path, **overrides) -> Trainer:
@@ -48,15 +51,34 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Show code {i}.", "response": code}) + "\n"
-                            for i, code in enumerate(CODE)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Show code {i}.", "response": code}) + "\n" for i, code in enumerate(CODE))
+    )
     return path
 
 
 def _cli(model_dir: Path, data_file: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out), "--name", "run",
-            "--max-steps", "2", "--batch-size", "2", "--max-length", "128", "--eval-batches", "1", "--device", "cpu",
-            *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--output-dir",
+        str(out),
+        "--name",
+        "run",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "128",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(model_dir, data_file, tmp_path, capsys):
@@ -111,10 +133,10 @@ def test_default_checkpoints_every_tenth_of_the_steps_and_keep_bounds_them(tmp_p
     trainer = _trainer(tmp_path / "a", keep_checkpoints=20)
     trainer.train(stop_at_step=9)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")) == [
-        f"step-{s:08d}" for s in (2, 4, 6, 8, 9)]
+        f"step-{s:08d}" for s in (2, 4, 6, 8, 9)
+    ]
     _trainer(tmp_path / "b", keep_checkpoints=2).train(stop_at_step=9)
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*")) == ["step-00000008",
-                                                                                        "step-00000009"]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*")) == ["step-00000008", "step-00000009"]
     with pytest.raises(ValueError, match="keep_checkpoints >= 1"):
         TrainConfig(run_dir="x", max_steps=2, keep_checkpoints=0)
 
@@ -187,13 +209,29 @@ def test_folder_checks_write_nothing(tmp_path):
 def test_a_killed_default_run_resumes_from_its_latest_checkpoint(tmp_path, capsys):
     """The shipped model with the default checkpoint settings (fewer steps and a corpus slice, for time): SIGKILL as
     soon as the first checkpoint exists, then --resume continues from it and finishes with one line per step."""
-    argv = ["--output-dir", str(tmp_path), "--max-steps", "20", "--batch-size", "2", "--eval-batches", "1",
-            "--max-chars", "200000", "--device", "cpu"]
+    argv = [
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "20",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--max-chars",
+        "200000",
+        "--device",
+        "cpu",
+    ]
     run = tmp_path / f"{SHIPPED_MODEL.name}-sm"
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "softmask_ext.finetune", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softmask_ext.finetune", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "checkpoints" / "latest").exists() and proc.poll() is None and time.monotonic() < deadline:

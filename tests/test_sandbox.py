@@ -148,8 +148,10 @@ def test_a_secret_file_outside_is_unreadable(tmp_path, contained):
     secret = tmp_path / "secret.txt"
     secret.write_text("the secret")
     secret.chmod(0o644)
-    program = (f"import json, os\nprint(json.dumps([os.path.exists({str(secret)!r}), os.listdir('/')]))\n"
-               f"print(open({str(secret)!r}).read())\n")
+    program = (
+        f"import json, os\nprint(json.dumps([os.path.exists({str(secret)!r}), os.listdir('/')]))\n"
+        f"print(open({str(secret)!r}).read())\n"
+    )
     result = run_python(program, FAST)
     assert result.status == "error"
     assert "the secret" not in result.stdout

@@ -39,7 +39,9 @@ def test_lam_formula_and_schedules():
     torch.testing.assert_close(sm.lam(negh), expected)
     sm.schedule = "linear"
     torch.testing.assert_close(sm.lam(negh, progress=0.25), 0.25 * expected)
-    torch.testing.assert_close(sm.lam(negh, progress=torch.tensor([1.0, 0.5, 0.0])), expected * torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(
+        sm.lam(negh, progress=torch.tensor([1.0, 0.5, 0.0])), expected * torch.tensor([1.0, 0.5, 0.0])
+    )
     sm.schedule = "stepwise"
     torch.testing.assert_close(sm.lam(negh, progress=0.75), expected)
     torch.testing.assert_close(sm.lam(negh, progress=0.5), torch.zeros(3))
@@ -99,12 +101,20 @@ def test_full_vocabulary_variant():
 
 
 def test_transparency_config_round_trip(tmp_path):
-    config = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.25, "transparency_centre": -1,
-              "transparency_steepness": 5, "mixinputs_k": 1, "mixture_temp": 1.0, "transparency_scheduling": "none"}
+    config = {
+        "transparency_alg": "mixinputs_with_topk",
+        "transparency_scale": 0.25,
+        "transparency_centre": -1,
+        "transparency_steepness": 5,
+        "mixinputs_k": 1,
+        "mixture_temp": 1.0,
+        "transparency_scheduling": "none",
+    }
     sm = SoftMask.from_transparency_config(config)
     assert sm.to_transparency_config() == {**config, "transparency_centre": -1.0, "transparency_steepness": 5.0}
     path = sm.save_transparency_config(tmp_path)
-    assert json.loads(open(path).read()) == sm.to_transparency_config()
+    with open(path) as f:
+        assert json.load(f) == sm.to_transparency_config()
     again = SoftMask.from_any(str(tmp_path))
     assert again.to_transparency_config() == sm.to_transparency_config()
     assert SoftMask.from_any(**config).to_transparency_config() == sm.to_transparency_config()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _training_helpers import MASK_ID, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _training_helpers import MASK_ID, tiny_model
 from softmask_ext import SoftMask
 from softmask_ext.training import (
     AdapterConfig,
@@ -100,8 +100,9 @@ def test_loss_uses_dream_shift_weight_and_per_token_normalisation():
     # Position 0 is predicted from row 0 itself (the shift repeats the first row).
     only_first = torch.zeros_like(masked)
     only_first[0, 0] = True
-    torch.testing.assert_close(masked_token_loss(logits, targets, only_first, 1.0, 1, 1),
-                               F.cross_entropy(logits[0, 0], targets[0, 0]))
+    torch.testing.assert_close(
+        masked_token_loss(logits, targets, only_first, 1.0, 1, 1), F.cross_entropy(logits[0, 0], targets[0, 0])
+    )
 
 
 def test_loss_is_computed_in_fp32_from_bf16_logits():
@@ -115,11 +116,13 @@ def test_loss_is_computed_in_fp32_from_bf16_logits():
 
 def test_loss_rejects_bad_shapes_and_t():
     with pytest.raises(ValueError, match="expected logits"):
-        masked_token_loss(torch.randn(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool),
-                          0.5, 1, 1)
+        masked_token_loss(
+            torch.randn(2, 5), torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool), 0.5, 1, 1
+        )
     with pytest.raises(ValueError, match="t must be in"):
-        masked_token_loss(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long),
-                          torch.ones(1, 3, dtype=torch.bool), 0.0, 1, 1)
+        masked_token_loss(
+            torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), 0.0, 1, 1
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ two-pass SM
@@ -135,7 +138,7 @@ def _noised(vocab=64, seed=0):
 
 def test_soft_mask_forward_is_pass2_on_blended_embeddings_of_pass1():
     model, sm = tiny_model(), _active_soft_mask()
-    ids, noised = _noised()
+    _, noised = _noised()
     with torch.no_grad():
         first = model(input_ids=noised.x_t).logits
         embeds = sm.build_embeddings(noised.x_t, first, model.get_input_embeddings().weight, MASK_ID, logit_shift=1)

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
-
 from _training_helpers import CODE, make_model_dir
+from safetensors.torch import load_file
 
 
 def _run(args: list[str], cwd) -> None:
@@ -25,12 +24,51 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     with open(data, "w") as f:
         for i, code in enumerate(CODE):
             f.write(json.dumps({"prompt": f"Write snippet {i % 7}.", "response": code}) + "\n")
-    common = ["-m", "softmask_ext.finetune", "--model", str(model), "--data", str(data), "--val-data", str(data),
-              "--output-dir", str(tmp_path / "runs"), "--max-steps", "3", "--batch-size", "2", "--lr", "3e-3",
-              "--sm-lr", "0.1", "--sm-prob", "0.5", "--eval-batches", "2", "--max-length", "128", "--device", "cpu",
-              "--full"]
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
-          "--grad-accum", "1", "--name", "ddp"], tmp_path)
+    common = [
+        "-m",
+        "softmask_ext.finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--val-data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--sm-lr",
+        "0.1",
+        "--sm-prob",
+        "0.5",
+        "--eval-batches",
+        "2",
+        "--max-length",
+        "128",
+        "--device",
+        "cpu",
+        "--full",
+    ]
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *common,
+            "--grad-accum",
+            "1",
+            "--name",
+            "ddp",
+        ],
+        tmp_path,
+    )
     _run([sys.executable, *common, "--grad-accum", "2", "--name", "single"], tmp_path)
 
     def metrics(name):

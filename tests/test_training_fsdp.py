@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _fsdp_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
+from _training_helpers import CODE, make_model_dir, tiny_model
 from safetensors.torch import load_file
 
-import _fsdp_worker as worker
-from _training_helpers import CODE, make_model_dir, tiny_model
 from softmask_ext import SoftMask
 from softmask_ext.finetune import main as finetune
 from softmask_ext.training import (
@@ -43,8 +43,18 @@ def runs(tmp_path_factory) -> Path:
         for i, code in enumerate(CODE):
             f.write(json.dumps({"prompt": f"Write snippet {i % 7}.", "response": code}) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              str(Path(worker.__file__)), str(out), str(out / "model"), str(out / "data.jsonl")]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(worker.__file__)),
+        str(out),
+        str(out / "model"),
+        str(out / "data.jsonl"),
+    ]
     result = subprocess.run(launch, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
@@ -96,8 +106,9 @@ def test_lora_matches_one_process_and_sm_parameters_are_averaged(runs, tmp_path)
     trainer.train()
     fsdp, single = runs / "lora-fsdp", tmp_path / "lora-single"
     _assert_same_training(fsdp, single)
-    adapters = _assert_close_files(fsdp / "final" / "adapter_model.safetensors",
-                                   single / "final" / "adapter_model.safetensors")
+    adapters = _assert_close_files(
+        fsdp / "final" / "adapter_model.safetensors", single / "final" / "adapter_model.safetensors"
+    )
     assert adapters and all("lora_" in name for name in adapters)
     assert (fsdp / "final" / "adapter_config.json").exists()
     sm = "checkpoints/step-00000003/soft_mask.safetensors"

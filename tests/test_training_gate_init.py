@@ -10,15 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _training_helpers import MASK_ID, PAD_ID, random_examples, tiny_model
+
 from softmask_ext.conventions import SHIPPED_MODEL
 from softmask_ext.data import BatchStream, stdlib_dataset
 from softmask_ext.finetune import initial_soft_mask
 from softmask_ext.model import DreamModel, load_tokenizer
 from softmask_ext.soft_mask import SoftMask
-from softmask_ext.training import (FINETUNE_NOISE, confidence_centre, masked_neg_entropy, masked_token_loss,
-                                   sample_noise, scale_gradient, soft_mask_forward, stream_generator)
+from softmask_ext.training import (
+    FINETUNE_NOISE,
+    confidence_centre,
+    masked_neg_entropy,
+    masked_token_loss,
+    sample_noise,
+    scale_gradient,
+    soft_mask_forward,
+    stream_generator,
+)
 
 
 def test_masked_neg_entropy_is_one_value_per_masked_position_in_range_and_repeatable():
@@ -41,8 +49,7 @@ def test_confidence_centre_is_the_quantile_of_the_finite_values_and_stays_negati
     with pytest.raises(ValueError, match="no finite"):
         confidence_centre(torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match="calibration batch"):
-        masked_neg_entropy(tiny_model(), random_examples(4), MASK_ID, PAD_ID, FINETUNE_NOISE, batch_size=2,
-                           batches=0)
+        masked_neg_entropy(tiny_model(), random_examples(4), MASK_ID, PAD_ID, FINETUNE_NOISE, batch_size=2, batches=0)
 
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the tiny model has not been built yet")
@@ -53,13 +60,27 @@ def test_auto_centre_on_the_shipped_model_opens_the_gate_for_about_half_of_the_m
     model = DreamModel.from_pretrained(SHIPPED_MODEL, dtype=torch.float32)
     tokenizer = load_tokenizer(SHIPPED_MODEL)
     data = stdlib_dataset(tokenizer, "train", 128, max_chars=400_000)
-    settings = dict(sm_init_centre="auto", sm_init_scale=0.0, k=1, t_min=FINETUNE_NOISE.t_min,
-                    t_max=FINETUNE_NOISE.t_max, batch_size=8, seed=0)
+    settings = dict(
+        sm_init_centre="auto",
+        sm_init_scale=0.0,
+        k=1,
+        t_min=FINETUNE_NOISE.t_min,
+        t_max=FINETUNE_NOISE.t_max,
+        batch_size=8,
+        seed=0,
+    )
     soft_mask = initial_soft_mask(model, data, settings, verbose=False)
     centre = soft_mask.to_transparency_config()["transparency_centre"]
-    held_out = masked_neg_entropy(model, data, mask_token_id=model.config.mask_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, noise=FINETUNE_NOISE, batch_size=8, batches=16,
-                                  seed=1)
+    held_out = masked_neg_entropy(
+        model,
+        data,
+        mask_token_id=model.config.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        noise=FINETUNE_NOISE,
+        batch_size=8,
+        batches=16,
+        seed=1,
+    )
     assert -6.0 < centre < -0.75
 
     def gate(centre: float) -> float:  # mean lam at scale 1: the share the gate lets through
@@ -89,12 +110,14 @@ def test_scale_gradient_matches_a_finite_difference_of_the_sm_loss():
         for index in range(3):
             batch = next(stream)
             response = ~batch["prompt_mask"]
-            noised = sample_noise(batch["input_ids"], response, MASK_ID, FINETUNE_NOISE,
-                                  stream_generator(2, 5, index))
+            noised = sample_noise(batch["input_ids"], response, MASK_ID, FINETUNE_NOISE, stream_generator(2, 5, index))
             with torch.no_grad():
                 logits = soft_mask_forward(model.eval(), soft_mask, noised.x_t, batch["attention_mask"], MASK_ID)
-                values.append(float(masked_token_loss(logits, batch["input_ids"], noised.masked, noised.t,
-                                                      int(response.sum()), 1)))
+                values.append(
+                    float(
+                        masked_token_loss(logits, batch["input_ids"], noised.masked, noised.t, int(response.sum()), 1)
+                    )
+                )
         return torch.tensor(values, dtype=torch.float64)
 
     slope = (losses(0.3 + step) - losses(0.3 - step)) / (2 * step)

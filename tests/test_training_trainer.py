@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from _training_helpers import random_examples, tiny_model
 from safetensors.torch import load_file
 
-from _training_helpers import random_examples, tiny_model
 from softmask_ext import SoftMask
 from softmask_ext.training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer, latest_checkpoint
 
@@ -17,8 +17,17 @@ VAL = random_examples(8, seed=1)
 
 
 def _config(run_dir, **overrides) -> TrainConfig:
-    fields = dict(run_dir=str(run_dir), max_steps=6, batch_size=4, grad_accum=2, lr=3e-3, sm_lr=0.1, sm_prob=0.5,
-                  seed=3, eval_every=3)
+    fields = dict(
+        run_dir=str(run_dir),
+        max_steps=6,
+        batch_size=4,
+        grad_accum=2,
+        lr=3e-3,
+        sm_lr=0.1,
+        sm_prob=0.5,
+        seed=3,
+        eval_every=3,
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -27,8 +36,14 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _trainer(run_dir, soft_mask=None, **overrides) -> Trainer:
-    return Trainer(tiny_model(), DATA, _config(run_dir, **overrides), val_data=VAL,
-                   soft_mask=soft_mask or SoftMask(k=1, scale=0.3, centre=-6.0, steepness=1.0), device="cpu")
+    return Trainer(
+        tiny_model(),
+        DATA,
+        _config(run_dir, **overrides),
+        val_data=VAL,
+        soft_mask=soft_mask or SoftMask(k=1, scale=0.3, centre=-6.0, steepness=1.0),
+        device="cpu",
+    )
 
 
 @pytest.mark.parametrize("sm_prob", [0.0, 1.0])
@@ -123,8 +138,16 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
 def test_pretraining_noise_range_reduces_loss(tmp_path):
     """Binary MDLM training from scratch (pretrain's setting) learns a fixed pattern: the loss must fall."""
     pattern = [random_examples(1, seed=9, min_len=16)[0]] * 32
-    config = _config(tmp_path, max_steps=30, sm_prob=0.0, noise=NoiseSchedule(1e-3, 1.0), lr=1e-2, grad_accum=1,
-                     eval_every=0, warmup_ratio=0.0)
+    config = _config(
+        tmp_path,
+        max_steps=30,
+        sm_prob=0.0,
+        noise=NoiseSchedule(1e-3, 1.0),
+        lr=1e-2,
+        grad_accum=1,
+        eval_every=0,
+        warmup_ratio=0.0,
+    )
     trainer = Trainer(tiny_model(), pattern, config, val_data=pattern[:4], device="cpu")
     before = trainer.evaluate()
     assert set(before) == {"val_binary"}, "a binary run has no SM validation"
@@ -152,10 +175,18 @@ def test_cuda_bf16_dora_checkpointed_sm_training(tmp_path):
         model = tiny_model()
     finally:
         torch.set_default_dtype(torch.float32)
-    config = _config(tmp_path, max_steps=4, sm_prob=1.0, bf16=True, gradient_checkpointing=True,
-                     adapter=AdapterConfig(kind="dora", rank=4, alpha=8.0), eval_every=2)
-    trainer = Trainer(model, DATA, config, val_data=VAL, device="cuda",
-                      soft_mask=SoftMask(k=1, scale=0.3, centre=-6.0, steepness=1.0))
+    config = _config(
+        tmp_path,
+        max_steps=4,
+        sm_prob=1.0,
+        bf16=True,
+        gradient_checkpointing=True,
+        adapter=AdapterConfig(kind="dora", rank=4, alpha=8.0),
+        eval_every=2,
+    )
+    trainer = Trainer(
+        model, DATA, config, val_data=VAL, device="cuda", soft_mask=SoftMask(k=1, scale=0.3, centre=-6.0, steepness=1.0)
+    )
     before = trainer.soft_mask.raw_scale.detach().clone()
     summary = trainer.train()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _metrics(tmp_path))

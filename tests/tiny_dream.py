@@ -55,17 +55,22 @@ def qwen2_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (q_dim, hidden), p + "self_attn.q_proj.bias": (q_dim,),
-            p + "self_attn.k_proj.weight": (kv_dim, hidden), p + "self_attn.k_proj.bias": (kv_dim,),
-            p + "self_attn.v_proj.weight": (kv_dim, hidden), p + "self_attn.v_proj.bias": (kv_dim,),
-            p + "self_attn.o_proj.weight": (hidden, q_dim),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (q_dim, hidden),
+                p + "self_attn.q_proj.bias": (q_dim,),
+                p + "self_attn.k_proj.weight": (kv_dim, hidden),
+                p + "self_attn.k_proj.bias": (kv_dim,),
+                p + "self_attn.v_proj.weight": (kv_dim, hidden),
+                p + "self_attn.v_proj.bias": (kv_dim,),
+                p + "self_attn.o_proj.weight": (hidden, q_dim),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
     if not cfg.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)
     return shapes
@@ -97,14 +102,15 @@ def write_checkpoint(path: str | os.PathLike, cfg: dict, tensors: dict[str, torc
         file_name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[i::shards]}
         save_file(part, os.path.join(path, file_name), metadata={"format": "pt"})
-        weight_map.update({n: file_name for n in part})
+        weight_map.update(dict.fromkeys(part, file_name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
 
 
-def make_checkpoint(path: str | os.PathLike, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
+def make_checkpoint(
+    path: str | os.PathLike, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg = tiny_config(**overrides)
     tensors = random_tensors(cfg, seed=seed, dtype=dtype)
     write_checkpoint(path, cfg, tensors, shards=shards)
@@ -114,11 +120,17 @@ def make_checkpoint(path: str | os.PathLike, shards: int = 1, seed: int = 0, dty
 def transformers_reference(cfg: dict, tensors: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
     """transformers' Qwen2 with the same weights, eager attention (its own softmax, not SDPA)."""
     hf_cfg = Qwen2Config(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"], max_position_embeddings=cfg["max_position_embeddings"],
-        rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg["rope_theta"],
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False), pad_token_id=cfg["pad_token_id"],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"],
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        pad_token_id=cfg["pad_token_id"],
         attn_implementation="eager",
     )
     model = Qwen2ForCausalLM(hf_cfg).eval()
@@ -143,5 +155,9 @@ def bidirectional_logits(model: Qwen2ForCausalLM, input_ids=None, inputs_embeds=
     keep = attention_mask.bool()
     additive = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~keep, 1)
-    return model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions,
-                 attention_mask={"full_attention": additive}).logits
+    return model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        position_ids=positions,
+        attention_mask={"full_attention": additive},
+    ).logits

@@ -12,9 +12,8 @@ import os
 import shutil
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from tiny_dream import write_checkpoint
+from transformers import LlamaConfig, LlamaForCausalLM
 
 # LLaDA-8B's config.json layout (OLMo field names), shrunk.
 TINY_CONFIG = {
@@ -65,9 +64,15 @@ TINY_CONFIG = {
 }
 # Llama's name for each of LLaDA's per-block tensors.
 LLAMA_NAMES = {
-    "attn_norm": "input_layernorm", "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj", "attn_out": "self_attn.o_proj", "ff_norm": "post_attention_layernorm",
-    "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "ff_norm": "post_attention_layernorm",
+    "ff_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "ff_out": "mlp.down_proj",
 }
 
 
@@ -83,13 +88,19 @@ def llada_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.transformer.wte.weight": (vocab, hidden), "model.transformer.ln_f.weight": (hidden,)}
     for i in range(cfg["n_layers"]):
         p = f"model.transformer.blocks.{i}."
-        shapes.update({
-            p + "attn_norm.weight": (hidden,), p + "ff_norm.weight": (hidden,),
-            p + "q_proj.weight": (hidden, hidden), p + "k_proj.weight": (kv_dim, hidden),
-            p + "v_proj.weight": (kv_dim, hidden), p + "attn_out.weight": (hidden, hidden),
-            p + "ff_proj.weight": (inner, hidden), p + "up_proj.weight": (inner, hidden),
-            p + "ff_out.weight": (hidden, inner),
-        })
+        shapes.update(
+            {
+                p + "attn_norm.weight": (hidden,),
+                p + "ff_norm.weight": (hidden,),
+                p + "q_proj.weight": (hidden, hidden),
+                p + "k_proj.weight": (kv_dim, hidden),
+                p + "v_proj.weight": (kv_dim, hidden),
+                p + "attn_out.weight": (hidden, hidden),
+                p + "ff_proj.weight": (inner, hidden),
+                p + "up_proj.weight": (inner, hidden),
+                p + "ff_out.weight": (hidden, inner),
+            }
+        )
         if cfg.get("include_qkv_bias"):
             shapes.update({p + "q_proj.bias": (hidden,), p + "k_proj.bias": (kv_dim,), p + "v_proj.bias": (kv_dim,)})
     if not cfg.get("weight_tying", False):
@@ -103,30 +114,38 @@ def random_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32)
     tensors = {}
     for name, shape in llada_tensor_shapes(cfg).items():
         t = torch.randn(shape, generator=gen) * (0.15 if len(shape) == 2 else 0.05)
-        if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+        if name.endswith(("norm.weight", "ln_f.weight")):
             t = 1.0 + torch.randn(shape, generator=gen) * 0.1
         tensors[name] = t.to(dtype)
     return tensors
 
 
-def make_checkpoint(path: str | os.PathLike, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
+def make_checkpoint(
+    path: str | os.PathLike, shards: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg = tiny_config(**overrides)
     tensors = random_tensors(cfg, seed=seed, dtype=dtype)
     write_checkpoint(path, cfg, tensors, shards=shards)
     return cfg, tensors
 
 
-def make_checkpoint_with_tokenizer(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0,
-                                   **overrides) -> dict:
+def make_checkpoint_with_tokenizer(
+    path: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0, **overrides
+) -> dict:
     """A tiny LLaDA checkpoint that ships the tokenizer files of `tokenizer_dir` (copied in), with the tokenizer's
     mask, pad and eos ids in config.json."""
     from softmask_ext.model import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     assert len(tokenizer) <= TINY_CONFIG["embedding_size"]
-    cfg, _ = make_checkpoint(path, seed=seed, mask_token_id=tokenizer.mask_token_id,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
+    cfg, _ = make_checkpoint(
+        path,
+        seed=seed,
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
     for name in os.listdir(tokenizer_dir):
         if name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
@@ -136,11 +155,19 @@ def make_checkpoint_with_tokenizer(path: str | os.PathLike, tokenizer_dir: str |
 def llama_reference(cfg: dict, tensors: dict[str, torch.Tensor]) -> LlamaForCausalLM:
     """transformers' Llama with the same weights (renamed), eager attention (its own softmax, not SDPA)."""
     hf_cfg = LlamaConfig(
-        vocab_size=cfg["embedding_size"], hidden_size=cfg["d_model"], intermediate_size=cfg["mlp_hidden_size"],
-        num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"], num_key_value_heads=cfg["n_kv_heads"],
-        max_position_embeddings=cfg["max_sequence_length"], rms_norm_eps=cfg["rms_norm_eps"],
-        rope_theta=cfg["rope_theta"], tie_word_embeddings=cfg["weight_tying"], attention_bias=False,
-        mlp_bias=False, attn_implementation="eager",
+        vocab_size=cfg["embedding_size"],
+        hidden_size=cfg["d_model"],
+        intermediate_size=cfg["mlp_hidden_size"],
+        num_hidden_layers=cfg["n_layers"],
+        num_attention_heads=cfg["n_heads"],
+        num_key_value_heads=cfg["n_kv_heads"],
+        max_position_embeddings=cfg["max_sequence_length"],
+        rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"],
+        tie_word_embeddings=cfg["weight_tying"],
+        attention_bias=False,
+        mlp_bias=False,
+        attn_implementation="eager",
     )
     renamed = {}
     for name, tensor in tensors.items():
@@ -173,5 +200,6 @@ def bidirectional_logits(model: LlamaForCausalLM, input_ids=None, inputs_embeds=
     keep = attention_mask.bool()
     additive = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions,
-                 attention_mask=additive).logits
+    return model(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions, attention_mask=additive
+    ).logits

@@ -34,28 +34,45 @@ def layout(cfg: dict) -> dict[str, tuple[int, ...]]:
     d, c, v = cfg["hidden_dim"], cfg["cond_dim"], cfg["vocab_size"]
     shapes = {
         "backbone.vocab_embed.embedding": (v, d),
-        "backbone.sigma_map.mlp.0.weight": (c, 256), "backbone.sigma_map.mlp.0.bias": (c,),
-        "backbone.sigma_map.mlp.2.weight": (c, c), "backbone.sigma_map.mlp.2.bias": (c,),
+        "backbone.sigma_map.mlp.0.weight": (c, 256),
+        "backbone.sigma_map.mlp.0.bias": (c,),
+        "backbone.sigma_map.mlp.2.weight": (c, c),
+        "backbone.sigma_map.mlp.2.bias": (c,),
         "backbone.rotary_emb.inv_freq": (d // cfg["n_heads"] // 2,),
         "backbone.output_layer.norm_final.weight": (d,),
-        "backbone.output_layer.linear.weight": (v, d), "backbone.output_layer.linear.bias": (v,),
+        "backbone.output_layer.linear.weight": (v, d),
+        "backbone.output_layer.linear.bias": (v,),
         "backbone.output_layer.adaLN_modulation.weight": (2 * d, c),
         "backbone.output_layer.adaLN_modulation.bias": (2 * d,),
     }
     for i in range(cfg["n_blocks"]):
         p = f"backbone.blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (d,), p + "attn_qkv.weight": (3 * d, d), p + "attn_out.weight": (d, d),
-            p + "norm2.weight": (d,), p + "mlp.0.weight": (4 * d, d), p + "mlp.0.bias": (4 * d,),
-            p + "mlp.2.weight": (d, 4 * d), p + "mlp.2.bias": (d,),
-            p + "adaLN_modulation.weight": (6 * d, c), p + "adaLN_modulation.bias": (6 * d,),
-        })
+        shapes.update(
+            {
+                p + "norm1.weight": (d,),
+                p + "attn_qkv.weight": (3 * d, d),
+                p + "attn_out.weight": (d, d),
+                p + "norm2.weight": (d,),
+                p + "mlp.0.weight": (4 * d, d),
+                p + "mlp.0.bias": (4 * d,),
+                p + "mlp.2.weight": (d, 4 * d),
+                p + "mlp.2.bias": (d,),
+                p + "adaLN_modulation.weight": (6 * d, c),
+                p + "adaLN_modulation.bias": (6 * d,),
+            }
+        )
     return shapes
 
 
-def write_checkpoint(path: str, cfg: dict | None = None, seed: int = 0, std: float = 0.2,
-                     drop: tuple[str, ...] = (), extra: dict[str, tuple[int, ...]] | None = None,
-                     reshape: dict[str, tuple[int, ...]] | None = None) -> dict:
+def write_checkpoint(
+    path: str,
+    cfg: dict | None = None,
+    seed: int = 0,
+    std: float = 0.2,
+    drop: tuple[str, ...] = (),
+    extra: dict[str, tuple[int, ...]] | None = None,
+    reshape: dict[str, tuple[int, ...]] | None = None,
+) -> dict:
     """A random checkpoint (all tensors nonzero, so adaLN and the head matter); ``drop``/``extra``/``reshape`` break
     the layout on purpose. Returns the config written."""
     cfg = dict(TINY_CONFIG if cfg is None else cfg)

@@ -51,9 +51,9 @@ inline __attribute__((always_inline)) void forward_tile(const T* weight, int64_t
 
 // One table tile: grad_weight[id, d0:d0+width] = sum over the positions p that read row id.
 template <typename T>
-inline __attribute__((always_inline)) void backward_tile(const T* grad_out, int64_t dim, int64_t m,
-                                                         const float* coeffs, const int32_t* positions, int64_t count,
-                                                         int64_t d0, int64_t width, T* grad_row) {
+inline __attribute__((always_inline)) void backward_tile(const T* grad_out, int64_t dim, int64_t m, const float* coeffs,
+                                                         const int32_t* positions, int64_t count, int64_t d0,
+                                                         int64_t width, T* grad_row) {
   alignas(64) float acc[kColumnBlock] = {};
   for (int64_t p = 0; p < count; ++p) {
     const int64_t flat = positions[p];
@@ -65,8 +65,8 @@ inline __attribute__((always_inline)) void backward_tile(const T* grad_out, int6
 }  // namespace
 
 template <typename T>
-void blend_forward(const T* weight, int64_t dim, const int64_t* ids, const float* coeffs, int64_t n, int64_t m,
-                   T* out, int num_threads) {
+void blend_forward(const T* weight, int64_t dim, const int64_t* ids, const float* coeffs, int64_t n, int64_t m, T* out,
+                   int num_threads) {
   const int64_t blocks = column_blocks(dim);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (n * m * dim >= kParallelWork)
   for (int64_t tile = 0; tile < n * blocks; ++tile) {
@@ -78,8 +78,8 @@ void blend_forward(const T* weight, int64_t dim, const int64_t* ids, const float
 }
 
 template <typename T>
-void blend_backward(const T* grad_out, const T* weight, int64_t dim, const int64_t* ids, const float* coeffs,
-                    int64_t n, int64_t m, T* grad_weight, float* grad_coeffs, int num_threads) {
+void blend_backward(const T* grad_out, const T* weight, int64_t dim, const int64_t* ids, const float* coeffs, int64_t n,
+                    int64_t m, T* grad_weight, float* grad_coeffs, int num_threads) {
   const int64_t items = n * m;
   const bool parallel = items * dim >= kParallelWork;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
@@ -111,8 +111,8 @@ void blend_backward(const T* grad_out, const T* weight, int64_t dim, const int64
   }
 }
 
-#define SOFTMASK_INSTANTIATE(T)                                                                                  \
-  template void blend_forward<T>(const T*, int64_t, const int64_t*, const float*, int64_t, int64_t, T*, int);   \
+#define SOFTMASK_INSTANTIATE(T)                                                                                    \
+  template void blend_forward<T>(const T*, int64_t, const int64_t*, const float*, int64_t, int64_t, T*, int);      \
   template void blend_backward<T>(const T*, const T*, int64_t, const int64_t*, const float*, int64_t, int64_t, T*, \
                                   float*, int);
 SOFTMASK_INSTANTIATE(float)

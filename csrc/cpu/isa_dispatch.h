@@ -6,7 +6,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SOFTMASK_X86_DISPATCH 1
 #define SOFTMASK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
-#define SOFTMASK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512")))
+#define SOFTMASK_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512")))
 #else
 #define SOFTMASK_X86_DISPATCH 0
 #endif
@@ -19,8 +20,8 @@ inline Isa detected_isa() {
 #if SOFTMASK_X86_DISPATCH
   static const Isa isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
       return Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kBaseline;

@@ -160,11 +160,11 @@ void topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, const int6
   }
 }
 
-template void topk_entropy<float>(const float*, int64_t, int64_t, const int64_t*, int64_t, int, float, int64_t*,
-                                  float*, float*, int);
+template void topk_entropy<float>(const float*, int64_t, int64_t, const int64_t*, int64_t, int, float, int64_t*, float*,
+                                  float*, int);
 template void topk_entropy<bf16_t>(const bf16_t*, int64_t, int64_t, const int64_t*, int64_t, int, float, int64_t*,
                                    float*, float*, int);
-template void topk_entropy<f16_t>(const f16_t*, int64_t, int64_t, const int64_t*, int64_t, int, float, int64_t*,
-                                  float*, float*, int);
+template void topk_entropy<f16_t>(const f16_t*, int64_t, int64_t, const int64_t*, int64_t, int, float, int64_t*, float*,
+                                  float*, int);
 
 }  // namespace softmask::cpu

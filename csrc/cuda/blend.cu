@@ -56,10 +56,9 @@ __device__ __forceinline__ void store(T* dst, const float (&acc)[VEC]) {
 // kRowsInFlight: the raw loads of a group are all issued before any is used, so a thread keeps up to
 // kRowsInFlight 16-byte loads in flight. Accumulation is in fp32, in the order j = 0..m-1.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) blend_forward_kernel(const T* __restrict__ weight, int64_t vocab,
-                                                                  int64_t dim, const int64_t* __restrict__ ids,
-                                                                  const float* __restrict__ coeffs, int64_t m,
-                                                                  T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    blend_forward_kernel(const T* __restrict__ weight, int64_t vocab, int64_t dim, const int64_t* __restrict__ ids,
+                         const float* __restrict__ coeffs, int64_t m, T* __restrict__ out) {
   const int64_t row = blockIdx.x;
   const int64_t* row_ids = ids + row * m;
   const float* row_coeffs = coeffs + row * m;
@@ -86,11 +85,9 @@ __global__ void __launch_bounds__(kThreads) blend_forward_kernel(const T* __rest
 
 // grad_coeffs[item] = <grad_out[item / m], weight[ids[item]]>, one warp per item.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_coeffs_kernel(const T* __restrict__ grad_out,
-                                                                const T* __restrict__ weight, int64_t vocab,
-                                                                int64_t dim, const int64_t* __restrict__ ids,
-                                                                int64_t items, int64_t m,
-                                                                float* __restrict__ grad_coeffs) {
+__global__ void __launch_bounds__(kThreads)
+    grad_coeffs_kernel(const T* __restrict__ grad_out, const T* __restrict__ weight, int64_t vocab, int64_t dim,
+                       const int64_t* __restrict__ ids, int64_t items, int64_t m, float* __restrict__ grad_coeffs) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (item >= items) return;
@@ -106,10 +103,9 @@ __global__ void __launch_bounds__(kThreads) grad_coeffs_kernel(const T* __restri
 }
 
 // grad_weight[ids[item], :] += coeffs[item] * grad_out[item / m, :] with fp32 atomics, one block per item.
-__global__ void __launch_bounds__(kThreads) grad_weight_atomic_kernel(const float* __restrict__ grad_out,
-                                                                       int64_t dim, const int64_t* __restrict__ ids,
-                                                                       const float* __restrict__ coeffs, int64_t m,
-                                                                       float* __restrict__ grad_weight) {
+__global__ void __launch_bounds__(kThreads)
+    grad_weight_atomic_kernel(const float* __restrict__ grad_out, int64_t dim, const int64_t* __restrict__ ids,
+                              const float* __restrict__ coeffs, int64_t m, float* __restrict__ grad_weight) {
   const int64_t item = blockIdx.x;
   const float c = coeffs[item];
   const float* g = grad_out + (item / m) * dim;
@@ -125,12 +121,10 @@ __global__ void iota_kernel(int32_t* __restrict__ out, int64_t items) {
 // After a stable sort of (id, position): the block of sorted item i owns table row sorted_ids[i] if i starts a run
 // of equal ids, and writes that row's whole gradient, summed in fp32 in position order.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_weight_sorted_kernel(const T* __restrict__ grad_out, int64_t dim,
-                                                                       const int64_t* __restrict__ sorted_ids,
-                                                                       const int32_t* __restrict__ sorted_items,
-                                                                       const float* __restrict__ coeffs,
-                                                                       int64_t items, int64_t m,
-                                                                       T* __restrict__ grad_weight) {
+__global__ void __launch_bounds__(kThreads)
+    grad_weight_sorted_kernel(const T* __restrict__ grad_out, int64_t dim, const int64_t* __restrict__ sorted_ids,
+                              const int32_t* __restrict__ sorted_items, const float* __restrict__ coeffs, int64_t items,
+                              int64_t m, T* __restrict__ grad_weight) {
   const int64_t start = blockIdx.x;
   const int64_t id = sorted_ids[start];
   if (start > 0 && sorted_ids[start - 1] == id) return;
@@ -155,9 +149,9 @@ int id_bits(int64_t vocab) {
 
 size_t sort_temp_bytes(int64_t items) {
   size_t bytes = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int64_t*>(nullptr),
-                                  static_cast<int64_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<int>(items));
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr),
+                                  static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                  static_cast<int>(items));
   return bytes;
 }
 
@@ -170,11 +164,11 @@ cudaError_t blend_forward(const T* weight, int64_t vocab, int64_t dim, const int
   constexpr int W = kVectorWidth<T>;
   const bool vectorised = dim % W == 0 && is_aligned(weight, kVectorBytes) && is_aligned(out, kVectorBytes);
   if (vectorised) {
-    blend_forward_kernel<T, W><<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(weight, vocab, dim, ids, coeffs,
-                                                                                      m, out);
+    blend_forward_kernel<T, W>
+        <<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(weight, vocab, dim, ids, coeffs, m, out);
   } else {
-    blend_forward_kernel<T, 1><<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(weight, vocab, dim, ids, coeffs,
-                                                                                      m, out);
+    blend_forward_kernel<T, 1>
+        <<<static_cast<unsigned int>(n), kThreads, 0, stream>>>(weight, vocab, dim, ids, coeffs, m, out);
   }
   return cudaGetLastError();
 }
@@ -192,14 +186,14 @@ cudaError_t blend_backward(const T* grad_out, const T* weight, int64_t vocab, in
   if (items == 0 || dim == 0) return cudaSuccess;
   constexpr int kWarpsPerBlock = kThreads / kWarpSize;
   grad_coeffs_kernel<T><<<blocks_for(items, kWarpsPerBlock), kThreads, 0, stream>>>(grad_out, weight, vocab, dim, ids,
-                                                                                   items, m, grad_coeffs);
+                                                                                    items, m, grad_coeffs);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   if (grad_weight == nullptr) return cudaSuccess;
 
   if constexpr (std::is_same_v<T, float>) {
     if (!deterministic) {
       grad_weight_atomic_kernel<<<static_cast<unsigned int>(items), kThreads, 0, stream>>>(grad_out, dim, ids, coeffs,
-                                                                                          m, grad_weight);
+                                                                                           m, grad_weight);
       return cudaGetLastError();
     }
   }
@@ -217,9 +211,9 @@ cudaError_t blend_backward(const T* grad_out, const T* weight, int64_t vocab, in
   iota_kernel<<<blocks_for(items, 256), 256, 0, stream>>>(positions, items);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   // LSD radix sort is stable: equal ids keep their position order, which fixes the summation order.
-  if (cudaError_t err = cub::DeviceRadixSort::SortPairs(cursor, temp_bytes, ids, sorted_ids, positions,
-                                                        sorted_positions, static_cast<int>(items), 0,
-                                                        id_bits(vocab), stream);
+  if (cudaError_t err =
+          cub::DeviceRadixSort::SortPairs(cursor, temp_bytes, ids, sorted_ids, positions, sorted_positions,
+                                          static_cast<int>(items), 0, id_bits(vocab), stream);
       err != cudaSuccess) {
     return err;
   }
@@ -228,11 +222,11 @@ cudaError_t blend_backward(const T* grad_out, const T* weight, int64_t vocab, in
   return cudaGetLastError();
 }
 
-#define SOFTMASK_INSTANTIATE(T)                                                                                     \
-  template cudaError_t blend_forward<T>(const T*, int64_t, int64_t, const int64_t*, const float*, int64_t, int64_t, \
-                                        T*, cudaStream_t);                                                          \
-  template cudaError_t blend_backward<T>(const T*, const T*, int64_t, int64_t, const int64_t*, const float*,       \
-                                         int64_t, int64_t, bool, void*, size_t, T*, float*, cudaStream_t);
+#define SOFTMASK_INSTANTIATE(T)                                                                                       \
+  template cudaError_t blend_forward<T>(const T*, int64_t, int64_t, const int64_t*, const float*, int64_t, int64_t,   \
+                                        T*, cudaStream_t);                                                            \
+  template cudaError_t blend_backward<T>(const T*, const T*, int64_t, int64_t, const int64_t*, const float*, int64_t, \
+                                         int64_t, bool, void*, size_t, T*, float*, cudaStream_t);
 SOFTMASK_INSTANTIATE(float)
 SOFTMASK_INSTANTIATE(bf16_t)
 SOFTMASK_INSTANTIATE(f16_t)

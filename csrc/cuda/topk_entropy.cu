@@ -38,16 +38,16 @@ template <typename T>
 cudaError_t topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, int64_t rows_total, const int64_t* rows,
                          int64_t num_rows, int k, float temperature, int64_t* ids, float* probs, float* neg_entropy,
                          void* workspace, size_t workspace_bytes, TopKVariant variant, cudaStream_t stream) {
-  const topk_impl::TopKEntropyProblem<T> problem{logits, row_stride, vocab, rows_total, rows,        num_rows,
-                                                 k,      temperature, ids,  probs,      neg_entropy};
+  const topk_impl::TopKEntropyProblem<T> problem{logits, row_stride,  vocab, rows_total, rows,       num_rows,
+                                                 k,      temperature, ids,   probs,      neg_entropy};
   return topk_impl::with_variant(variant, [&](auto v) {
     return topk_impl::TopKEntropyLauncher<T, decltype(v)::value>::launch(problem, workspace, workspace_bytes, stream);
   });
 }
 
-#define SOFTMASK_INSTANTIATE(T)                                                                                    \
-  template size_t topk_entropy_workspace_bytes<T>(int64_t, int64_t, int, TopKVariant);                             \
-  template cudaError_t topk_entropy<T>(const T*, int64_t, int64_t, int64_t, const int64_t*, int64_t, int, float,   \
+#define SOFTMASK_INSTANTIATE(T)                                                                                  \
+  template size_t topk_entropy_workspace_bytes<T>(int64_t, int64_t, int, TopKVariant);                           \
+  template cudaError_t topk_entropy<T>(const T*, int64_t, int64_t, int64_t, const int64_t*, int64_t, int, float, \
                                        int64_t*, float*, float*, void*, size_t, TopKVariant, cudaStream_t);
 SOFTMASK_INSTANTIATE(float)
 SOFTMASK_INSTANTIATE(bf16_t)

@@ -44,7 +44,7 @@ namespace softmask::cuda::topk_impl {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kUnroll = 4;          // 16-byte loads in flight per thread and round
+constexpr int kUnroll = 4;             // 16-byte loads in flight per thread and round
 constexpr int kMaxSplits = kWarpSize;  // the merge kernel gives one lane to each block's list
 constexpr int kMinVectorsPerThread = 2 * kUnroll;
 // Resident blocks per SM the compiler must allow for (it caps registers accordingly, without spilling): k = 1 fits
@@ -52,8 +52,7 @@ constexpr int kMinVectorsPerThread = 2 * kUnroll;
 // kFiltered keeps no list in registers, so it fits in 64 registers (4 blocks) whatever K is; at 48 (5 blocks) its
 // first-round seed and buffer trimming make ptxas spill.
 template <int K, TopKVariant V>
-constexpr int kMinBlocksPerSm =
-    V == TopKVariant::kFiltered ? 4 : (K == 1 ? 5 : (K <= 5 ? 4 : (K <= 8 ? 3 : 1)));
+constexpr int kMinBlocksPerSm = V == TopKVariant::kFiltered ? 4 : (K == 1 ? 5 : (K <= 5 ? 4 : (K <= 8 ? 3 : 1)));
 constexpr int kMaxExactK = 8;  // kExactBound's exact refresh copies the list: only for lists up to this size
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
@@ -150,9 +149,7 @@ struct Base2Entropy {
   }
 
   // The same softmax in natural-log units: e^(x - m ln2) = 2^(y - m), and (x - m ln2) = ln2 (y - m).
-  __device__ __forceinline__ EntropyState natural() const {
-    return {m == -FLT_MAX ? -FLT_MAX : m * kLn2, s, t * kLn2};
-  }
+  __device__ __forceinline__ EntropyState natural() const { return {m == -FLT_MAX ? -FLT_MAX : m * kLn2, s, t * kLn2}; }
 };
 
 // The k-th entry of a list sorted in descending order (k <= K, runtime k) as the minimum of its first k entries: a
@@ -316,8 +313,8 @@ __device__ __forceinline__ Candidate warp_select_best(CandidateBuffer<Capacity>&
   return mine;
 }
 
-// kFiltered's rare path: keep only the warp's k best candidates and publish the k-th of them (k values at distinct positions of this block's part) as a
-// lower bound of the block. Returns the block's bound. The whole warp calls this.
+// kFiltered's rare path: keep only the warp's k best candidates and publish the k-th of them (k values at distinct
+// positions of this block's part) as a lower bound of the block. Returns the block's bound. The whole warp calls this.
 template <int Capacity>
 __device__ __forceinline__ float keep_warp_best(CandidateBuffer<Capacity>* buffer, int k, int lane,
                                                 int* shared_bound_key) {
@@ -386,7 +383,7 @@ struct FilteredScan {
 // Merge n_lists sorted lists of k entries (list i at values/indices + i * stride, shared or global memory) into
 // their k best, written by lane 0 to out_values/out_indices. Run by one whole warp; n_lists <= 32.
 static __device__ void warp_merge_lists(int lane, int n_lists, const float* values, const int32_t* indices, int stride,
-                                 int k, float* out_values, int32_t* out_indices) {
+                                        int k, float* out_values, int32_t* out_indices) {
   int position = 0;
   for (int round = 0; round < k; ++round) {
     Candidate head{-INFINITY, kEmptyIndex};
@@ -578,8 +575,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, V>)
 }
 
 // One warp per row merges the row's `splits` partial results.
-static __global__ void __launch_bounds__(kThreads) merge_splits_kernel(int64_t num_rows, int splits, int k,
-                                                                 Partials partials, Outputs out) {
+static __global__ void __launch_bounds__(kThreads)
+    merge_splits_kernel(int64_t num_rows, int splits, int k, Partials partials, Outputs out) {
   extern __shared__ unsigned char scratch[];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -699,14 +696,14 @@ struct TopKEntropyLauncher {
     if (launched != cudaSuccess || splits == 1) return launched;
     const size_t scratch = kWarps * static_cast<size_t>(p.k) * (sizeof(float) + sizeof(int32_t));
     merge_splits_kernel<<<blocks_for(p.num_rows, kWarps), kThreads, scratch, stream>>>(p.num_rows, splits, p.k,
-                                                                                        partials, out);
+                                                                                       partials, out);
     return cudaGetLastError();
   }
 };
 
 // Explicit instantiation definitions (`template`) or declarations (`extern template`) of one variant's launchers.
-#define SOFTMASK_TOPK_VARIANT_INSTANCES(EXTERN, VARIANT)                           \
-  EXTERN template struct TopKEntropyLauncher<float, TopKVariant::VARIANT>;         \
+#define SOFTMASK_TOPK_VARIANT_INSTANCES(EXTERN, VARIANT)                              \
+  EXTERN template struct TopKEntropyLauncher<float, TopKVariant::VARIANT>;            \
   EXTERN template struct TopKEntropyLauncher<softmask::bf16_t, TopKVariant::VARIANT>; \
   EXTERN template struct TopKEntropyLauncher<softmask::f16_t, TopKVariant::VARIANT>;
 

@@ -20,14 +20,14 @@ namespace {
 int failures = 0;
 
 // Records a failure with a printf-style explanation and carries on, so one run reports every broken case.
-#define CHECK(cond, ...)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      ++failures;                                                                     \
+#define CHECK(cond, ...)                                                            \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      ++failures;                                                                   \
       std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                              \
-      std::fprintf(stderr, "\n");                                                     \
-    }                                                                                 \
+      std::fprintf(stderr, __VA_ARGS__);                                            \
+      std::fprintf(stderr, "\n");                                                   \
+    }                                                                               \
   } while (0)
 
 using namespace softmask;
@@ -209,8 +209,8 @@ void test_cpu_topk_entropy(const char* name) {
             CHECK(std::abs(probs[r * k + j] - p) < 1e-6, "%s prob %g vs %g", name, probs[r * k + j], p);
           }
           const double expected = neg_entropy_reference(row, temperature);
-          CHECK(std::abs(negh[r] - expected) < 1e-4 * std::max(1.0, std::abs(expected)), "%s V=%ld negH %g vs %g",
-                name, static_cast<long>(vocab), negh[r], expected);
+          CHECK(std::abs(negh[r] - expected) < 1e-4 * std::max(1.0, std::abs(expected)), "%s V=%ld negH %g vs %g", name,
+                static_cast<long>(vocab), negh[r], expected);
         }
       }
     }
@@ -243,7 +243,8 @@ void test_cpu_blend(const char* name) {
     }
     for (int64_t j = 0; j < m; ++j) {
       double expected = 0.0;
-      for (int64_t d = 0; d < dim; ++d) expected += to_float(grad_out[r * dim + d]) * to_float(weight[ids[r * m + j] * dim + d]);
+      for (int64_t d = 0; d < dim; ++d)
+        expected += to_float(grad_out[r * dim + d]) * to_float(weight[ids[r * m + j] * dim + d]);
       CHECK(std::abs(grad_coeffs[r * m + j] - expected) <= 1e-4 * (1 + std::abs(expected)), "%s grad_coeffs", name);
     }
   }
@@ -254,8 +255,7 @@ void test_cpu_blend(const char* name) {
         if (ids[i] == v) expected += coeffs[i] * to_float(grad_out[(i / m) * dim + d]);
       }
       const float got = to_float(grad_weight[v * dim + d]);
-      CHECK(std::abs(got - expected) <= tol * (1 + std::abs(expected)), "%s grad_weight %g vs %g", name, got,
-            expected);
+      CHECK(std::abs(got - expected) <= tol * (1 + std::abs(expected)), "%s grad_weight %g vs %g", name, got, expected);
     }
   }
 }

@@ -30,6 +30,7 @@ A malformed record raises :class:`DataFormatError` naming the file and the line 
 Order: :class:`BatchStream` draws one ``torch.Generator`` permutation per epoch from ``(seed, epoch)``; its state is
 ``(seed, epoch, position)``, so a resumed run sees the same batches as one that never stopped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,9 @@ class ChatTokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> Any: ...
 
-    def apply_chat_template(self, conversation: list[dict[str, str]], tokenize: bool = ...,
-                            add_generation_prompt: bool = ...) -> Any: ...
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], tokenize: bool = ..., add_generation_prompt: bool = ...
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,13 @@ class LoadReport:
     n_tokens_dropped: int = 0  # packing: the tail after the last full block
 
     def summary(self) -> str:
-        return (f"{self.n_records} records -> {self.n_examples} examples ({self.n_tokens} tokens); "
-                f"dropped as too long: {self.n_dropped_too_long}, for a short response: "
-                f"{self.n_dropped_short_response}, for dropped token ids: {self.n_dropped_token_ids}, "
-                f"truncated: {self.n_truncated}, "
-                f"tokens dropped: {self.n_tokens_dropped}")
+        return (
+            f"{self.n_records} records -> {self.n_examples} examples ({self.n_tokens} tokens); "
+            f"dropped as too long: {self.n_dropped_too_long}, for a short response: "
+            f"{self.n_dropped_short_response}, for dropped token ids: {self.n_dropped_token_ids}, "
+            f"truncated: {self.n_truncated}, "
+            f"tokens dropped: {self.n_tokens_dropped}"
+        )
 
 
 @dataclass
@@ -146,8 +150,10 @@ def _json_array_records(path: Path) -> Iterator[tuple[str, dict]]:
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
     if not isinstance(records, list):
-        raise DataFormatError(f"{path}: expected a JSON array of records (use .jsonl for one record per line), "
-                              f"got {type(records).__name__}")
+        raise DataFormatError(
+            f"{path}: expected a JSON array of records (use .jsonl for one record per line), "
+            f"got {type(records).__name__}"
+        )
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataFormatError(f"{path}, record {number}: expected a JSON object, got {type(record).__name__}")
@@ -175,8 +181,12 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    readers = {".jsonl": _jsonl_records, ".json": _json_array_records, ".parquet": _parquet_records,
-               ".txt": _txt_record}
+    readers = {
+        ".jsonl": _jsonl_records,
+        ".json": _json_array_records,
+        ".parquet": _parquet_records,
+        ".txt": _txt_record,
+    }
     if suffix not in readers:
         raise DataFormatError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
     try:
@@ -193,8 +203,10 @@ def record_format(record: dict, location: str) -> RecordFormat:
         return "prompt_response"
     if "text" in record:
         return "text"
-    raise DataFormatError(f"{location}: record has none of the fields 'messages', 'prompt'/'response', 'text' "
-                          f"(found: {', '.join(sorted(map(str, record))) or 'no fields'})")
+    raise DataFormatError(
+        f"{location}: record has none of the fields 'messages', 'prompt'/'response', 'text' "
+        f"(found: {', '.join(sorted(map(str, record))) or 'no fields'})"
+    )
 
 
 def _string_field(record: dict, key: str, location: str, allow_empty: bool = True) -> str:
@@ -304,8 +316,9 @@ def _render(tokenizer: ChatTokenizer, messages: list[dict[str, str]], add_genera
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def chat_segments(tokenizer: ChatTokenizer, messages: list[dict[str, str]],
-                  responses: Responses = "all") -> list[tuple[str, bool]]:
+def chat_segments(
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], responses: Responses = "all"
+) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, is_prompt)`` pieces; the non-prompt pieces are the responses:
     every assistant turn (``responses="all"``) or only the last message, which must be the assistant's (``"last"``).
 
@@ -319,35 +332,42 @@ def chat_segments(tokenizer: ChatTokenizer, messages: list[dict[str, str]],
         if message["role"] != "assistant" or (responses == "last" and i != len(messages) - 1):
             continue
         head = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (head.startswith(done) and full.startswith(head)):
-            raise ValueError("the chat template does not render conversations prefix-consistently, so the assistant "
-                             "responses cannot be located; use a ChatML-style template")
-        segments += [(head[len(done):], True), (full[len(head):], False)]
+            raise ValueError(
+                "the chat template does not render conversations prefix-consistently, so the assistant "
+                "responses cannot be located; use a ChatML-style template"
+            )
+        segments += [(head[len(done) :], True), (full[len(head) :], False)]
         done = full
     rest = _render(tokenizer, messages, add_generation_prompt=False)
     if not rest.startswith(done):
         raise ValueError("the chat template does not render conversations prefix-consistently")
-    segments.append((rest[len(done):], True))
+    segments.append((rest[len(done) :], True))
     return [(text, is_prompt) for text, is_prompt in segments if text]
 
 
-def tokenize_conversation(tokenizer: ChatTokenizer, messages: list[dict[str, str]],
-                          responses: Responses = "all") -> Example:
+def tokenize_conversation(
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], responses: Responses = "all"
+) -> Example:
     """Token ids and prompt mask of one conversation (each segment is tokenised on its own, so no token straddles
     a prompt/response boundary). Without a chat template: prompt turns and responses joined raw, then eos.
     ``responses``: every assistant turn is a response (``"all"``) or only the last message (``"last"``)."""
     if responses not in ("all", "last"):
         raise ValueError(f"responses must be 'all' or 'last', got {responses!r}")
     if responses == "last" and messages[-1]["role"] != "assistant":
-        raise DataFormatError(f"the last message is the response (responses='last') but its role is "
-                              f"{messages[-1]['role']!r}, not 'assistant'")
+        raise DataFormatError(
+            f"the last message is the response (responses='last') but its role is "
+            f"{messages[-1]['role']!r}, not 'assistant'"
+        )
     last = len(messages) - 1
     if getattr(tokenizer, "chat_template", None):
         segments = chat_segments(tokenizer, messages, responses)
     else:
-        segments = [(m["content"], m["role"] != "assistant" or (responses == "last" and i != last))
-                    for i, m in enumerate(messages)]
+        segments = [
+            (m["content"], m["role"] != "assistant" or (responses == "last" and i != last))
+            for i, m in enumerate(messages)
+        ]
     ids: list[int] = []
     mask: list[bool] = []
     for piece, (_, is_prompt) in zip(_encode_many(tokenizer, [text for text, _ in segments]), segments):
@@ -423,7 +443,7 @@ def pack_texts(texts: Iterable[str], tokenizer: ChatTokenizer, block_length: int
     n_blocks = len(stream) // block_length
     if n_blocks == 0:
         raise DataFormatError(f"the text has {len(stream)} tokens, fewer than one block of {block_length}")
-    blocks = stream[:n_blocks * block_length].view(n_blocks, block_length)
+    blocks = stream[: n_blocks * block_length].view(n_blocks, block_length)
     no_prompt = torch.zeros(block_length, dtype=torch.bool)
     examples = [Example(block, no_prompt) for block in blocks]
     report.n_examples = n_blocks
@@ -460,8 +480,10 @@ def load_dataset(
     mixed = next((i for i, form in enumerate(forms) if (form == "text") != packed), None)
     if mixed is not None:
         others = "text" if packed else f"{forms[0]}"
-        raise DataFormatError(f"{records[mixed][0]}: a {forms[mixed]} record among {others} records; text is packed "
-                              "into blocks and cannot be mixed with chat or prompt/response records")
+        raise DataFormatError(
+            f"{records[mixed][0]}: a {forms[mixed]} record among {others} records; text is packed "
+            "into blocks and cannot be mixed with chat or prompt/response records"
+        )
     if packed:
         texts = [_string_field(record, "text", where) for where, record in records]
         dataset = pack_texts(texts, tokenizer, max_length)
@@ -492,8 +514,10 @@ def load_dataset(
             else:
                 examples.append(example)
         if report.n_dropped_too_long == len(records):
-            raise DataFormatError(f"all {len(records)} records are longer than max_length={max_length} tokens; "
-                                  "raise max_length or use overlong='truncate'")
+            raise DataFormatError(
+                f"all {len(records)} records are longer than max_length={max_length} tokens; "
+                "raise max_length or use overlong='truncate'"
+            )
         if not examples:
             raise DataFormatError(f"none of the {len(records)} records is left after filtering: {report.summary()}")
         report.n_examples = len(examples)
@@ -501,8 +525,12 @@ def load_dataset(
         dataset = TokenizedDataset(examples, report)
     logger.info("loaded %s", dataset.report.summary())
     if dataset.report.n_dropped_too_long or dataset.report.n_truncated:
-        logger.warning("length filtering to %d tokens: %d records dropped, %d truncated", max_length,
-                       dataset.report.n_dropped_too_long, dataset.report.n_truncated)
+        logger.warning(
+            "length filtering to %d tokens: %d records dropped, %d truncated",
+            max_length,
+            dataset.report.n_dropped_too_long,
+            dataset.report.n_truncated,
+        )
     return dataset
 
 
@@ -631,8 +659,10 @@ class BatchStream:
         if state["seed"] != self.seed:
             raise ValueError(f"data order state was saved with seed {state['seed']}, this stream uses {self.seed}")
         if not 0 <= state["position"] < self.batches_per_epoch:
-            raise ValueError(f"data order position {state['position']} is outside an epoch of "
-                             f"{self.batches_per_epoch} batches (was the dataset or batch size changed?)")
+            raise ValueError(
+                f"data order position {state['position']} is outside an epoch of "
+                f"{self.batches_per_epoch} batches (was the dataset or batch size changed?)"
+            )
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -643,7 +673,7 @@ class BatchStream:
             self._order = epoch_permutation(len(self.dataset), self.seed, self.epoch)
         start = self.position * self.batch_size
         shard = self.batch_size // self.world_size
-        indices = self._order[start + self.rank * shard:start + (self.rank + 1) * shard].tolist()
+        indices = self._order[start + self.rank * shard : start + (self.rank + 1) * shard].tolist()
         examples = [self.dataset[i] for i in indices]
         pad_to = self.pad_to
         if self.pad_as_response:

@@ -87,8 +87,8 @@ class SpellingTask:
             "prompt_words >= 1": prompt_words >= 1,
             "spellings_per_word: non-empty, each >= 1": bool(counts) and min(counts) >= 1,
             "alphabet_size >= the largest number of spellings": bool(counts) and alphabet_size >= max(counts),
-            "alphabet_size ** word_length >= total spellings": alphabet_size ** word_length >= sum(
-                counts[w % len(counts)] for w in range(lexicon_size)),
+            "alphabet_size ** word_length >= total spellings": alphabet_size**word_length
+            >= sum(counts[w % len(counts)] for w in range(lexicon_size)),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -160,7 +160,7 @@ class SpellingTask:
             raise ValueError(f"an answer has {self.answer_length} letters, got {len(answer)}")
         ids = [_BOS]
         for i, w in enumerate(words):
-            letters = [_MASK] * n if answer is None else self.answer_ids(answer[i * n:(i + 1) * n])
+            letters = [_MASK] * n if answer is None else self.answer_ids(answer[i * n : (i + 1) * n])
             ids += [self.word_token(w), *letters]
         return ids
 
@@ -176,8 +176,9 @@ class SpellingTask:
 
     def _check_words(self, words: Sequence[int]) -> None:
         if len(words) != self.prompt_words or not all(0 <= w < self.lexicon_size for w in words):
-            raise ValueError(f"a prompt is {self.prompt_words} word indices in [0, {self.lexicon_size}), got "
-                             f"{list(words)}")
+            raise ValueError(
+                f"a prompt is {self.prompt_words} word indices in [0, {self.lexicon_size}), got {list(words)}"
+            )
 
     # ------------------------------------------------------------------------------------------------ checking
     def word_validity(self, words: Sequence[int], answer_tokens: Sequence[int]) -> list[bool]:
@@ -189,7 +190,7 @@ class SpellingTask:
         first = self.letter_token(0)
         letters = [t - first for t in answer_tokens]  # tokens that are not letters fall outside every spelling
         n = self.word_length
-        return [tuple(letters[i * n:(i + 1) * n]) in self.spellings[w] for i, w in enumerate(words)]
+        return [tuple(letters[i * n : (i + 1) * n]) in self.spellings[w] for i, w in enumerate(words)]
 
     def is_valid(self, words: Sequence[int], answer_tokens: Sequence[int]) -> bool:
         """Whether ``answer_tokens`` spells every word of the prompt with one of its spellings."""
@@ -210,7 +211,7 @@ class SpellingTask:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         distinct = split != "train"
-        most = self.lexicon_size ** self.prompt_words // 20  # the split holds about a tenth of all prompts
+        most = self.lexicon_size**self.prompt_words // 20  # the split holds about a tenth of all prompts
         if distinct and n > most:
             raise ValueError(f"{n} distinct {split} prompts requested; at most {most} are drawn")
         rng = random.Random(f"spelling {split} {seed}")

@@ -14,6 +14,7 @@ modules appear or disappear between Python versions, and two machines with the s
 Modules are listed in dotted-name order; a size cap keeps whole modules in a fixed pseudo-random order (the same
 hash), so a capped corpus is a spread-out sample rather than the alphabetical head of the library.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,10 +27,20 @@ from typing import Literal
 
 Split = Literal["train", "validation"]
 
-EXCLUDED_DIRS = frozenset({
-    "test", "tests", "site-packages", "dist-packages", "idlelib", "turtledemo", "encodings", "pydoc_data",
-    "__pycache__", "lib-dynload",
-})
+EXCLUDED_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "site-packages",
+        "dist-packages",
+        "idlelib",
+        "turtledemo",
+        "encodings",
+        "pydoc_data",
+        "__pycache__",
+        "lib-dynload",
+    }
+)
 EXCLUDED_DIR_PREFIXES = ("config-",)
 EXCLUDED_FILE_PREFIXES = ("_sysconfigdata_",)
 
@@ -169,11 +180,13 @@ def heldout_functions(
             n_lines = node.end_lineno - start + 1
             if n_lines < min_lines or (max_lines is not None and n_lines > max_lines):
                 continue
-            functions.append(FunctionSource(
-                module=module.name,
-                name=node.name,
-                lineno=start,
-                source="".join(lines[start - 1:node.end_lineno]),
-                prefix="".join(lines[:start - 1]),
-            ))
+            functions.append(
+                FunctionSource(
+                    module=module.name,
+                    name=node.name,
+                    lineno=start,
+                    source="".join(lines[start - 1 : node.end_lineno]),
+                    prefix="".join(lines[: start - 1]),
+                )
+            )
     return functions

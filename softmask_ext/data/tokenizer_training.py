@@ -16,6 +16,7 @@ Design choices, for code:
 :func:`train_stdlib_tokenizer` trains on the train split of the standard-library corpus
 (:mod:`softmask_ext.data.stdlib_corpus`); ``python -m softmask_ext.pretrain`` uses it for the shipped model.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,14 @@ def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
         if token_id is None:
             raise ValueError(f"tokenizer has no special token {token!r}")
         ids[token] = token_id
-    return SpecialTokenIds(eos=ids[EOS_TOKEN], pad=ids[EOS_TOKEN], mask=ids[MASK_TOKEN],
-                           im_start=ids[IM_START_TOKEN], im_end=ids[IM_END_TOKEN], bos=ids[BOS_TOKEN])
+    return SpecialTokenIds(
+        eos=ids[EOS_TOKEN],
+        pad=ids[EOS_TOKEN],
+        mask=ids[MASK_TOKEN],
+        im_start=ids[IM_START_TOKEN],
+        im_end=ids[IM_END_TOKEN],
+        bos=ids[BOS_TOKEN],
+    )
 
 
 def train_tokenizer(
@@ -105,11 +112,22 @@ def train_tokenizer(
 
 
 def _added_tokens_decoder(ids: SpecialTokenIds) -> dict[str, dict]:
-    by_id = {ids.eos: EOS_TOKEN, ids.mask: MASK_TOKEN, ids.im_start: IM_START_TOKEN, ids.im_end: IM_END_TOKEN,
-             ids.bos: BOS_TOKEN}
+    by_id = {
+        ids.eos: EOS_TOKEN,
+        ids.mask: MASK_TOKEN,
+        ids.im_start: IM_START_TOKEN,
+        ids.im_end: IM_END_TOKEN,
+        ids.bos: BOS_TOKEN,
+    }
     return {
-        str(token_id): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": True}
+        str(token_id): {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for token_id, content in sorted(by_id.items())
     }
 
@@ -156,4 +174,3 @@ def train_stdlib_tokenizer(
     """Train on the train split of the standard-library corpus and save into ``out_dir``."""
     tokenizer = train_tokenizer(stdlib_texts("train", max_chars), vocab_size, show_progress=show_progress)
     return save_tokenizer(tokenizer, out_dir, model_max_length)
-

@@ -13,16 +13,16 @@ from .options import CACHE_MODES, DecodeOptions, Prompt, check_prompt
 from .sampling import ALGS, REMASKING
 
 __all__ = [
-           "ALGS",
-           "CACHE_MODES",
-           "REMASKING",
-           "DecodeOptions",
-           "DecodeResult",
-           "DiffusionDecoder",
-           "Prompt",
-           "add_fast_decoding_flags",
-           "check_prompt",
-           "diffusion_generate",
-           "dream_keywords",
-           "fast_decoding_kwargs",
+    "ALGS",
+    "CACHE_MODES",
+    "REMASKING",
+    "DecodeOptions",
+    "DecodeResult",
+    "DiffusionDecoder",
+    "Prompt",
+    "add_fast_decoding_flags",
+    "check_prompt",
+    "diffusion_generate",
+    "dream_keywords",
+    "fast_decoding_kwargs",
 ]

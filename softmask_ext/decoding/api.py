@@ -120,7 +120,8 @@ def diffusion_generate(
         output_history, return_dict_in_generate: as in Dream; history needs both.
         generation_tokens_hook_func: ``f(step, x, logits) -> x``, called before the first step (``step=None``) and
             after each step's unmasking; it may edit the decoded region (from the first mask token of any prompt on).
-        generation_logits_hook_func: ``f(step, x, logits) -> logits`` on the full logits ``[B, P + N, V]``, row i predicting position i.
+        generation_logits_hook_func: ``f(step, x, logits) -> logits`` on the full logits ``[B, P + N, V]``, row i
+            predicting position i.
             Either hook makes the loop compute logits for every position and run eagerly.
         soft_mask: a :class:`SoftMask`, a ``transparency_config`` dict or a path to one; the authors' keywords
             (``transparency_scale=..., mixinputs_k=...``) are accepted instead. ``None``: plain (binary) masks.
@@ -147,11 +148,28 @@ def diffusion_generate(
     """
     if is_mdlm_model(model):  # MDLM's and ReMDM's samplers (sampler=, eta=, ... in the keywords)
         return generate_from_diffusion_api(
-            model, input_ids, attention_mask, max_new_tokens=max_new_tokens, steps=steps, temperature=temperature,
-            top_p=top_p, top_k=top_k, alg=alg, alg_temp=alg_temp, eps=eps, output_history=output_history,
-            return_dict_in_generate=return_dict_in_generate, generation_tokens_hook_func=generation_tokens_hook_func,
-            generation_logits_hook_func=generation_logits_hook_func, soft_mask=soft_mask, mask_token_id=mask_token_id,
-            generator=generator, seed=seed, cuda_graph=cuda_graph, **soft_mask_kwargs)
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            steps=steps,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            alg=alg,
+            alg_temp=alg_temp,
+            eps=eps,
+            output_history=output_history,
+            return_dict_in_generate=return_dict_in_generate,
+            generation_tokens_hook_func=generation_tokens_hook_func,
+            generation_logits_hook_func=generation_logits_hook_func,
+            soft_mask=soft_mask,
+            mask_token_id=mask_token_id,
+            generator=generator,
+            seed=seed,
+            cuda_graph=cuda_graph,
+            **soft_mask_kwargs,
+        )
     keywords = {name: value for name, value in locals().items() if name in GENERATION_FIELDS}
     unknown = sorted(k for k in soft_mask_kwargs if not k.startswith(_SOFT_MASK_PREFIXES))
     if unknown:
@@ -163,10 +181,18 @@ def diffusion_generate(
     max_positions = getattr(config, "max_position_embeddings", None)
     prompt_len = input_ids.shape[-1] if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else 0
     llada = "remasking" in family_of(model).default_decoding
-    alg, eps = _family_keywords(llada, alg=g["alg"], eps=g["eps"], top_p=g["top_p"], top_k=g["top_k"],
-                                alg_temp=g["alg_temp"], remasking=remasking, cfg_scale=cfg_scale,
-                                fast_dllm_compat=fast_dllm_compat,
-                                hooks=generation_tokens_hook_func or generation_logits_hook_func)
+    alg, eps = _family_keywords(
+        llada,
+        alg=g["alg"],
+        eps=g["eps"],
+        top_p=g["top_p"],
+        top_k=g["top_k"],
+        alg_temp=g["alg_temp"],
+        remasking=remasking,
+        cfg_scale=cfg_scale,
+        fast_dllm_compat=fast_dllm_compat,
+        hooks=generation_tokens_hook_func or generation_logits_hook_func,
+    )
     options = DecodeOptions(
         max_new_tokens=new_token_count(g, prompt_len, max_positions),
         steps=1 if g["steps"] is None else g["steps"],  # None: one token per step, once the prompts' masks are counted
@@ -184,8 +210,9 @@ def diffusion_generate(
         fast_dllm_compat=fast_dllm_compat,
     )
     device = model.get_input_embeddings().weight.device
-    prompt = check_prompt(input_ids, attention_mask, options, vocab_size=config.vocab_size,
-                          max_positions=max_positions, device=device)
+    prompt = check_prompt(
+        input_ids, attention_mask, options, vocab_size=config.vocab_size, max_positions=max_positions, device=device
+    )
     _check_special_tokens(g, prompt, config.vocab_size)
     prompt = _repeat_rows(prompt, 1 if g["num_return_sequences"] is None else g["num_return_sequences"])
     if g["steps"] is None:
@@ -218,8 +245,11 @@ def _repeat_rows(prompt: Prompt, times: Any) -> Prompt:
     if times == 1:
         return prompt
     mask = prompt.attention_mask
-    return dataclasses.replace(prompt, input_ids=prompt.input_ids.repeat_interleave(times, 0),
-                               attention_mask=None if mask is None else mask.repeat_interleave(times, 0))
+    return dataclasses.replace(
+        prompt,
+        input_ids=prompt.input_ids.repeat_interleave(times, 0),
+        attention_mask=None if mask is None else mask.repeat_interleave(times, 0),
+    )
 
 
 def _check_special_tokens(g: Mapping[str, Any], prompt: Prompt, vocab_size: int) -> None:
@@ -228,35 +258,60 @@ def _check_special_tokens(g: Mapping[str, Any], prompt: Prompt, vocab_size: int)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = g[name]
         ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
-        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
-                                         for i in ids):
-            raise ValueError(f"{name} must be a token id in [0, {vocab_size})"
-                             f"{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
+        if value is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids
+        ):
+            raise ValueError(
+                f"{name} must be a token id in [0, {vocab_size})"
+                f"{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}"
+            )
     pad = g["pad_token_id"]
     if pad is not None and prompt.attention_mask is None and bool((prompt.input_ids == pad).any()):
-        warnings.warn("Padding was detected but no attention mask is passed here. For correct generation results, "
-                      "please set `attention_mask` when batch-padding inputs.", UserWarning, stacklevel=3)
+        warnings.warn(
+            "Padding was detected but no attention mask is passed here. For correct generation results, "
+            "please set `attention_mask` when batch-padding inputs.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
-def _family_keywords(llada: bool, *, alg: str | None, eps: float | None, remasking: str | None,
-                     cfg_scale: float | None, fast_dllm_compat: bool, hooks: Any, **dream_only: Any
-                     ) -> tuple[str, float]:
+def _family_keywords(
+    llada: bool,
+    *,
+    alg: str | None,
+    eps: float | None,
+    remasking: str | None,
+    cfg_scale: float | None,
+    fast_dllm_compat: bool,
+    hooks: Any,
+    **dream_only: Any,
+) -> tuple[str, float]:
     """(alg, eps) for the model's family; keywords of the other family are errors, never ignored."""
     if llada:
-        given = [name for name, value in (("alg", alg), ("eps", eps), *dream_only.items(),
-                                          ("fast_dllm_compat", fast_dllm_compat or None),
-                                          ("generation hooks", hooks)) if value is not None]
+        given = [
+            name
+            for name, value in (
+                ("alg", alg),
+                ("eps", eps),
+                *dream_only.items(),
+                ("fast_dllm_compat", fast_dllm_compat or None),
+                ("generation hooks", hooks),
+            )
+            if value is not None
+        ]
         if given:
-            raise ValueError(f"{', '.join(given)}: Dream's decoding keywords, not LLaDA's (use remasking=, "
-                             "cfg_scale=, temperature=)")
+            raise ValueError(
+                f"{', '.join(given)}: Dream's decoding keywords, not LLaDA's (use remasking=, cfg_scale=, temperature=)"
+            )
         remasking = "low_confidence" if remasking is None else remasking
         if remasking not in REMASKING:
             raise ValueError(f"unknown remasking {remasking!r}; expected one of {REMASKING}")
         return remasking, 1e-3
     for name, value in (("remasking", remasking), ("cfg_scale", cfg_scale)):
         if value is not None:
-            raise ValueError(f"{name} is a LLaDA decoding keyword; a Dream model takes alg= (and has no "
-                             "classifier-free guidance)")
+            raise ValueError(
+                f"{name} is a LLaDA decoding keyword; a Dream model takes alg= (and has no classifier-free guidance)"
+            )
     if alg in REMASKING:
         raise ValueError(f"alg {alg!r} is LLaDA's remasking rule; a Dream model takes one of the Dream algs")
     return ("origin" if alg is None else alg), (1e-3 if eps is None else eps)

@@ -16,14 +16,21 @@ __all__ = ["add_fast_decoding_flags", "dream_keywords", "fast_decoding_kwargs"]
 def add_fast_decoding_flags(parser: argparse.ArgumentParser, threshold_sweep: bool = False) -> None:
     """``--block-length``, ``--cache`` and ``--threshold`` (see ``diffusion_generate``); with ``threshold_sweep``
     the threshold takes comma-separated values."""
-    parser.add_argument("--block-length", type=int, help="decode in blocks of this many tokens, left to right "
-                                                         "(default: one block)")
-    parser.add_argument("--cache", choices=CACHE_MODES, default="none",
-                        help="K/V cache across each block's steps: prefix (before the block) or dual (before and "
-                             "after); approximate")
-    parser.add_argument("--threshold", type=_thresholds if threshold_sweep else float,
-                        help="parallel decoding: unmask every position of the block whose confidence reaches this, "
-                             "in (0, 1]" + (" (comma-separated: a sweep)" if threshold_sweep else ""))
+    parser.add_argument(
+        "--block-length", type=int, help="decode in blocks of this many tokens, left to right (default: one block)"
+    )
+    parser.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="none",
+        help="K/V cache across each block's steps: prefix (before the block) or dual (before and after); approximate",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=_thresholds if threshold_sweep else float,
+        help="parallel decoding: unmask every position of the block whose confidence reaches this, "
+        "in (0, 1]" + (" (comma-separated: a sweep)" if threshold_sweep else ""),
+    )
 
 
 def _thresholds(text: str) -> tuple[float, ...]:

@@ -107,8 +107,9 @@ class DiffusionDecoder:
         total = prompt_len + options.max_new_tokens
         decode_from = prompt_len if decode_from is None else decode_from
         if not 0 <= decode_from <= prompt_len or decode_from == total:
-            raise ValueError(f"decode_from must lie in [0, {prompt_len}] and leave a position to decode, "
-                             f"got {decode_from}")
+            raise ValueError(
+                f"decode_from must lie in [0, {prompt_len}] and leave a position to decode, got {decode_from}"
+            )
         self.batch, self.prompt_len, self.decode_from, self.total = batch, prompt_len, decode_from, total
         self.length = total - decode_from
         self._plan_blocks(options)
@@ -136,6 +137,7 @@ class DiffusionDecoder:
         self.cache = None
         if options.cache != "none":
             from ..model.kv_cache import KVCache
+
             self.cache = KVCache.for_model(model, batch=batch * (2 if options.cfg_scale else 1), length=total)
             self._all_cols = torch.arange(total, device=device)
         if soft_mask is not None:
@@ -154,12 +156,16 @@ class DiffusionDecoder:
         length = self.length
         self.block_length = length if options.block_length is None else options.block_length
         if length % self.block_length:
-            raise ValueError(f"block_length ({self.block_length}) must divide the decoded length ({length}: "
-                             f"max_new_tokens {options.max_new_tokens} plus the prompt from its first mask token)")
+            raise ValueError(
+                f"block_length ({self.block_length}) must divide the decoded length ({length}: "
+                f"max_new_tokens {options.max_new_tokens} plus the prompt from its first mask token)"
+            )
         self.num_blocks = length // self.block_length
         if options.steps % self.num_blocks:
-            raise ValueError(f"steps ({options.steps}) must be a multiple of the number of blocks ({self.num_blocks} "
-                             f"of block_length {self.block_length})")
+            raise ValueError(
+                f"steps ({options.steps}) must be a multiple of the number of blocks ({self.num_blocks} "
+                f"of block_length {self.block_length})"
+            )
         self.steps_per_block = options.steps // self.num_blocks
         if options.fast_dllm_compat and options.threshold is None and self.steps_per_block < 2:
             raise ValueError("fast_dllm_compat needs at least 2 steps per block (its first step commits one token)")
@@ -167,7 +173,7 @@ class DiffusionDecoder:
     @property
     def region(self) -> Tensor:
         """View ``[B, L]`` of the canvas's decoded region."""
-        return self.canvas[:, self.decode_from:]
+        return self.canvas[:, self.decode_from :]
 
     # ------------------------------------------------------------------ the step
     def step(self, kind: str = "full") -> None:
@@ -204,8 +210,9 @@ class DiffusionDecoder:
             mask = None if mask is None else torch.cat([mask, mask])
             rows = None if rows is None else torch.cat([rows, rows])
         key = "inputs_embeds" if self.soft_mask is not None else "input_ids"
-        logits = self.model(**{key: inputs}, attention_mask=mask, position_ids=positions, logits_rows=rows,
-                            **extra).logits
+        logits = self.model(
+            **{key: inputs}, attention_mask=mask, position_ids=positions, logits_rows=rows, **extra
+        ).logits
         if cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (cfg + 1) * (cond - uncond)
@@ -217,7 +224,11 @@ class DiffusionDecoder:
         block = self.canvas.gather(1, self.window)
         masked = block == opts.mask_token_id
         tokens, confidence = propose(
-            logits, alg=self.rank_alg, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+            logits,
+            alg=self.rank_alg,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=opts.top_k,
             token_noise=self.noise.token,
         )
         if first_only:
@@ -260,11 +271,14 @@ class DiffusionDecoder:
         """Reset the buffers for a new run: prompt + masks, Dream's positions for left padding, the tokens hook's
         edit of the initial canvas (Dream calls it once before the first step), plain embeddings, the first block."""
         if (prompt.batch, prompt.length, prompt.attention_mask is not None, prompt.first_mask) != (
-            self.batch, self.prompt_len, self.attention_mask is not None, self.decode_from
+            self.batch,
+            self.prompt_len,
+            self.attention_mask is not None,
+            self.decode_from,
         ):
             raise ValueError("this decoder was built for another batch size, prompt length, padding or first mask")
         self.canvas[:, : self.prompt_len] = prompt.input_ids
-        self.canvas[:, self.prompt_len:] = self.options.mask_token_id
+        self.canvas[:, self.prompt_len :] = self.options.mask_token_id
         if prompt.attention_mask is not None:
             self.attention_mask[:, : self.prompt_len] = prompt.attention_mask
             positions = self.attention_mask.long().cumsum(-1) - 1
@@ -298,9 +312,10 @@ class DiffusionDecoder:
             end = self.total if self.options.cache == "prefix" else start + self.block_length
             length = end - first
             if length not in self._query_buffers:
-                self._query_buffers[length] = (torch.empty(length, dtype=torch.int64, device=device),
-                                               torch.empty(self.batch, self.block_length, dtype=torch.int64,
-                                                           device=device))
+                self._query_buffers[length] = (
+                    torch.empty(length, dtype=torch.int64, device=device),
+                    torch.empty(self.batch, self.block_length, dtype=torch.int64, device=device),
+                )
             query_cols, query_rows = self._query_buffers[length]
             query_cols.copy_(torch.arange(first, end, device=device))
             query_rows.copy_((prediction_row_index(cols, self.shift).clamp_min(first) - first).expand(self.batch, -1))
@@ -327,8 +342,9 @@ class DiffusionDecoder:
         hooked = tokens_hook is not None or logits_hook is not None
         if hooked and self.cache is not None:
             name = "generation_tokens_hook_func" if tokens_hook is not None else "generation_logits_hook_func"
-            raise ValueError(f"{name} needs cache='none': hooks see and edit the full sequence, which a K/V cache "
-                             "would leave stale")
+            raise ValueError(
+                f"{name} needs cache='none': hooks see and edit the full sequence, which a K/V cache would leave stale"
+            )
         self.load(prompt, tokens_hook)
         history: list[Tensor] | None = [] if output_history else None
         for index in range(self.num_blocks):
@@ -343,8 +359,9 @@ class DiffusionDecoder:
                 else:
                     self._advance("full" if self.cache is None else "window" if i else "fill")
                 _record(history, self.canvas)
-                if threshold and not bool((self.canvas.narrow(1, self._block_start, self.block_length)
-                                           == self.options.mask_token_id).any()):
+                if threshold and not bool(
+                    (self.canvas.narrow(1, self._block_start, self.block_length) == self.options.mask_token_id).any()
+                ):
                     break  # the one host read: this block is decoded
         return self.canvas.clone(), history
 

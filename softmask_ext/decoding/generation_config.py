@@ -17,9 +17,22 @@ __all__ = ["DREAM_DEFAULT_MAX_LENGTH", "GENERATION_FIELDS", "new_token_count", "
 
 #: The fields of Dream's ``DreamGenerationConfig`` that decoding reads.
 GENERATION_FIELDS = (
-    "temperature", "top_p", "top_k", "max_length", "max_new_tokens", "eps", "steps", "alg", "alg_temp",
-    "num_return_sequences", "return_dict_in_generate", "output_history",
-    "mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_length",
+    "max_new_tokens",
+    "eps",
+    "steps",
+    "alg",
+    "alg_temp",
+    "num_return_sequences",
+    "return_dict_in_generate",
+    "output_history",
+    "mask_token_id",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
 )
 _TOKEN_FIELDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -28,9 +41,7 @@ _TOKEN_FIELDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"
 DREAM_DEFAULT_MAX_LENGTH = 20
 
 
-def resolve_generation_config(
-    generation_config: Any, keywords: Mapping[str, Any], model_config: Any
-) -> dict[str, Any]:
+def resolve_generation_config(generation_config: Any, keywords: Mapping[str, Any], model_config: Any) -> dict[str, Any]:
     """Every field of :data:`GENERATION_FIELDS`: the keyword when not ``None``, else the config's value, else (token
     ids) the model config's, else ``None``. Also ``max_length_keyword``: whether ``max_length`` came as a keyword."""
     if generation_config is None:
@@ -42,7 +53,9 @@ def resolve_generation_config(
         config = generation_config
     else:
         config = {name: getattr(generation_config, name, None) for name in GENERATION_FIELDS}
-    settings = {name: keywords[name] if keywords.get(name) is not None else config.get(name) for name in GENERATION_FIELDS}
+    settings = {
+        name: keywords[name] if keywords.get(name) is not None else config.get(name) for name in GENERATION_FIELDS
+    }
     for name in _TOKEN_FIELDS:
         if settings[name] is None:
             settings[name] = getattr(model_config, name, None)
@@ -67,17 +80,27 @@ def new_token_count(settings: Mapping[str, Any], prompt_len: int, max_positions:
     if max_new is not None:
         max_new = _check_count("max_new_tokens", max_new)
         if settings["max_length_keyword"] and max_length != prompt_len + max_new:
-            warnings.warn(f"both max_new_tokens ({max_new}) and max_length ({max_length}) were given; "
-                          "max_new_tokens takes precedence, as in Dream", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"both max_new_tokens ({max_new}) and max_length ({max_length}) were given; "
+                "max_new_tokens takes precedence, as in Dream",
+                UserWarning,
+                stacklevel=3,
+            )
         return max_new
     if max_length is None or (max_length == DREAM_DEFAULT_MAX_LENGTH and not settings["max_length_keyword"]):
         if max_length is None:
-            warnings.warn(f"neither max_new_tokens nor max_length was given: generating Dream's default of "
-                          f"{DREAM_DEFAULT_MAX_LENGTH} new tokens", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"neither max_new_tokens nor max_length was given: generating Dream's default of "
+                f"{DREAM_DEFAULT_MAX_LENGTH} new tokens",
+                UserWarning,
+                stacklevel=3,
+            )
         total = min(prompt_len + DREAM_DEFAULT_MAX_LENGTH, max_positions if max_positions is not None else math.inf)
         return max(int(total) - prompt_len, 0)  # a prompt filling the model's positions is reported by the prompt check
     max_length = _check_count("max_length", max_length)
     if max_length < prompt_len:
-        raise ValueError(f"max_length ({max_length}) is the total length, prompt included, and must be at least the "
-                         f"prompt length {prompt_len}")
+        raise ValueError(
+            f"max_length ({max_length}) is the total length, prompt included, and must be at least the "
+            f"prompt length {prompt_len}"
+        )
     return max_length - prompt_len

@@ -107,8 +107,10 @@ class MDLMSamplerOptions:
         if not 0.0 < self.nucleus_p <= 1.0:
             raise ValueError(f"nucleus_p must lie in (0, 1], got {self.nucleus_p!r}")
         if self.sampler == "remdm-loop" and not (0.0 < self.t_off < self.t_on < 1.0 and 0.0 < self.alpha_on < 1.0):
-            raise ValueError(f"remdm-loop needs 0 < t_off < t_on < 1 and 0 < alpha_on < 1, got t_on={self.t_on}, "
-                             f"t_off={self.t_off}, alpha_on={self.alpha_on}")
+            raise ValueError(
+                f"remdm-loop needs 0 < t_off < t_on < 1 and 0 < alpha_on < 1, got t_on={self.t_on}, "
+                f"t_off={self.t_off}, alpha_on={self.alpha_on}"
+            )
 
 
 def timesteps(options: MDLMSamplerOptions) -> Tensor:
@@ -125,7 +127,7 @@ def step_coefficients(options: MDLMSamplerOptions) -> Tensor:
     ts, dt = timesteps(options), (1 - options.eps) / options.steps
     rows = []
     for i in range(options.steps):
-        t = ts[i:i + 1]
+        t = ts[i : i + 1]
         rows.append(_coefficients(options, t, dt))
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -138,8 +140,12 @@ def _coefficients(options: MDLMSamplerOptions, t: Tensor, dt: float) -> list[flo
         return [float(move_t - move_s), float(move_s), 1.0, 0.0]
 
     def remasking(alpha_t: float, alpha_s: float, sigma: float) -> list[float]:
-        return [_fp32((alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t)),
-                _fp32((1 - alpha_s - sigma * alpha_t) / (1 - alpha_t)), _fp32(1 - sigma), _fp32(sigma)]
+        return [
+            _fp32((alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t)),
+            _fp32((1 - alpha_s - sigma * alpha_t) / (1 - alpha_t)),
+            _fp32(1 - sigma),
+            _fp32(sigma),
+        ]
 
     if options.sampler == "mdlm":
         return ancestral(t, t - dt)
@@ -182,9 +188,18 @@ class MDLMSampler:
         cuda_graph: capture both step parts as CUDA graphs (None: when the model is on CUDA).
     """
 
-    def __init__(self, model: nn.Module, options: MDLMSamplerOptions, *, batch: int, prompt_len: int,
-                 new_tokens: int, soft_mask: SoftMask | None = None, generator: torch.Generator | None = None,
-                 cuda_graph: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        options: MDLMSamplerOptions,
+        *,
+        batch: int,
+        prompt_len: int,
+        new_tokens: int,
+        soft_mask: SoftMask | None = None,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
+    ) -> None:
         config = model.config
         embedding = model.get_input_embeddings().weight
         device = embedding.device
@@ -192,8 +207,10 @@ class MDLMSampler:
         if new_tokens < 1:
             raise ValueError(f"the number of tokens to sample must be >= 1, got {new_tokens}")
         if total > config.model_length:
-            raise ValueError(f"prompt length {prompt_len} + {new_tokens} new tokens = {total} exceeds the model's "
-                             f"length of {config.model_length}")
+            raise ValueError(
+                f"prompt length {prompt_len} + {new_tokens} new tokens = {total} exceeds the model's "
+                f"length of {config.model_length}"
+            )
         if cuda_graph is None:
             cuda_graph = device.type == "cuda"
         if cuda_graph and device.type != "cuda":
@@ -225,7 +242,7 @@ class MDLMSampler:
     @property
     def region(self) -> Tensor:
         """View ``[B, N]`` of the sampled region of the canvas."""
-        return self.canvas[:, self.prompt_len:]
+        return self.canvas[:, self.prompt_len :]
 
     # ------------------------------------------------------------------ the step parts
     def forward_part(self, soft: bool = True) -> None:
@@ -238,13 +255,18 @@ class MDLMSampler:
             if self.soft_mask.schedule != "none":
                 left = (region == self.mask_token_id).sum(-1, keepdim=True)
                 progress = (left / self.initial_masks).expand_as(region).reshape(-1)
-            rows = self.soft_mask.soft_rows(self.log_p, None, region.reshape(-1), self.embedding,
-                                            self.mask_token_id, progress)
-            self.embeds[:, self.prompt_len:] = rows.view(self.batch, self.length, -1)
+            rows = self.soft_mask.soft_rows(
+                self.log_p, None, region.reshape(-1), self.embedding, self.mask_token_id, progress
+            )
+            self.embeds[:, self.prompt_len :] = rows.view(self.batch, self.length, -1)
             inputs = {"inputs_embeds": self.embeds}
         sigma = self.sigmas.index_select(0, self.step_index).expand(self.batch) if self.time_conditioned else None
-        logits = self.model(**inputs, position_ids=self.position_ids, logits_rows=self.logits_rows,
-                            **({"sigma": sigma} if sigma is not None else {})).logits
+        logits = self.model(
+            **inputs,
+            position_ids=self.position_ids,
+            logits_rows=self.logits_rows,
+            **({"sigma": sigma} if sigma is not None else {}),
+        ).logits
         self.log_p.copy_(subs_log_probs(logits, self.region, self.mask_token_id))
         p = self.log_p.exp()
         self.p.copy_(nucleus(p, self.options.nucleus_p) if self.options.nucleus_p < 1.0 else p)
@@ -274,7 +296,7 @@ class MDLMSampler:
         """Prefix ``[B, P]`` (or None when ``P == 0``) + ``N`` masks; step 0; plain embeddings."""
         if self.prompt_len:
             self.canvas[:, : self.prompt_len] = prompt
-        self.canvas[:, self.prompt_len:] = self.mask_token_id
+        self.canvas[:, self.prompt_len :] = self.mask_token_id
         self.step_index.zero_()
         self.initial_masks.fill_(self.length)
         if self.soft_mask is not None:
@@ -368,11 +390,15 @@ def mdlm_generate(
         int64 ``[B, P + N]`` (and the forward-pass count when asked).
     """
     from .api import _generator, _soft_mask_on  # one owner of these conversions
+
     config = model.config
     device = model.get_input_embeddings().weight.device
     if input_ids is not None:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
-                                                                                                torch.int32):
+        if (
+            not isinstance(input_ids, Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+        ):
             raise ValueError("input_ids must be an int64 [batch, prefix_len] tensor")
         if batch_size is not None and batch_size != input_ids.shape[0]:
             raise ValueError(f"batch_size {batch_size} disagrees with input_ids' batch of {input_ids.shape[0]}")
@@ -388,12 +414,28 @@ def mdlm_generate(
         raise ValueError(f"batch_size must be an int >= 1, got {batch!r}")
     if max_new_tokens is None:
         max_new_tokens = config.model_length - prompt_len
-    options = MDLMSamplerOptions(steps=max_new_tokens if steps is None else steps, sampler=sampler, eps=eps,
-                                 eta=eta, t_on=t_on, t_off=t_off, alpha_on=alpha_on, nucleus_p=nucleus_p,
-                                 noise_removal=noise_removal, cache=cache)
-    runner = MDLMSampler(model, options, batch=batch, prompt_len=prompt_len, new_tokens=max_new_tokens,
-                         soft_mask=_soft_mask_on(SoftMask.from_any(soft_mask, **soft_mask_kwargs), device),
-                         generator=_generator(generator, seed, device), cuda_graph=cuda_graph)
+    options = MDLMSamplerOptions(
+        steps=max_new_tokens if steps is None else steps,
+        sampler=sampler,
+        eps=eps,
+        eta=eta,
+        t_on=t_on,
+        t_off=t_off,
+        alpha_on=alpha_on,
+        nucleus_p=nucleus_p,
+        noise_removal=noise_removal,
+        cache=cache,
+    )
+    runner = MDLMSampler(
+        model,
+        options,
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=max_new_tokens,
+        soft_mask=_soft_mask_on(SoftMask.from_any(soft_mask, **soft_mask_kwargs), device),
+        generator=_generator(generator, seed, device),
+        cuda_graph=cuda_graph,
+    )
     sequences, forwards = runner.run(input_ids if prompt_len else None)
     return (sequences, forwards) if return_forward_count else sequences
 
@@ -407,13 +449,27 @@ def is_mdlm_model(model: nn.Module) -> bool:
 
 
 # Dream's decoding options and their defaults in diffusion_generate: they have no meaning for MDLM's samplers.
-_DREAM_ONLY = {"temperature": 0.0, "top_k": None, "alg": "origin", "alg_temp": None, "output_history": False,
-               "return_dict_in_generate": False, "generation_tokens_hook_func": None,
-               "generation_logits_hook_func": None}
+_DREAM_ONLY = {
+    "temperature": 0.0,
+    "top_k": None,
+    "alg": "origin",
+    "alg_temp": None,
+    "output_history": False,
+    "return_dict_in_generate": False,
+    "generation_tokens_hook_func": None,
+    "generation_logits_hook_func": None,
+}
 
 
-def generate_from_diffusion_api(model: nn.Module, input_ids: Tensor | None, attention_mask: Tensor | None,
-                                *, top_p: float | None, mask_token_id: int | None, **kwargs: Any) -> Tensor:
+def generate_from_diffusion_api(
+    model: nn.Module,
+    input_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    *,
+    top_p: float | None,
+    mask_token_id: int | None,
+    **kwargs: Any,
+) -> Tensor:
     """``diffusion_generate`` on an MDLM-family model: Dream's options that do not apply must keep their defaults;
     ``top_p`` is the nucleus; MDLM's sampler keywords (``sampler=``, ``eta=``, ...) pass through."""
     given = {k: kwargs.pop(k) for k in _DREAM_ONLY if k in kwargs}

@@ -79,8 +79,10 @@ class DecodeOptions:
             if not _is_number(self.threshold) or not 0 < self.threshold <= 1:
                 raise ValueError(f"threshold must be in (0, 1] or None, got {self.threshold!r}")
             if self.alg == "origin" and not self.fast_dllm_compat:
-                raise ValueError("threshold needs a confidence: alg 'origin' has none (use maskgit_plus, "
-                                 "topk_margin, entropy, low_confidence or random)")
+                raise ValueError(
+                    "threshold needs a confidence: alg 'origin' has none (use maskgit_plus, "
+                    "topk_margin, entropy, low_confidence or random)"
+                )
             if self.alg_temp:
                 raise ValueError("threshold and alg_temp cannot be combined: a threshold unmasks by confidence")
         if self.cache not in CACHE_MODES:
@@ -88,8 +90,10 @@ class DecodeOptions:
         if not _is_number(self.cfg_scale) or self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         if self.fast_dllm_compat and (self.alg not in ALGS or self.cache == "none"):
-            raise ValueError("fast_dllm_compat reproduces Fast-dLLM's cached Dream loop: it needs a Dream alg and "
-                             "cache='prefix' or 'dual'")
+            raise ValueError(
+                "fast_dllm_compat reproduces Fast-dLLM's cached Dream loop: it needs a Dream alg and "
+                "cache='prefix' or 'dual'"
+            )
 
     @property
     def llada(self) -> bool:
@@ -142,7 +146,9 @@ def check_prompt(
         raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
     batch, length = input_ids.shape
     if batch == 0 or length == 0:
-        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {list(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must hold at least one prompt of at least one token, got shape {list(input_ids.shape)}"
+        )
     total = length + options.max_new_tokens
     if max_positions is not None and total > max_positions:
         raise ValueError(
@@ -161,7 +167,9 @@ def check_prompt(
     if attention_mask is None:
         return Prompt(input_ids, None, first_mask, most_masks)
     if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, length):
-        raise ValueError(f"attention_mask must have the shape of input_ids {[batch, length]}, got {_describe(attention_mask)}")
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {[batch, length]}, got {_describe(attention_mask)}"
+        )
     mask = attention_mask.to(device)
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0/1 (or False/True)")

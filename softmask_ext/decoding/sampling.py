@@ -166,8 +166,9 @@ def propose(
     return tokens, conf
 
 
-def _propose_llada(logits: Tensor, *, alg: str, temperature: float,
-                   gumbel_uniform: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _propose_llada(
+    logits: Tensor, *, alg: str, temperature: float, gumbel_uniform: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """LLaDA's ``add_gumbel_noise`` + argmax, and its ``low_confidence`` score (fp64 throughout)."""
     if temperature > 0:
         tokens = (logits.double().exp() / (-torch.log(gumbel_uniform)) ** temperature).argmax(-1)

@@ -14,8 +14,17 @@ from .objective import masked_token_loss, prediction_rows, sequence_mean_loss
 from .two_pass import DiffusionTrainingForward, model_logits, soft_mask_forward
 
 __all__ = [
-    "FINETUNE_NOISE", "PRETRAIN_NOISE", "NoisedBatch", "NoiseSchedule", "apply_noise", "sample_noise",
+    "FINETUNE_NOISE",
+    "PRETRAIN_NOISE",
+    "NoisedBatch",
+    "NoiseSchedule",
+    "apply_noise",
+    "sample_noise",
     "stream_generator",
-    "masked_token_loss", "prediction_rows", "sequence_mean_loss",
-    "DiffusionTrainingForward", "model_logits", "soft_mask_forward",
+    "masked_token_loss",
+    "prediction_rows",
+    "sequence_mean_loss",
+    "DiffusionTrainingForward",
+    "model_logits",
+    "soft_mask_forward",
 ]

@@ -39,8 +39,9 @@ def loglinear_alpha(t: Tensor, eps: float = SAMPLING_EPS) -> tuple[Tensor, float
     return 1 - (1 - eps) * t, -(1 - eps)
 
 
-def mask_tokens(x0: Tensor, t: Tensor, mask_token_id: int, generator: torch.Generator,
-                valid: Tensor | None = None) -> Tensor:
+def mask_tokens(
+    x0: Tensor, t: Tensor, mask_token_id: int, generator: torch.Generator, valid: Tensor | None = None
+) -> Tensor:
     """``x_t``: each (valid) token of ``x0`` [B, T] masked with probability ``1 - alpha_t`` of its row's ``t`` [B]."""
     alpha, _ = loglinear_alpha(t)
     move = torch.rand(x0.shape, generator=generator) < (1 - alpha)[:, None]
@@ -50,8 +51,9 @@ def mask_tokens(x0: Tensor, t: Tensor, mask_token_id: int, generator: torch.Gene
     return x0.masked_fill(move, mask_token_id)
 
 
-def soft_inputs(model: nn.Module, soft_mask: SoftMask, x_t: Tensor, mask_token_id: int,
-                attention_mask: Tensor | None = None) -> Tensor:
+def soft_inputs(
+    model: nn.Module, soft_mask: SoftMask, x_t: Tensor, mask_token_id: int, attention_mask: Tensor | None = None
+) -> Tensor:
     """SM input embeddings [B, T, D] for ``x_t`` from a gradient-free first pass (rows aligned by the family's
     shift); differentiable w.r.t. the embedding table and the SM parameters."""
     with torch.no_grad():
@@ -64,8 +66,15 @@ def soft_inputs(model: nn.Module, soft_mask: SoftMask, x_t: Tensor, mask_token_i
     return soft.view(batch, length, -1)
 
 
-def mdlm_nll(model: nn.Module, x0: Tensor, t: Tensor, x_t: Tensor, valid: Tensor | None = None,
-             soft_mask: SoftMask | None = None, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def mdlm_nll(
+    model: nn.Module,
+    x0: Tensor,
+    t: Tensor,
+    x_t: Tensor,
+    valid: Tensor | None = None,
+    soft_mask: SoftMask | None = None,
+    attention_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Summed MDLM loss of a batch and its number of valid tokens.
 
     Args:
@@ -78,8 +87,10 @@ def mdlm_nll(model: nn.Module, x0: Tensor, t: Tensor, x_t: Tensor, valid: Tensor
     """
     mask_token_id = model.config.mask_token_id
     if soft_mask is not None:
-        logits = model(inputs_embeds=soft_inputs(model, soft_mask, x_t, mask_token_id, attention_mask),
-                       attention_mask=attention_mask).logits
+        logits = model(
+            inputs_embeds=soft_inputs(model, soft_mask, x_t, mask_token_id, attention_mask),
+            attention_mask=attention_mask,
+        ).logits
     else:
         logits = model(input_ids=x_t, attention_mask=attention_mask).logits
     masked = x_t == mask_token_id

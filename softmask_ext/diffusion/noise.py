@@ -99,7 +99,11 @@ def _check_batch(input_ids: Tensor, response_mask: Tensor) -> None:
 
 
 def apply_noise(
-    input_ids: Tensor, response_mask: Tensor, mask_token_id: int, t: float | Tensor, generator: torch.Generator,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    mask_token_id: int,
+    t: float | Tensor,
+    generator: torch.Generator,
     mask_eps: float = 0.0,
 ) -> NoisedBatch:
     """Mask each response token with probability ``(1 - mask_eps) * t + mask_eps`` (at least one per row).

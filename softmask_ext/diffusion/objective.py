@@ -99,6 +99,7 @@ def sequence_mean_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tenso
     rows = prediction_rows(logits, masked, logit_shift).float()
     token_loss = F.cross_entropy(rows, targets[masked], reduction="none")
     per_row = torch.zeros(targets.shape[0], device=token_loss.device).index_add_(
-        0, masked.nonzero(as_tuple=True)[0], token_loss)
+        0, masked.nonzero(as_tuple=True)[0], token_loss
+    )
     weight = 1.0 / t.to(device=per_row.device, dtype=torch.float32)
     return (per_row / counts * weight).sum()

@@ -15,8 +15,20 @@ from .infill import InfillExample, evaluate_infill, make_infill_examples, plot_i
 from .sandbox import Limits, SandboxResult, run_python
 
 __all__ = [
-    "ElboResult", "estimate_elbo", "paired_difference",
-    "Problem", "evaluate_humaneval", "load_problems", "pass_at_k", "run_tests",
-    "InfillExample", "evaluate_infill", "make_infill_examples", "plot_infill", "score_infill",
-    "Limits", "SandboxResult", "run_python",
+    "ElboResult",
+    "estimate_elbo",
+    "paired_difference",
+    "Problem",
+    "evaluate_humaneval",
+    "load_problems",
+    "pass_at_k",
+    "run_tests",
+    "InfillExample",
+    "evaluate_infill",
+    "make_infill_examples",
+    "plot_infill",
+    "score_infill",
+    "Limits",
+    "SandboxResult",
+    "run_python",
 ]

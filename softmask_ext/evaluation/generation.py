@@ -28,8 +28,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tens
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
     return input_ids, attention_mask if bool((attention_mask == 0).any()) else None
 
 
@@ -38,14 +38,20 @@ def _decode(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: in
     return _decode_with_history(model, prompts, pad_token_id, **kwargs)[0]
 
 
-def _decode_with_history(model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int,
-                         output_history: bool = False, **kwargs: Any) -> tuple[Tensor, list[Tensor] | None]:
+def _decode_with_history(
+    model: nn.Module, prompts: Sequence[Sequence[int]], pad_token_id: int, output_history: bool = False, **kwargs: Any
+) -> tuple[Tensor, list[Tensor] | None]:
     input_ids, attention_mask = _left_pad(prompts, pad_token_id)
     device = next(model.parameters()).device
     with torch.no_grad():
-        out = diffusion_generate(model, input_ids.to(device),
-                                 attention_mask=None if attention_mask is None else attention_mask.to(device),
-                                 output_history=output_history, return_dict_in_generate=True, **kwargs)
+        out = diffusion_generate(
+            model,
+            input_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            output_history=output_history,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
     return out.sequences.cpu(), out.history
 
 
@@ -65,9 +71,10 @@ def generate_tokens(
     decode:  further `diffusion_generate` settings (temperature, top_p, top_k, alg, alg_temp, eps, seed)
     returns: per prompt, its ``max_new_tokens`` generated token ids
     """
-    canvas = _decode(model, prompts, pad_token_id, max_new_tokens=max_new_tokens, steps=steps,
-                     soft_mask=soft_mask, **decode)
-    return canvas[:, canvas.shape[1] - max_new_tokens:].tolist()
+    canvas = _decode(
+        model, prompts, pad_token_id, max_new_tokens=max_new_tokens, steps=steps, soft_mask=soft_mask, **decode
+    )
+    return canvas[:, canvas.shape[1] - max_new_tokens :].tolist()
 
 
 def infill_tokens(
@@ -98,14 +105,24 @@ def infill_tokens(
     if mask_token_id is None:
         mask_token_id = model.config.mask_token_id
     width = max(len(s) for s in suffixes)
-    prompts = [[*prefix, *[mask_token_id] * span_length, *suffix, *[fill_token_id] * (width - len(suffix))]
-               for prefix, suffix in zip(prefixes, suffixes)]
-    canvas, history = _decode_with_history(model, prompts, pad_token_id, output_history=return_steps,
-                                           max_new_tokens=0, steps=steps, soft_mask=soft_mask,
-                                           mask_token_id=mask_token_id, **decode)
+    prompts = [
+        [*prefix, *[mask_token_id] * span_length, *suffix, *[fill_token_id] * (width - len(suffix))]
+        for prefix, suffix in zip(prefixes, suffixes)
+    ]
+    canvas, history = _decode_with_history(
+        model,
+        prompts,
+        pad_token_id,
+        output_history=return_steps,
+        max_new_tokens=0,
+        steps=steps,
+        soft_mask=soft_mask,
+        mask_token_id=mask_token_id,
+        **decode,
+    )
     end = canvas.shape[1] - width
-    spans = canvas[:, end - span_length:end].tolist()
+    spans = canvas[:, end - span_length : end].tolist()
     if not return_steps:
         return spans
-    done = torch.stack([(x[:, end - span_length:end] != mask_token_id).all(-1).cpu() for x in history])  # [S, B]
+    done = torch.stack([(x[:, end - span_length : end] != mask_token_id).all(-1).cpu() for x in history])  # [S, B]
     return spans, (done.long().argmax(0) + 1).where(done.any(0), torch.tensor(len(history))).tolist()

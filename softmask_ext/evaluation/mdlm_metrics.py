@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Example
-from ..soft_mask import SoftMask
 from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
 from ..diffusion.noise import stream_generator
+from ..soft_mask import SoftMask
 
 __all__ = ["MAUVE_MISSING", "elbo_perplexity", "generative_perplexity", "mauve_score"]
 
@@ -38,9 +38,15 @@ def _perplexity(nll: float) -> float:
 
 
 @torch.no_grad()
-def elbo_perplexity(model: nn.Module, blocks: Sequence[Example], soft_mask: SoftMask | None = None,
-                    batch_size: int = 8, max_batches: int | None = None, seed: int = 0,
-                    num_samples: int = 1) -> dict[str, float]:
+def elbo_perplexity(
+    model: nn.Module,
+    blocks: Sequence[Example],
+    soft_mask: SoftMask | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+) -> dict[str, float]:
     """Negative ELBO per token (``nll``, nats) and ``perplexity`` = ``exp(nll)`` over fixed-length ``blocks``.
 
     Every (batch, draw) has its own noise seeded by ``(seed, batch, draw)``, so two models evaluated with the same
@@ -53,7 +59,7 @@ def elbo_perplexity(model: nn.Module, blocks: Sequence[Example], soft_mask: Soft
     total, tokens = 0.0, 0
     starts = range(0, len(blocks), batch_size)
     for b, start in enumerate(starts if max_batches is None else list(starts)[:max_batches]):
-        x0 = torch.stack([e.input_ids for e in blocks[start:start + batch_size]]).to(device)
+        x0 = torch.stack([e.input_ids for e in blocks[start : start + batch_size]]).to(device)
         for r in range(num_samples):
             generator = stream_generator(seed, _ELBO_STREAM, b * num_samples + r)
             t = antithetic_times(x0.shape[0], generator)
@@ -68,14 +74,20 @@ def elbo_perplexity(model: nn.Module, blocks: Sequence[Example], soft_mask: Soft
 
 
 @torch.no_grad()
-def generative_perplexity(texts: Sequence[str], scorer: str | os.PathLike, batch_size: int = 8,
-                          max_length: int = 1024, device: str | torch.device = "cpu") -> dict[str, float]:
+def generative_perplexity(
+    texts: Sequence[str],
+    scorer: str | os.PathLike,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """Perplexity of ``texts`` under the causal LM in the local directory ``scorer``.
 
     Each text is tokenised by the scorer's tokenizer (truncated to ``max_length``); tokens after the first are
     scored; padding and everything after the first end-of-text are not counted (MDLM's rule).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     scorer = os.fspath(scorer)
     if not os.path.isdir(scorer):
         raise FileNotFoundError(f"scorer {scorer!r} is not a local checkpoint directory")
@@ -87,13 +99,15 @@ def generative_perplexity(texts: Sequence[str], scorer: str | os.PathLike, batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-                   for text in texts[start:start + batch_size]]
+        encoded = [
+            tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            for text in texts[start : start + batch_size]
+        ]
         width = max(len(ids) for ids in encoded)
         ids = torch.full((len(encoded), width), pad if pad is not None else 0, dtype=torch.long)
         real = torch.zeros(len(encoded), width, dtype=torch.bool)
         for row, seq in enumerate(encoded):
-            ids[row, :len(seq)], real[row, :len(seq)] = torch.tensor(seq, dtype=torch.long), True
+            ids[row, : len(seq)], real[row, : len(seq)] = torch.tensor(seq, dtype=torch.long), True
         ids, real = ids.to(device), real.to(device)
         logits = lm(input_ids=ids, attention_mask=real.long()).logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
@@ -110,8 +124,14 @@ def generative_perplexity(texts: Sequence[str], scorer: str | os.PathLike, batch
     return {"nll": nll, "perplexity": _perplexity(nll), "tokens": count}
 
 
-def mauve_score(samples: Sequence[str], references: Sequence[str], feature_model: str | os.PathLike | None = None,
-                device_id: int = -1, max_length: int = 1024, seed: int = 0) -> dict[str, Any]:
+def mauve_score(
+    samples: Sequence[str],
+    references: Sequence[str],
+    feature_model: str | os.PathLike | None = None,
+    device_id: int = -1,
+    max_length: int = 1024,
+    seed: int = 0,
+) -> dict[str, Any]:
     """MAUVE between ``samples`` and held-out ``references`` (``mauve-text``), featurised by the causal LM in the
     local directory ``feature_model`` (the paper uses GPT-2 Large). Without ``mauve-text``: ``{"skipped": ...}``."""
     try:
@@ -120,7 +140,13 @@ def mauve_score(samples: Sequence[str], references: Sequence[str], feature_model
         return {"skipped": MAUVE_MISSING}
     if feature_model is None or not os.path.isdir(os.fspath(feature_model)):
         return {"skipped": f"MAUVE needs a local feature model directory (got {feature_model!r})"}
-    result = mauve.compute_mauve(p_text=list(samples), q_text=list(references),
-                                 featurize_model_name=os.fspath(feature_model), device_id=device_id,
-                                 max_text_length=max_length, seed=seed, verbose=False)
+    result = mauve.compute_mauve(
+        p_text=list(samples),
+        q_text=list(references),
+        featurize_model_name=os.fspath(feature_model),
+        device_id=device_id,
+        max_text_length=max_length,
+        seed=seed,
+        verbose=False,
+    )
     return {"mauve": float(result.mauve)}

@@ -392,7 +392,7 @@ def _launcher(config: dict, report_fd: int) -> int:
                     os.setuid(_NOBODY)
                 os.chdir(config["workdir"])
                 os.execv(config["python"], [config["python"], "-I", "-S", config["program"]])
-            except BaseException as e:  # noqa: BLE001 - report anything and leave without running the program
+            except BaseException as e:
                 print(f"sandbox: could not start the program: {e!r}", file=sys.stderr)
             os._exit(127)
         # As PID 1 this process also reaps orphans; when the program ends, so does the namespace.

@@ -12,6 +12,20 @@ from .loading import load_pretrained, save_pretrained
 from .mdlm import MDLMConfig, MDLMModel
 from .tokenizer import load_tokenizer
 
-__all__ = ["DreamConfig", "DreamModel", "DreamOutput", "LLaDAConfig", "LLaDAModel", "MDLMConfig", "MDLMModel",
-           "ModelFamily", "family_of", "load_model", "register_family", "registered_families", "load_pretrained", "save_pretrained",
-           "load_tokenizer"]
+__all__ = [
+    "DreamConfig",
+    "DreamModel",
+    "DreamOutput",
+    "LLaDAConfig",
+    "LLaDAModel",
+    "MDLMConfig",
+    "MDLMModel",
+    "ModelFamily",
+    "family_of",
+    "load_model",
+    "register_family",
+    "registered_families",
+    "load_pretrained",
+    "save_pretrained",
+    "load_tokenizer",
+]

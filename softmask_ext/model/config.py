@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..conventions import DTYPE_NAMES
-
 from .transformer import validate_transformer_config
 
 SUPPORTED_MODEL_TYPES = ("Dream", "dream", "qwen2")
@@ -99,7 +98,7 @@ class DreamConfig(ConfigFile):
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "DreamConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> DreamConfig:
         """Build from a Dream/Qwen2 `config.json` dictionary; unknown keys are ignored, unsupported features refused."""
         if not isinstance(raw, dict):
             raise TypeError(f"a config must be a dict, got {type(raw).__name__}")

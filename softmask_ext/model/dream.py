@@ -67,9 +67,13 @@ class DreamModel(DiffusionTransformer):
 
     # ------------------------------------------------------------------ loading, saving, decoding
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None,
-                        base_model: str | os.PathLike | None = None) -> "DreamModel":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        base_model: str | os.PathLike | None = None,
+    ) -> DreamModel:
         """Load a Dream/Qwen2 checkpoint directory (safetensors only), or a folder of LoRA/DoRA adapters merged into
         their base model; see `softmask_ext.model.loading`."""
         return load_pretrained(cls, path, dtype=dtype, device=device, base_model=base_model)
@@ -81,21 +85,25 @@ class DreamModel(DiffusionTransformer):
     def diffusion_generate(self, *args, **kwargs):
         """Masked-diffusion decoding; see `softmask_ext.decoding.diffusion_generate`."""
         from softmask_ext.decoding import diffusion_generate
+
         return diffusion_generate(self, *args, **kwargs)
 
 
-def _load_dream(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None, **kwargs: Any) -> "DreamModel":
+def _load_dream(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any
+) -> DreamModel:
     return DreamModel.from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
 
-DreamModel.family = register_family(ModelFamily(
-    name="dream",
-    model_types=("Dream", "qwen2"),
-    logit_shift=1,
-    load=_load_dream,
-    decoder_layer=DecoderLayer,
-    default_decoding={"alg": "entropy", "eps": 1e-3},
-    adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-    config_class=DreamConfig,
-))
+DreamModel.family = register_family(
+    ModelFamily(
+        name="dream",
+        model_types=("Dream", "qwen2"),
+        logit_shift=1,
+        load=_load_dream,
+        decoder_layer=DecoderLayer,
+        default_decoding={"alg": "entropy", "eps": 1e-3},
+        adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        config_class=DreamConfig,
+    )
+)

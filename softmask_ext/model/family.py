@@ -10,10 +10,10 @@ A *family* (Dream, LLaDA, ...) owns everything that differs between masked diffu
 - token ids (mask, pad, eos, bos) live on each checkpoint's config (``config.mask_token_id`` ...), since they differ
   between checkpoints of one family.
 
-Each model class sets ``family = ModelFamily(...)`` as a class attribute and registers it with
-:func:`register_family` (the package ``softmask_ext.model`` imports every built-in family's module, so they are
-registered before anything here runs; this module imports no model); :func:`load_model` reads a checkpoint's ``config.json``, finds the family claiming its
-``model_type`` and calls that family's loader.
+Each model class sets ``family = ModelFamily(...)`` as a class attribute and registers it with :func:`register_family`
+(the package ``softmask_ext.model`` imports every built-in family's module, so they are registered before anything here
+runs; this module imports no model); :func:`load_model` reads a checkpoint's ``config.json``, finds the family claiming
+its ``model_type`` and calls that family's loader.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ def family_of(model: nn.Module) -> ModelFamily:
     raise TypeError(f"{type(model).__name__} declares no model family (a `family = ModelFamily(...)` class attribute)")
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any
+) -> nn.Module:
     """Load any registered family's checkpoint directory (``config.json`` + safetensors), or an adapter folder.
 
     The family is chosen by ``config.json``'s ``model_type``; an adapter folder (PEFT LoRA/DoRA, no
@@ -121,7 +122,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     return family_for_model_type(checkpoint_model_type(path, kwargs.get("base_model"))).load(
-        path, dtype=dtype, device=device, **kwargs)
+        path, dtype=dtype, device=device, **kwargs
+    )
 
 
 def load_config(path: str | os.PathLike) -> Any:
@@ -147,7 +149,8 @@ def checkpoint_model_type(path: str, base_model: str | os.PathLike | None = None
         if not os.path.isdir(base):
             raise FileNotFoundError(
                 f"the adapters in {path!r} belong to the base model {os.fspath(base)!r}, which is not a directory "
-                f"here; pass the base checkpoint as base_model= (--base-model on the command line)")
+                f"here; pass the base checkpoint as base_model= (--base-model on the command line)"
+            )
         return checkpoint_model_type(os.fspath(base))
     with open(config_path, encoding="utf-8") as f:
         try:
@@ -175,4 +178,3 @@ def align_logits(logits: Tensor, logit_shift: int) -> Tensor:
 def _peft_base(model: nn.Module) -> nn.Module | None:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else None
-

@@ -33,8 +33,9 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
             raise CorruptWeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(_MAX_HEADER, size - 8):
-            raise CorruptWeightsError(f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes "
-                                      f"in a file of {size})")
+            raise CorruptWeightsError(
+                f"{path}: corrupt or truncated safetensors file (header of {header_len} bytes in a file of {size})"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -47,8 +48,10 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         raise CorruptWeightsError(f"{path}: corrupt safetensors file (a tensor without data offsets)") from None
     data = size - 8 - header_len
     if data < end:
-        raise CorruptWeightsError(f"{path}: truncated safetensors file ({data} bytes of tensor data, the header "
-                                  f"lists {end}); the file was cut short, copy or download it again")
+        raise CorruptWeightsError(
+            f"{path}: truncated safetensors file ({data} bytes of tensor data, the header "
+            f"lists {end}); the file was cut short, copy or download it again"
+        )
     if data > end:
         raise CorruptWeightsError(f"{path}: corrupt safetensors file ({data - end} bytes after the last tensor)")
 

@@ -31,8 +31,17 @@ class KVCache:
         kv_heads, head_dim: the attention's K/V shape; dtype, device: those of the model's activations.
     """
 
-    def __init__(self, *, layers: int, batch: int, length: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        *,
+        layers: int,
+        batch: int,
+        length: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         shape = (batch, length, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -44,8 +53,15 @@ class KVCache:
         dtype and on the device of its input embeddings."""
         config: Any = model.config
         weight = model.get_input_embeddings().weight
-        return cls(layers=config.num_hidden_layers, batch=batch, length=length, kv_heads=config.num_key_value_heads,
-                   head_dim=config.head_dim, dtype=weight.dtype, device=weight.device)
+        return cls(
+            layers=config.num_hidden_layers,
+            batch=batch,
+            length=length,
+            kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
 
     def at(self, columns: Tensor) -> CacheView:
         """The cache as one forward sees it: it runs the positions ``columns`` (int64 ``[Q]``, ascending)."""

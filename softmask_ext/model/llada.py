@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .family import ModelFamily, register_family
+from .kv_cache import LayerCache
 from .llada_config import LLaDAConfig
 from .loading import load_pretrained, save_pretrained
-from .kv_cache import LayerCache
 from .transformer import DecoderStack, DiffusionTransformer, RMSNorm, qkv_projections, self_attention, swiglu
 
 __all__ = ["LLaDABlock", "LLaDAModel"]
@@ -41,11 +41,28 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.ff_out = nn.Linear(inner, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         h = self.attn_norm(x)
-        x = x + self.attn_out(self_attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, attn_mask,
-                                             self.n_heads, self.n_kv_heads, kv_cache))
+        x = x + self.attn_out(
+            self_attention(
+                self.q_proj(h),
+                self.k_proj(h),
+                self.v_proj(h),
+                cos,
+                sin,
+                attn_mask,
+                self.n_heads,
+                self.n_kv_heads,
+                kv_cache,
+            )
+        )
         h = self.ff_norm(x)
         return x + self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h)))
 
@@ -97,9 +114,13 @@ class LLaDAModel(DiffusionTransformer):
 
     # ------------------------------------------------------------------ loading, saving, decoding
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None,
-                        base_model: str | os.PathLike | None = None) -> LLaDAModel:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        base_model: str | os.PathLike | None = None,
+    ) -> LLaDAModel:
         """Load a LLaDA checkpoint directory (safetensors only, single file or shards with an index), or a folder of
         LoRA/DoRA adapters merged into their base model; see `softmask_ext.model.loading`."""
         return load_pretrained(cls, path, dtype=dtype, device=device, base_model=base_model)
@@ -111,21 +132,25 @@ class LLaDAModel(DiffusionTransformer):
     def diffusion_generate(self, *args, **kwargs):
         """Masked-diffusion decoding; see `softmask_ext.decoding.diffusion_generate`."""
         from softmask_ext.decoding import diffusion_generate
+
         return diffusion_generate(self, *args, **kwargs)
 
 
-def _load_llada(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None, **kwargs: Any) -> LLaDAModel:
+def _load_llada(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any
+) -> LLaDAModel:
     return LLaDAModel.from_pretrained(path, dtype=dtype, device=device, **kwargs)
 
 
-LLaDAModel.family = register_family(ModelFamily(
-    name="llada",
-    model_types=("llada", "LLaDA"),
-    logit_shift=0,
-    load=_load_llada,
-    decoder_layer=LLaDABlock,
-    default_decoding={"remasking": "low_confidence", "temperature": 0.0},
-    adapter_targets=("q_proj", "k_proj", "v_proj", "attn_out"),
-    config_class=LLaDAConfig,
-))
+LLaDAModel.family = register_family(
+    ModelFamily(
+        name="llada",
+        model_types=("llada", "LLaDA"),
+        logit_shift=0,
+        load=_load_llada,
+        decoder_layer=LLaDABlock,
+        default_decoding={"remasking": "low_confidence", "temperature": 0.0},
+        adapter_targets=("q_proj", "k_proj", "v_proj", "attn_out"),
+        config_class=LLaDAConfig,
+    )
+)

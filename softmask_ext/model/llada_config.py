@@ -83,8 +83,10 @@ class LLaDAConfig(ConfigFile):
         """Raise ValueError naming the first inconsistent field."""
         validate_transformer_config(self)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                             f"({self.num_attention_heads}) in LLaDA's blocks")
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}) in LLaDA's blocks"
+            )
         if self.torch_dtype is not None and self.torch_dtype not in DTYPE_NAMES:
             raise ValueError(f"torch_dtype must be one of {sorted(DTYPE_NAMES)} or None, got {self.torch_dtype!r}")
 
@@ -96,8 +98,11 @@ class LLaDAConfig(ConfigFile):
         model_type = raw.get("model_type", "llada")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
-        unsupported = [f"{key}={raw[key]!r} (supported: {value!r})" for key, value in _REQUIRED.items()
-                       if key in raw and raw[key] != value and not (key == "bias_for_layer_norm" and not raw[key])]
+        unsupported = [
+            f"{key}={raw[key]!r} (supported: {value!r})"
+            for key, value in _REQUIRED.items()
+            if key in raw and raw[key] != value and not (key == "bias_for_layer_norm" and not raw[key])
+        ]
         if unsupported:
             raise ValueError("LLaDA config settings this implementation does not support: " + ", ".join(unsupported))
         kwargs = {ours: raw[theirs] for theirs, ours in _RENAMED.items() if theirs in raw}
@@ -117,9 +122,16 @@ class LLaDAConfig(ConfigFile):
         """The `config.json` form: LLaDA's model_type and field names."""
         ours = dataclasses.asdict(self)
         out: dict[str, Any] = {theirs: ours[name] for theirs, name in _RENAMED.items()}
-        out.update(_REQUIRED, bias_for_layer_norm=False, n_kv_heads=self.num_key_value_heads,
-                   mlp_hidden_size=self.intermediate_size, vocab_size=self.vocab_size, embedding_size=self.vocab_size,
-                   model_type="llada", architectures=["LLaDAModelLM"])
+        out.update(
+            _REQUIRED,
+            bias_for_layer_norm=False,
+            n_kv_heads=self.num_key_value_heads,
+            mlp_hidden_size=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            embedding_size=self.vocab_size,
+            model_type="llada",
+            architectures=["LLaDAModelLM"],
+        )
         if self.torch_dtype is not None:
             out["torch_dtype"] = self.torch_dtype
         return out

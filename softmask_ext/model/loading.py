@@ -39,9 +39,13 @@ IGNORED_TENSOR = re.compile(r".*rotary_emb\.inv_freq$")
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
-def load_pretrained(model_class: type[DiffusionTransformer], path: str | os.PathLike,
-                    dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    base_model: str | os.PathLike | None = None) -> DiffusionTransformer:
+def load_pretrained(
+    model_class: type[DiffusionTransformer],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    base_model: str | os.PathLike | None = None,
+) -> DiffusionTransformer:
     """Load a checkpoint directory into a `model_class` model in eval mode.
 
     Args:
@@ -90,9 +94,13 @@ def load_pretrained(model_class: type[DiffusionTransformer], path: str | os.Path
     return model.eval()
 
 
-def _load_merged_adapters(model_class: type[DiffusionTransformer], path: str, dtype: torch.dtype | None,
-                          device: str | torch.device | None,
-                          base_model: str | os.PathLike | None) -> DiffusionTransformer:
+def _load_merged_adapters(
+    model_class: type[DiffusionTransformer],
+    path: str,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    base_model: str | os.PathLike | None,
+) -> DiffusionTransformer:
     """The base model of the adapters in ``path`` with every adapter tensor checked and merged into its weights."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import check_target_module_exists
@@ -106,13 +114,15 @@ def _load_merged_adapters(model_class: type[DiffusionTransformer], path: str, dt
     if not base or not os.path.isdir(base):
         raise FileNotFoundError(
             f"the adapters in {path!r} belong to the base model {base!r}, which is not a directory here; "
-            f"pass the base checkpoint as base_model= (--base-model on the command line)")
+            f"pass the base checkpoint as base_model= (--base-model on the command line)"
+        )
     lora.base_model_name_or_path = os.path.abspath(base)
     model = load_pretrained(model_class, base, dtype=dtype, device=device)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if model.config.tie_word_embeddings and any(
-            check_target_module_exists(lora, model.weight_name(module).removesuffix(".weight"))
-            for module in (head, embedding)):
+        check_target_module_exists(lora, model.weight_name(module).removesuffix(".weight"))
+        for module in (head, embedding)
+    ):
         # Merging into a shared table would change both ends; the adapted model has them apart, and so will this one.
         model.config.tie_word_embeddings = False
         head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
@@ -120,8 +130,10 @@ def _load_merged_adapters(model_class: type[DiffusionTransformer], path: str, dt
     result = set_peft_model_state_dict(model, load_file(weights, device=str(model.device)))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
-        raise ValueError(f"{path!r}: the adapters do not match the base model {base!r} "
-                         f"(unexpected {result.unexpected_keys}, missing {missing})")
+        raise ValueError(
+            f"{path!r}: the adapters do not match the base model {base!r} "
+            f"(unexpected {result.unexpected_keys}, missing {missing})"
+        )
     merged = model.merge_and_unload()
     merged.name_or_path = os.path.abspath(path)
     return merged.eval()
@@ -143,7 +155,7 @@ def _weight_map(path: str) -> dict[str, str]:
     single = os.path.join(path, MODEL_WEIGHTS)
     if os.path.exists(single):
         with safe_open(single, framework="pt") as f:
-            return {name: MODEL_WEIGHTS for name in f.keys()}
+            return dict.fromkeys(f.keys(), MODEL_WEIGHTS)
     pickled = sorted(os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat)))
     if pickled:
         raise ValueError(
@@ -153,8 +165,9 @@ def _weight_map(path: str) -> dict[str, str]:
     raise FileNotFoundError(f"no {MODEL_WEIGHTS} or {MODEL_INDEX} in {path!r}")
 
 
-def _check_tensors(path: str, weight_map: dict[str, str], expected: dict[str, tuple[int, ...]],
-                   optional: set[str]) -> dict[str, torch.dtype]:
+def _check_tensors(
+    path: str, weight_map: dict[str, str], expected: dict[str, tuple[int, ...]], optional: set[str]
+) -> dict[str, torch.dtype]:
     """Compare file headers with the model; raise one error listing every problem. Returns name -> stored dtype.
     ``optional`` names tensors a file may hold that are not read (the LM head of a tied model, stored as a copy of
     the embedding table)."""
@@ -170,15 +183,20 @@ def _check_tensors(path: str, weight_map: dict[str, str], expected: dict[str, tu
     listed_not_found = sorted(set(weight_map) - set(shapes))
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(n for n in shapes if n not in expected and not IGNORED_TENSOR.match(n) and n not in optional)
-    misshaped = [f"{n}: file {list(shapes[n])} vs model {list(expected[n])}"
-                 for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
-    bad_dtype = [f"{n}: {dtypes[n]}" for n in sorted(set(expected) & set(dtypes))
-                 if dtypes[n] not in SUPPORTED_DTYPES]
+    misshaped = [
+        f"{n}: file {list(shapes[n])} vs model {list(expected[n])}"
+        for n in sorted(set(expected) & set(shapes))
+        if shapes[n] != expected[n]
+    ]
+    bad_dtype = [f"{n}: {dtypes[n]}" for n in sorted(set(expected) & set(dtypes)) if dtypes[n] not in SUPPORTED_DTYPES]
     problems = []
-    for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("tensors whose shape does not match config.json", misshaped),
-                         ("tensors the index names but no shard holds", listed_not_found),
-                         ("tensors of an unsupported dtype (need F32/BF16/F16)", bad_dtype)):
+    for title, items in (
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("tensors whose shape does not match config.json", misshaped),
+        ("tensors the index names but no shard holds", listed_not_found),
+        ("tensors of an unsupported dtype (need F32/BF16/F16)", bad_dtype),
+    ):
         if items:
             shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
             problems.append(f"{title}: {shown}")
@@ -210,15 +228,23 @@ def save_pretrained(model: DiffusionTransformer, path: str | os.PathLike, max_sh
         shard_bytes += size
 
     os.makedirs(path, exist_ok=True)
-    names = [MODEL_WEIGHTS] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [MODEL_WEIGHTS]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     _remove_stale_weights(path, keep=set(names))
     for file_name, shard in zip(names, shards):
-        save_file({n: t.detach().to("cpu").contiguous() for n, t in shard.items()},
-                  os.path.join(path, file_name), metadata={"format": "pt"})
+        save_file(
+            {n: t.detach().to("cpu").contiguous() for n, t in shard.items()},
+            os.path.join(path, file_name),
+            metadata={"format": "pt"},
+        )
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {n: f for f, shard in zip(names, shards) for n in shard},
+        }
         with open(os.path.join(path, MODEL_INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")

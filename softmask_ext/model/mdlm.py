@@ -98,8 +98,10 @@ class MDLMConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MDLMConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
-            raise ValueError(f"MDLMConfig: hidden_dim ({self.hidden_dim}) must split into n_heads ({self.n_heads}) "
-                             "heads of even size (rotary embeddings)")
+            raise ValueError(
+                f"MDLMConfig: hidden_dim ({self.hidden_dim}) must split into n_heads ({self.n_heads}) "
+                "heads of even size (rotary embeddings)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MDLMConfig.dropout must lie in [0, 1), got {self.dropout!r}")
         if self.mask_token_id is None:
@@ -110,8 +112,9 @@ class MDLMConfig:
                     setattr(self, name, GPT2_EOS)
         for name in ("mask_token_id", "eos_token_id", "bos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value < self.vocab_size):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
                 raise ValueError(f"MDLMConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
 
     # Names the shared code reads on every family's config.
@@ -140,9 +143,11 @@ class MDLMConfig:
             raise TypeError(f"an MDLM config must be a dict, got {type(raw).__name__}")
         if str(raw.get("model_type", "mdlm")).lower() != "mdlm":
             raise ValueError(f"model_type {raw.get('model_type')!r} is not an MDLM config (expected 'mdlm')")
-        problems = [f"{key}={raw[key]!r} (only {want!r} is supported)"
-                    for key, want in (("parameterization", "subs"), ("backbone", "dit"))
-                    if key in raw and raw[key] != want]
+        problems = [
+            f"{key}={raw[key]!r} (only {want!r} is supported)"
+            for key, want in (("parameterization", "subs"), ("backbone", "dit"))
+            if key in raw and raw[key] != want
+        ]
         if problems:
             raise ValueError("unsupported MDLM config: " + ", ".join(problems))
         names = {f.name for f in dataclasses.fields(cls)}
@@ -308,7 +313,9 @@ class MDLMModel(nn.Module):
             elif isinstance(module, LayerNorm):
                 nn.init.ones_(module.weight)
         for linear in [block.adaLN_modulation for block in backbone.blocks] + [
-                backbone.output_layer.adaLN_modulation, backbone.output_layer.linear]:
+            backbone.output_layer.adaLN_modulation,
+            backbone.output_layer.linear,
+        ]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
@@ -337,12 +344,13 @@ class MDLMModel(nn.Module):
         """
         h = self._input_embeddings(input_ids, inputs_embeds)
         B, T, _ = h.shape
-        if T > self.config.model_length:
+        if self.config.model_length < T:
             raise ValueError(f"sequence length {T} exceeds the model's length {self.config.model_length}")
         attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
         if position_ids is None:
-            position_ids = default_positions if default_positions is not None else (
-                torch.arange(T, device=h.device).expand(B, T))
+            position_ids = (
+                default_positions if default_positions is not None else (torch.arange(T, device=h.device).expand(B, T))
+            )
         else:
             position_ids = _check_position_ids(position_ids, B, T)
         if self.config.time_conditioning:
@@ -369,17 +377,26 @@ class MDLMModel(nn.Module):
             if input_ids.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
             return self.backbone.vocab_embed(input_ids)
-        if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 \
-                or inputs_embeds.shape[-1] != self.config.hidden_dim:
-            raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_dim}], "
-                             f"got {describe(inputs_embeds)}")
+        if (
+            not isinstance(inputs_embeds, Tensor)
+            or inputs_embeds.dim() != 3
+            or inputs_embeds.shape[-1] != self.config.hidden_dim
+        ):
+            raise ValueError(
+                f"inputs_embeds must be [batch, seq, {self.config.hidden_dim}], got {describe(inputs_embeds)}"
+            )
         if inputs_embeds.dtype != self.dtype:
             raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model is {self.dtype}")
         return inputs_embeds
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> MDLMModel:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> MDLMModel:
         """Load an MDLM checkpoint directory (``config.json`` + ``model.safetensors``); see :func:`load_mdlm`."""
         return load_mdlm(path, dtype=dtype, device=device, **kwargs)
 
@@ -390,6 +407,7 @@ class MDLMModel(nn.Module):
     def diffusion_generate(self, *args: Any, **kwargs: Any) -> Any:
         """Sampling; see :func:`softmask_ext.decoding.diffusion_generate` (MDLM/ReMDM samplers for this family)."""
         from softmask_ext.decoding import diffusion_generate
+
         return diffusion_generate(self, *args, **kwargs)
 
 
@@ -412,15 +430,24 @@ def check_tokenizer(config: MDLMConfig, tokenizer_size: int) -> list[str]:
 
     MDLM either appends the mask to the tokenizer (``vocab_size == size + 1``, mask = last id) or uses a tokenizer
     that holds it (``vocab_size == size``)."""
-    if tokenizer_size == config.vocab_size or (tokenizer_size + 1 == config.vocab_size
-                                                and config.mask_token_id == config.vocab_size - 1):
+    if tokenizer_size == config.vocab_size or (
+        tokenizer_size + 1 == config.vocab_size and config.mask_token_id == config.vocab_size - 1
+    ):
         return []
-    return [(f"the tokenizer has {tokenizer_size} ids but the model's vocab_size is {config.vocab_size} "
-             f"(expected {config.vocab_size} or {config.vocab_size - 1} with the mask appended)")]
+    return [
+        (
+            f"the tokenizer has {tokenizer_size} ids but the model's vocab_size is {config.vocab_size} "
+            f"(expected {config.vocab_size} or {config.vocab_size - 1} with the mask appended)"
+        )
+    ]
 
 
-def load_mdlm(path: str | os.PathLike, dtype: torch.dtype | None = None,
-              device: str | torch.device | None = None, tokenizer_size: int | None = None) -> MDLMModel:
+def load_mdlm(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    tokenizer_size: int | None = None,
+) -> MDLMModel:
     """Load an MDLM checkpoint directory into an :class:`MDLMModel` in eval mode (safetensors only).
 
     Every tensor's name and shape is checked against ``config.json`` from the file header before anything is read,
@@ -428,6 +455,7 @@ def load_mdlm(path: str | os.PathLike, dtype: torch.dtype | None = None,
     problems are reported in one ValueError. ``dtype`` None keeps the stored dtype.
     """
     from .loading import IGNORED_TENSOR, _weight_map
+
     path = os.fspath(path)
     if dtype is not None and dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype!r}")
@@ -441,24 +469,33 @@ def load_mdlm(path: str | os.PathLike, dtype: torch.dtype | None = None,
     shapes, dtypes = {}, {}
     for shard in sorted(set(weight_map.values())):
         with safe_open(os.path.join(path, shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            for name in f.keys():
                 info = f.get_slice(name)
                 shapes[name], dtypes[name] = tuple(info.get_shape()), info.get_dtype()
     problems = []
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(n for n in shapes if n not in expected and not IGNORED_TENSOR.match(n))
-    misshaped = [f"{n}: file {list(shapes[n])} vs config {list(expected[n])}"
-                 for n in sorted(set(expected) & set(shapes)) if shapes[n] != expected[n]]
-    bad_dtype = [f"{n}: {dtypes[n]}" for n in sorted(set(expected) & set(dtypes)) if dtypes[n] not in
-                 ("F32", "BF16", "F16")]
-    for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("tensors whose shape does not match config.json", misshaped),
-                         ("tensors of an unsupported dtype (need F32/BF16/F16)", bad_dtype)):
+    misshaped = [
+        f"{n}: file {list(shapes[n])} vs config {list(expected[n])}"
+        for n in sorted(set(expected) & set(shapes))
+        if shapes[n] != expected[n]
+    ]
+    bad_dtype = [
+        f"{n}: {dtypes[n]}" for n in sorted(set(expected) & set(dtypes)) if dtypes[n] not in ("F32", "BF16", "F16")
+    ]
+    for title, items in (
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("tensors whose shape does not match config.json", misshaped),
+        ("tensors of an unsupported dtype (need F32/BF16/F16)", bad_dtype),
+    ):
         if items:
-            problems.append(f"{title}: " + ", ".join(items[:12]) + (f", ... ({len(items)} in all)"
-                                                                   if len(items) > 12 else ""))
+            problems.append(
+                f"{title}: " + ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+            )
     if tokenizer_size is None and os.path.isfile(os.path.join(path, "tokenizer.json")):
         from tokenizers import Tokenizer
+
         tokenizer_size = Tokenizer.from_file(os.path.join(path, "tokenizer.json")).get_vocab_size()
     if tokenizer_size is not None:
         problems += check_tokenizer(config, tokenizer_size)
@@ -468,7 +505,7 @@ def load_mdlm(path: str | os.PathLike, dtype: torch.dtype | None = None,
     state = {}
     for shard in sorted(set(weight_map.values())):
         with safe_open(os.path.join(path, shard), framework="pt", device=str(device)) as f:
-            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            for name in f.keys():
                 if name in expected:
                     tensor = f.get_tensor(name)
                     state[name] = tensor.to(dtype) if dtype is not None else tensor
@@ -488,11 +525,13 @@ def save_mdlm(model: MDLMModel, path: str | os.PathLike) -> None:
     model.config.save_pretrained(path)
 
 
-MDLMModel.family = register_family(ModelFamily(
-    name="mdlm",
-    model_types=("mdlm",),
-    logit_shift=0,
-    load=load_mdlm,
-    decoder_layer=DiTBlock,
-    default_decoding={"sampler": "mdlm", "eps": 1e-5},
-))
+MDLMModel.family = register_family(
+    ModelFamily(
+        name="mdlm",
+        model_types=("mdlm",),
+        logit_shift=0,
+        load=load_mdlm,
+        decoder_layer=DiTBlock,
+        default_decoding={"sampler": "mdlm", "eps": 1e-5},
+    )
+)

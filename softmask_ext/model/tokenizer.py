@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 
-def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """Load the tokenizer stored in checkpoint directory `path` (local files only, no remote code).
 
     Returns a transformers fast tokenizer; `mask_token_id`, `eos_token_id`, `pad_token_id` are those the

@@ -36,8 +36,16 @@ try:  # optional: used for unmasked fp16/bf16 attention on CUDA, SDPA otherwise
 except ImportError:
     flash_attn_func = None
 
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 TOKEN_ID_FIELDS = ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id")
 
 
@@ -104,7 +112,7 @@ class RotaryEmbedding(nn.Module):
 
     def _build(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponents)
+        inv_freq = 1.0 / (self.theta**exponents)
         angles = torch.arange(self.max_positions, device=device).float()[:, None] * inv_freq
         table = (angles.cos().to(dtype), angles.sin().to(dtype))
         self._tables[(device, dtype)] = table
@@ -133,9 +141,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attn_mask: torch.Tensor | None, n_heads: int, n_kv_heads: int,
-                   kv_cache: LayerCache | None = None) -> torch.Tensor:
+def self_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    n_heads: int,
+    n_kv_heads: int,
+    kv_cache: LayerCache | None = None,
+) -> torch.Tensor:
     """Bidirectional grouped-query attention of projected inputs.
 
     Args:
@@ -172,8 +188,13 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
 
 
 def _can_use_flash_attn(q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
-    return (flash_attn_func is not None and attn_mask is None and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
+    return (
+        flash_attn_func is not None
+        and attn_mask is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= 256
+    )
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -185,8 +206,11 @@ def qkv_projections(config: Any) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
     """The q, k, v projections of one attention block (biases when ``config.qkv_bias``)."""
     hidden, head_dim = config.hidden_size, config.head_dim
     q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    return (nn.Linear(hidden, q_dim, bias=config.qkv_bias), nn.Linear(hidden, kv_dim, bias=config.qkv_bias),
-            nn.Linear(hidden, kv_dim, bias=config.qkv_bias))
+    return (
+        nn.Linear(hidden, q_dim, bias=config.qkv_bias),
+        nn.Linear(hidden, kv_dim, bias=config.qkv_bias),
+        nn.Linear(hidden, kv_dim, bias=config.qkv_bias),
+    )
 
 
 class Attention(nn.Module):
@@ -200,10 +224,17 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
-        out = self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, attn_mask,
-                             self.n_heads, self.n_kv_heads, kv_cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        out = self_attention(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, attn_mask, self.n_heads, self.n_kv_heads, kv_cache
+        )
         return self.o_proj(out)
 
 
@@ -230,8 +261,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, kv_cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -250,8 +287,13 @@ class DecoderStack(nn.Module, ABC):
     def layers_and_norm(self) -> tuple[nn.ModuleList, nn.Module]:
         """(the decoder layers in order, the final norm)."""
 
-    def forward(self, h: torch.Tensor, position_ids: torch.Tensor,
-                attn_mask: torch.Tensor | None, kv_cache: CacheView | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: CacheView | None = None,
+    ) -> torch.Tensor:
         """[B, T, D] input embeddings -> [B, T, D] final hidden states (after the final norm); a layer's
         ``forward(h, cos, sin, attn_mask[, kv_cache])`` gets its cache when ``kv_cache`` is given."""
         layers, norm = self.layers_and_norm()
@@ -342,8 +384,10 @@ class DiffusionTransformer(nn.Module, ABC):
     def enable_input_require_grads(self) -> None:
         """Make the embedding output require grad, so reentrant checkpointing works with frozen embeddings.
         (Inputs passed as `inputs_embeds` bypass the embedding and must carry their own grad requirement.)"""
+
         def hook(module, inputs, output):
             output.requires_grad_(True)
+
         if getattr(self, "_input_require_grads_hook", None) is None:
             self._input_require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
 
@@ -395,8 +439,9 @@ class DiffusionTransformer(nn.Module, ABC):
             return LMOutput(self.get_output_embeddings()(select_rows(h, logits_rows)))
         attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
         if position_ids is None:
-            position_ids = default_positions if default_positions is not None else (
-                torch.arange(T, device=h.device).expand(B, T))
+            position_ids = (
+                default_positions if default_positions is not None else (torch.arange(T, device=h.device).expand(B, T))
+            )
         else:
             position_ids = _check_position_ids(position_ids, B, T)
         h = self.decoder_stack()(h, position_ids, attn_mask)
@@ -411,17 +456,22 @@ class DiffusionTransformer(nn.Module, ABC):
             if input_ids.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
             return self.get_input_embeddings()(input_ids)
-        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
-                or inputs_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], "
-                             f"got {describe(inputs_embeds)}")
+        if (
+            not isinstance(inputs_embeds, torch.Tensor)
+            or inputs_embeds.dim() != 3
+            or inputs_embeds.shape[-1] != self.config.hidden_size
+        ):
+            raise ValueError(
+                f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got {describe(inputs_embeds)}"
+            )
         if inputs_embeds.dtype != self.dtype:
             raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model is {self.dtype}")
         return inputs_embeds
 
 
-def prepare_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int,
-                           dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def prepare_attention_mask(
+    attention_mask: torch.Tensor | None, B: int, T: int, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A forward's `attention_mask` -> (SDPA mask or None, default position ids or None)."""
     if attention_mask is None:
         return None, None
@@ -437,8 +487,9 @@ def prepare_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int,
         try:
             torch.broadcast_shapes(attention_mask.shape[:1] + attention_mask.shape[2:], (B, T, T))
         except RuntimeError:
-            raise ValueError(f"a 4-D attention_mask must broadcast to [{B}, heads, {T}, {T}], "
-                             f"got {list(attention_mask.shape)}") from None
+            raise ValueError(
+                f"a 4-D attention_mask must broadcast to [{B}, heads, {T}, {T}], got {list(attention_mask.shape)}"
+            ) from None
         return (attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(dtype)), None
     raise ValueError(f"attention_mask must be [batch, seq] or 4-D, got {list(attention_mask.shape)}")
 

@@ -68,8 +68,9 @@ def load_trainable(model: nn.Module, config: AdapterConfig, directory: Path) -> 
         tied_head = model.weight_name(model.get_output_embeddings()) if model.config.tie_word_embeddings else None
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if k != tied_head]:
-            raise ValueError(f"{directory}: checkpoint does not match the model (missing {missing}, "
-                             f"unexpected {unexpected})")
+            raise ValueError(
+                f"{directory}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})"
+            )
         return
     from peft import set_peft_model_state_dict
 

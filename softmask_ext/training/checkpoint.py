@@ -24,8 +24,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CorruptCheckpointError", "write_checkpoint", "latest_checkpoint", "latest_good_checkpoint",
-           "verify_checkpoint"]
+__all__ = [
+    "CorruptCheckpointError",
+    "write_checkpoint",
+    "latest_checkpoint",
+    "latest_good_checkpoint",
+    "verify_checkpoint",
+]
 
 MANIFEST = "manifest.json"
 LATEST = "latest"

@@ -69,9 +69,11 @@ class EMA:
 
     def state_dict(self) -> dict[str, Tensor | float | int]:
         """Flat dict of tensors and numbers (safetensors-friendly: ``shadow.<name>`` tensors + two scalars)."""
-        return {"decay": torch.tensor(self.decay, dtype=torch.float64),
-                "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
-                **{f"shadow.{name}": t for name, t in self.shadow.items()}}
+        return {
+            "decay": torch.tensor(self.decay, dtype=torch.float64),
+            "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
+            **{f"shadow.{name}": t for name, t in self.shadow.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         shadows = {k.removeprefix("shadow."): v for k, v in state.items() if k.startswith("shadow.")}

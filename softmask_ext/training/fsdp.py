@@ -49,8 +49,17 @@ from .adapters import AdapterConfig
 from .distributed import DistEnv
 
 __all__ = [
-    "FIT_FRACTION", "FULL_STATE", "ShardedTrainingForward", "estimate_training_bytes", "use_fsdp", "check_fsdp_request",
-    "shard", "clip_grad_norm", "gather_trainable_state", "save_trainable_state", "load_trainable_sharded",
+    "FIT_FRACTION",
+    "FULL_STATE",
+    "ShardedTrainingForward",
+    "estimate_training_bytes",
+    "use_fsdp",
+    "check_fsdp_request",
+    "shard",
+    "clip_grad_norm",
+    "gather_trainable_state",
+    "save_trainable_state",
+    "load_trainable_sharded",
 ]
 
 FIT_FRACTION = 0.8  # share of one GPU's memory the weights, gradients and optimizer state may take before we shard
@@ -90,8 +99,10 @@ def estimate_training_bytes(model: nn.Module) -> int:
 def check_fsdp_request(fsdp: bool, env: DistEnv) -> None:
     """A clear error for FSDP in a single process (nothing to shard across)."""
     if fsdp and not env.distributed:
-        raise ValueError("FSDP shards the model across processes, and this is a single process: launch with "
-                         "`torchrun --nproc_per_node N -m softmask_ext.finetune --fsdp ...` (N >= 2), or drop --fsdp")
+        raise ValueError(
+            "FSDP shards the model across processes, and this is a single process: launch with "
+            "`torchrun --nproc_per_node N -m softmask_ext.finetune --fsdp ...` (N >= 2), or drop --fsdp"
+        )
 
 
 def use_fsdp(requested: bool, env: DistEnv, model: nn.Module, device: torch.device) -> bool:
@@ -112,8 +123,9 @@ def shard(forward: ShardedTrainingForward, env: DistEnv, device: torch.device, b
     their own dtype (fp32 for trained weights).
     """
     mesh = init_device_mesh(device.type, (env.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     decoder_layer = family_of(forward.model).decoder_layer
     layers = [m for m in forward.modules() if isinstance(m, decoder_layer)]
     if not layers:
@@ -193,7 +205,7 @@ def load_trainable_sharded(model: nn.Module, config: AdapterConfig, directory: P
         state = {names[key]: value for key, value in saved.items()}
     missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - {n for n, _ in model.named_parameters()})
     if missing or unexpected:
-        raise ValueError(f"{directory}: checkpoint does not match the model (missing {missing}, "
-                         f"unexpected {unexpected})")
+        raise ValueError(
+            f"{directory}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})"
+        )
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-

@@ -40,9 +40,16 @@ class _CalibrationBatch(NamedTuple):
     first: Tensor  # pass-1 logits [N, V] of the rows that predict the N masked positions (the family's shift)
 
 
-def _calibration_batches(model: nn.Module, data: Sequence[Example], mask_token_id: int, pad_token_id: int,
-                         noise: NoiseSchedule, batch_size: int, batches: int,
-                         seed: int) -> Iterator[_CalibrationBatch]:
+def _calibration_batches(
+    model: nn.Module,
+    data: Sequence[Example],
+    mask_token_id: int,
+    pad_token_id: int,
+    noise: NoiseSchedule,
+    batch_size: int,
+    batches: int,
+    seed: int,
+) -> Iterator[_CalibrationBatch]:
     """The first ``batches`` training batches (same data order as training for ``seed``), noised as in training but
     from a random stream of their own, with their pass-1 logits (no gradient); the model is in eval mode meanwhile."""
     if batches < 1:
@@ -57,8 +64,9 @@ def _calibration_batches(model: nn.Module, data: Sequence[Example], mask_token_i
             batch = next(stream)
             ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             response = ~batch["prompt_mask"].to(device)
-            noised = sample_noise(ids, response, mask_token_id, noise,
-                                  stream_generator(seed, _CALIBRATION_STREAM, index))
+            noised = sample_noise(
+                ids, response, mask_token_id, noise, stream_generator(seed, _CALIBRATION_STREAM, index)
+            )
             attention = None if bool(attention.all()) else attention
             batch_idx, pos_idx = noised.masked.nonzero(as_tuple=True)
             rows = batch_idx * ids.shape[1] + prediction_row_index(pos_idx, logit_shift)
@@ -86,8 +94,12 @@ def masked_neg_entropy(
     The batches are the ones training starts with (same data order for ``seed``), noised as in training but from a
     random stream of their own; the logits row predicting each position follows the model family's ``logit_shift``.
     """
-    return torch.cat([ops.topk_entropy(b.first, 1)[2].float().cpu() for b in _calibration_batches(
-        model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed)])
+    return torch.cat(
+        [
+            ops.topk_entropy(b.first, 1)[2].float().cpu()
+            for b in _calibration_batches(model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed)
+        ]
+    )
 
 
 def confidence_centre(neg_entropy: Tensor, quantile: float = 0.5) -> float:
@@ -124,8 +136,9 @@ def scale_gradient(
     for b in _calibration_batches(model, data, mask_token_id, pad_token_id, noise, batch_size, batches, seed):
         accuracy.append(float((b.first.argmax(-1) == b.ids[b.noised.masked]).double().mean()))
         logits = soft_mask_forward(model, soft_mask, b.noised.x_t, b.attention, mask_token_id)
-        loss = masked_token_loss(logits, b.ids, b.noised.masked, b.noised.t, b.response_tokens,
-                                 family_of(model).logit_shift)
+        loss = masked_token_loss(
+            logits, b.ids, b.noised.masked, b.noised.t, b.response_tokens, family_of(model).logit_shift
+        )
         (grad,) = torch.autograd.grad(loss, soft_mask.raw_scale)
         scale = float(soft_mask.scale.detach())
         grads.append(float(grad) / (scale * (1.0 - scale)))  # d sigmoid(raw) / d raw = s (1 - s)

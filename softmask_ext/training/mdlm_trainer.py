@@ -64,12 +64,21 @@ class MDLMTrainConfig:
     save_every: int = 0
 
     def __post_init__(self) -> None:
-        checks = {"max_steps >= 1": self.max_steps >= 1, "batch_size >= 1": self.batch_size >= 1,
-                  "grad_accum >= 1 dividing batch_size": self.grad_accum >= 1 and self.batch_size % self.grad_accum
-                  == 0, "lr > 0": self.lr > 0, "sm_lr > 0": self.sm_lr > 0, "sm_eps > 0": self.sm_eps > 0, "weight_decay >= 0": self.weight_decay >= 0,
-                  "warmup_steps >= 0": self.warmup_steps >= 0, "clip > 0": self.clip > 0,
-                  "0 <= sm_prob <= 1": 0 <= self.sm_prob <= 1, "0 <= ema < 1": 0 <= self.ema < 1,
-                  "eval_batches >= 1": self.eval_batches >= 1, "save_every >= 0": self.save_every >= 0}
+        checks = {
+            "max_steps >= 1": self.max_steps >= 1,
+            "batch_size >= 1": self.batch_size >= 1,
+            "grad_accum >= 1 dividing batch_size": self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+            "lr > 0": self.lr > 0,
+            "sm_lr > 0": self.sm_lr > 0,
+            "sm_eps > 0": self.sm_eps > 0,
+            "weight_decay >= 0": self.weight_decay >= 0,
+            "warmup_steps >= 0": self.warmup_steps >= 0,
+            "clip > 0": self.clip > 0,
+            "0 <= sm_prob <= 1": 0 <= self.sm_prob <= 1,
+            "0 <= ema < 1": 0 <= self.ema < 1,
+            "eval_batches >= 1": self.eval_batches >= 1,
+            "save_every >= 0": self.save_every >= 0,
+        }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ValueError(f"invalid MDLM training configuration: need {', '.join(failed)}")
@@ -77,10 +86,24 @@ class MDLMTrainConfig:
 
 #: The authors' recipes: binary MDLM pretraining, and SM continued pretraining of the 169M model.
 MDLM_PRESETS: dict[str, dict[str, Any]] = {
-    "mdlm-pretrain": {"lr": 3e-4, "weight_decay": 0.0, "clip": 1.0, "warmup_steps": 2500, "ema": 0.9999,
-                      "sm_prob": 0.0},
-    "mdlm-sm-paper": {"lr": 3e-4, "sm_lr": 1e-2, "weight_decay": 0.0, "clip": 1.0, "warmup_steps": 2500,
-                      "ema": 0.9999, "sm_prob": 0.8, "sm_k": 3},
+    "mdlm-pretrain": {
+        "lr": 3e-4,
+        "weight_decay": 0.0,
+        "clip": 1.0,
+        "warmup_steps": 2500,
+        "ema": 0.9999,
+        "sm_prob": 0.0,
+    },
+    "mdlm-sm-paper": {
+        "lr": 3e-4,
+        "sm_lr": 1e-2,
+        "weight_decay": 0.0,
+        "clip": 1.0,
+        "warmup_steps": 2500,
+        "ema": 0.9999,
+        "sm_prob": 0.8,
+        "sm_k": 3,
+    },
 }
 
 
@@ -103,32 +126,59 @@ class MDLMTrainer:
         env: the process group (:func:`softmask_ext.training.init_distributed`); default one process.
     """
 
-    def __init__(self, model: nn.Module, config: MDLMTrainConfig, train: Sequence[Example],
-                 validation: Sequence[Example], soft_mask: SoftMask | None = None, env: DistEnv | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MDLMTrainConfig,
+        train: Sequence[Example],
+        validation: Sequence[Example],
+        soft_mask: SoftMask | None = None,
+        env: DistEnv | None = None,
+    ) -> None:
         env = env if env is not None else DistEnv()
         if config.batch_size % (env.world_size * config.grad_accum):
-            raise ValueError(f"batch_size {config.batch_size} must split into {env.world_size} processes x "
-                             f"{config.grad_accum} micro-batches")
+            raise ValueError(
+                f"batch_size {config.batch_size} must split into {env.world_size} processes x "
+                f"{config.grad_accum} micro-batches"
+            )
         self.model, self.config, self.validation, self.env = model, config, validation, env
         device = model.get_input_embeddings().weight.device
         if soft_mask is None and config.sm_prob > 0:
             soft_mask = SoftMask(k=config.sm_k)
         self.soft_mask = soft_mask.to(device) if soft_mask is not None else None
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr,
-                   "weight_decay": config.weight_decay}]
+        groups = [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "lr": config.lr,
+                "weight_decay": config.weight_decay,
+            }
+        ]
         if self.soft_mask is not None:
             # Adam's eps of the SM group: at the paper's initialisation (scale 1e-6) the scale's gradient is ~1e-12,
             # far below the usual 1e-8, so the recipe's SM parameters start moving only after many updates.
-            groups.append({"params": list(self.soft_mask.parameters()), "lr": config.sm_lr, "weight_decay": 0.0,
-                           "eps": config.sm_eps})
+            groups.append(
+                {
+                    "params": list(self.soft_mask.parameters()),
+                    "lr": config.sm_lr,
+                    "weight_decay": 0.0,
+                    "eps": config.sm_eps,
+                }
+            )
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: step / warmup if step < warmup else 1.0)
+            self.optimizer, lambda step: step / warmup if step < warmup else 1.0
+        )
         self.ema = EMA(model, config.ema)
         pad = getattr(model.config, "pad_token_id", None)
-        self.stream = BatchStream(train, config.batch_size, pad if pad is not None else 0, config.seed,
-                                  rank=env.rank, world_size=env.world_size)
+        self.stream = BatchStream(
+            train,
+            config.batch_size,
+            pad if pad is not None else 0,
+            config.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
         self.run_dir = Path(config.run_dir)
         self.step = 0
 
@@ -140,14 +190,14 @@ class MDLMTrainer:
         batch = next(self.stream)["input_ids"].to(model.get_input_embeddings().weight.device)  # this rank's slice
         # Times over the global batch; this rank's slice, as BatchStream slices the blocks.
         times = antithetic_times(cfg.batch_size, stream_generator(cfg.seed, _TIME_STREAM, self.step))
-        times = times[env.rank * batch.shape[0]:(env.rank + 1) * batch.shape[0]]
+        times = times[env.rank * batch.shape[0] : (env.rank + 1) * batch.shape[0]]
         micro = batch.shape[0] // cfg.grad_accum
         total, soft_count = torch.zeros(()), 0
         self.optimizer.zero_grad(set_to_none=True)
         for a in range(cfg.grad_accum):
             # The micro-batch's index in one process with world_size * grad_accum micro-batches.
             index = (self.step * env.world_size + env.rank) * cfg.grad_accum + a
-            x0, t = batch[a * micro:(a + 1) * micro], times[a * micro:(a + 1) * micro]
+            x0, t = batch[a * micro : (a + 1) * micro], times[a * micro : (a + 1) * micro]
             torch.manual_seed(stream_generator(cfg.seed, _DROPOUT_STREAM, index).initial_seed() >> 1)  # dropout
             x_t = mask_tokens(x0, t, model.config.mask_token_id, stream_generator(cfg.seed, _MASK_STREAM, index))
             coin = torch.rand((), generator=stream_generator(cfg.seed, _COIN_STREAM, index)).item()
@@ -169,18 +219,28 @@ class MDLMTrainer:
         self.scheduler.step()
         self.ema.update(model)
         self.step += 1
-        return {"step": self.step, "loss": all_reduce_sum(float(total), env, device) / (batch.numel() * env.world_size),
-                "grad_norm": float(grad_norm), "sm_share": soft_total / (cfg.grad_accum * env.world_size),
-                "lr": self.scheduler.get_last_lr()[0]}
+        return {
+            "step": self.step,
+            "loss": all_reduce_sum(float(total), env, device) / (batch.numel() * env.world_size),
+            "grad_norm": float(grad_norm),
+            "sm_share": soft_total / (cfg.grad_accum * env.world_size),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation ELBO (nats per token) and its perplexity bound with the EMA weights, SM on when trained."""
         from ..evaluation.mdlm_metrics import elbo_perplexity
+
         with self.ema.averaged(self.model):
-            return elbo_perplexity(self.model, self.validation, soft_mask=self.soft_mask,
-                                   batch_size=self.config.batch_size // (self.config.grad_accum * self.env.world_size),
-                                   max_batches=self.config.eval_batches, seed=self.config.seed)
+            return elbo_perplexity(
+                self.model,
+                self.validation,
+                soft_mask=self.soft_mask,
+                batch_size=self.config.batch_size // (self.config.grad_accum * self.env.world_size),
+                max_batches=self.config.eval_batches,
+                seed=self.config.seed,
+            )
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (resuming from the run directory's latest checkpoint); writes ``metrics.jsonl``,
@@ -212,18 +272,25 @@ class MDLMTrainer:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
         """Atomically write everything needed to continue exactly (rank 0 writes; returns its path there)."""
+
         def write(directory: Path) -> None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                      str(directory / MODEL_WEIGHTS))
-            save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()},
-                      str(directory / EMA_WEIGHTS))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                str(directory / MODEL_WEIGHTS),
+            )
+            save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()}, str(directory / EMA_WEIGHTS))
             if self.soft_mask is not None:
-                save_file({k: v.detach().cpu() for k, v in self.soft_mask.state_dict().items()},
-                          str(directory / SOFT_MASK_WEIGHTS))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       directory / "optimizer.pt")
+                save_file(
+                    {k: v.detach().cpu() for k, v in self.soft_mask.state_dict().items()},
+                    str(directory / SOFT_MASK_WEIGHTS),
+                )
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                directory / "optimizer.pt",
+            )
             state = {"step": self.step, "data": self.stream.state_dict(), "config": dataclasses.asdict(self.config)}
             (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
         path = write_checkpoint(self.run_dir / "checkpoints", self.step, write) if self.env.is_main else None
         barrier(self.env)
         return path
@@ -236,8 +303,10 @@ class MDLMTrainer:
         state = json.loads((path / "trainer_state.json").read_text())
         for key in ("batch_size", "grad_accum", "seed", "sm_prob"):
             if state["config"][key] != getattr(self.config, key):
-                raise ValueError(f"cannot resume {path}: it was trained with {key}={state['config'][key]}, this run "
-                                 f"has {key}={getattr(self.config, key)}")
+                raise ValueError(
+                    f"cannot resume {path}: it was trained with {key}={state['config'][key]}, this run "
+                    f"has {key}={getattr(self.config, key)}"
+                )
         device = self.model.get_input_embeddings().weight.device
         self.model.load_state_dict(load_file(str(path / MODEL_WEIGHTS), device=str(device)))
         self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=str(device)))
@@ -249,4 +318,3 @@ class MDLMTrainer:
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
         return True
-

@@ -34,32 +34,90 @@ from torch import nn
 
 from ..conventions import SHIPPED_MODEL, pad_or_eos
 from ..data import TOOL_CALL_TOKEN_IDS
+from ..diffusion.noise import NoiseSchedule
 from ..soft_mask import SoftMask
 from .gate_init import confidence_centre, masked_neg_entropy
-from ..diffusion.noise import NoiseSchedule
 
 __all__ = ["FALLBACKS", "PRESETS", "SHIPPED_MODEL", "drop_token_ids", "gate_centre", "initial_soft_mask"]
 
 #: The tiny code model shipped with the package (the CPU demo's default).
 
-_DREAM = dict(adapter="dora", rank=16, alpha=16.0, lora_dropout=0.0, lr=1e-5, sm_lr=1e-2, sm_init_scale=0.0,
-              sm_init_centre=-0.75, warmup_ratio=0.03, clip=7.0, bf16=True, gradient_checkpointing=True, batch_size=1,
-              grad_accum=8, max_length=2048, sm_prob=0.5, k=1, max_steps=None)
+_DREAM = dict(
+    adapter="dora",
+    rank=16,
+    alpha=16.0,
+    lora_dropout=0.0,
+    lr=1e-5,
+    sm_lr=1e-2,
+    sm_init_scale=0.0,
+    sm_init_centre=-0.75,
+    warmup_ratio=0.03,
+    clip=7.0,
+    bf16=True,
+    gradient_checkpointing=True,
+    batch_size=1,
+    grad_accum=8,
+    max_length=2048,
+    sm_prob=0.5,
+    k=1,
+    max_steps=None,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(adapter="full", lr=1e-4, sm_lr=0.3, sm_init_scale=0.0, sm_init_centre=-0.75, warmup_ratio=0.03,
-                 clip=1.0, bf16=False, gradient_checkpointing=False, batch_size=8, grad_accum=1, max_length=128,
-                 sm_prob=0.5, k=1, max_steps=600, eval_batches=16),
-    "dream-paper": dict(**_DREAM, loss="sequence", mask_eps=1e-3, pad_as_response=True, responses="last",
-                        min_response_tokens=5, drop_tool_calls=True, max_samples=300_000, eval_every=100,
-                        eval_batches=500),
+    "tiny": dict(
+        adapter="full",
+        lr=1e-4,
+        sm_lr=0.3,
+        sm_init_scale=0.0,
+        sm_init_centre=-0.75,
+        warmup_ratio=0.03,
+        clip=1.0,
+        bf16=False,
+        gradient_checkpointing=False,
+        batch_size=8,
+        grad_accum=1,
+        max_length=128,
+        sm_prob=0.5,
+        k=1,
+        max_steps=600,
+        eval_batches=16,
+    ),
+    "dream-paper": dict(
+        **_DREAM,
+        loss="sequence",
+        mask_eps=1e-3,
+        pad_as_response=True,
+        responses="last",
+        min_response_tokens=5,
+        drop_tool_calls=True,
+        max_samples=300_000,
+        eval_every=100,
+        eval_batches=500,
+    ),
     "dream-tokens": dict(**_DREAM, eval_batches=64),
 }
-FALLBACKS: dict[str, Any] = dict(sm_eps=1e-8, rank=16, alpha=16.0, lora_dropout=0.0, weight_decay=0.0, t_min=0.2,
-                                 t_max=0.8, seed=0, save_every=None, save_minutes=30.0, eval_every=0, keep_checkpoints=2,
-                                 val_fraction=0.02,
-                                 loss="tokens", mask_eps=0.0, pad_as_response=False, responses="all",
-                                 min_response_tokens=1, drop_tool_calls=False, max_samples=None)
+FALLBACKS: dict[str, Any] = dict(
+    sm_eps=1e-8,
+    rank=16,
+    alpha=16.0,
+    lora_dropout=0.0,
+    weight_decay=0.0,
+    t_min=0.2,
+    t_max=0.8,
+    seed=0,
+    save_every=None,
+    save_minutes=30.0,
+    eval_every=0,
+    keep_checkpoints=2,
+    val_fraction=0.02,
+    loss="tokens",
+    mask_eps=0.0,
+    pad_as_response=False,
+    responses="all",
+    min_response_tokens=1,
+    drop_tool_calls=False,
+    max_samples=None,
+)
 
 
 def drop_token_ids(settings: dict[str, Any]) -> tuple[int, ...]:
@@ -85,12 +143,20 @@ def initial_soft_mask(model: nn.Module, train: Any, settings: dict[str, Any], ve
     process sees the same first batches and noise)."""
     centre = settings["sm_init_centre"]
     if centre == "auto":
-        neg_entropy = masked_neg_entropy(model, train, model.config.mask_token_id, pad_or_eos(model.config),
-                                         NoiseSchedule(settings["t_min"], settings["t_max"]),
-                                         batch_size=settings["batch_size"], seed=settings["seed"])
+        neg_entropy = masked_neg_entropy(
+            model,
+            train,
+            model.config.mask_token_id,
+            pad_or_eos(model.config),
+            NoiseSchedule(settings["t_min"], settings["t_max"]),
+            batch_size=settings["batch_size"],
+            seed=settings["seed"],
+        )
         centre = confidence_centre(neg_entropy)
         if verbose:
             q10, q90 = neg_entropy.quantile(torch.tensor([0.1, 0.9])).tolist()
-            print(f"soft-mask gate centre {centre:.3f}: the median confidence (negative entropy, nats) of the base "
-                  f"model at {neg_entropy.numel()} masked positions (10-90% range {q10:.2f} to {q90:.2f})")
+            print(
+                f"soft-mask gate centre {centre:.3f}: the median confidence (negative entropy, nats) of the base "
+                f"model at {neg_entropy.numel()} masked positions (10-90% range {q10:.2f} to {q90:.2f})"
+            )
     return SoftMask(k=settings["k"], scale=settings["sm_init_scale"], centre=centre)

@@ -22,8 +22,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFolderError", "RunFinished", "check_run_folder", "clear_run_folder", "check_writable",
-           "check_free_space", "read_metrics", "truncate_metrics"]
+__all__ = [
+    "RunFolderError",
+    "RunFinished",
+    "check_run_folder",
+    "clear_run_folder",
+    "check_writable",
+    "check_free_space",
+    "read_metrics",
+    "truncate_metrics",
+]
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -57,16 +65,22 @@ def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool 
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if (run_dir / SUMMARY).is_file():
-            raise RunFinished(f"the run in {run_dir} has finished (see {run_dir / SUMMARY}); nothing to resume and "
-                              "nothing was changed. Start another run with a new --name, or replace it with "
-                              "--overwrite")
+            raise RunFinished(
+                f"the run in {run_dir} has finished (see {run_dir / SUMMARY}); nothing to resume and "
+                "nothing was changed. Start another run with a new --name, or replace it with "
+                "--overwrite"
+            )
         if not _has_checkpoint(run_dir):
             where = "it is empty" if not occupied else f"{run_dir / CHECKPOINTS} holds no checkpoint"
-            raise RunFolderError(f"cannot resume {run_dir}: {where}. Start afresh with --overwrite (or without "
-                                 "--resume for a new folder)")
+            raise RunFolderError(
+                f"cannot resume {run_dir}: {where}. Start afresh with --overwrite (or without "
+                "--resume for a new folder)"
+            )
     elif occupied and not overwrite:
-        raise RunFolderError(f"run folder {run_dir} already holds a run: continue it with --resume, replace it with "
-                             "--overwrite, or choose another --name or --output-dir")
+        raise RunFolderError(
+            f"run folder {run_dir} already holds a run: continue it with --resume, replace it with "
+            "--overwrite, or choose another --name or --output-dir"
+        )
 
 
 def clear_run_folder(run_dir: str | Path) -> None:
@@ -107,9 +121,11 @@ def check_free_space(path: str | Path, needed_bytes: int, what: str) -> None:
     """Raise RunFolderError when the file system holding ``path`` has less than ``needed_bytes`` free."""
     free = shutil.disk_usage(_existing_ancestor(Path(path))).free
     if free < needed_bytes:
-        raise RunFolderError(f"no space left for this run: {what} need about {needed_bytes / 2**20:,.0f} MiB, the "
-                             f"disk holding {path} has {free / 2**20:,.0f} MiB free. Free some space, lower "
-                             "--keep-checkpoints, or choose another --output-dir")
+        raise RunFolderError(
+            f"no space left for this run: {what} need about {needed_bytes / 2**20:,.0f} MiB, the "
+            f"disk holding {path} has {free / 2**20:,.0f} MiB free. Free some space, lower "
+            "--keep-checkpoints, or choose another --output-dir"
+        )
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

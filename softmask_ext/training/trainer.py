@@ -230,7 +230,8 @@ class Trainer:
         self.soft_mask.requires_grad_(config.sm_prob > 0)
         if self.sharded:
             self.forward: DiffusionTrainingForward = ShardedTrainingForward(
-                self.model, self.soft_mask, self.mask_token_id)
+                self.model, self.soft_mask, self.mask_token_id
+            )
             shard(self.forward, self.env, self.device, bf16=self._bf16)
         else:
             self.model.to(self.device)
@@ -244,16 +245,29 @@ class Trainer:
         model_params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": model_params, "lr": config.lr, "weight_decay": config.weight_decay}]
         if config.sm_prob > 0:
-            groups.append({"params": list(self.soft_mask.parameters()), "lr": config.sm_lr, "weight_decay": 0.0,
-                           "eps": config.sm_eps})
+            groups.append(
+                {
+                    "params": list(self.soft_mask.parameters()),
+                    "lr": config.sm_lr,
+                    "weight_decay": 0.0,
+                    "eps": config.sm_eps,
+                }
+            )
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
         warmup = math.ceil(config.warmup_ratio * config.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _cosine_with_warmup(warmup, config.max_steps))
+            self.optimizer, _cosine_with_warmup(warmup, config.max_steps)
+        )
 
-        self.stream = BatchStream(train_data, config.batch_size * self.env.world_size, self.pad_token_id,
-                                  seed=config.seed, pad_as_response=config.pad_as_response, rank=self.env.rank,
-                                  world_size=self.env.world_size)
+        self.stream = BatchStream(
+            train_data,
+            config.batch_size * self.env.world_size,
+            self.pad_token_id,
+            seed=config.seed,
+            pad_as_response=config.pad_as_response,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
         self.best: dict[str, float] | None = None  # step and validation loss of the model kept in best/
         self.step = 0
         self.soft_batches = 0
@@ -273,8 +287,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _batch_loss(
-        self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, soft: bool,
-        num_tokens: float, per_sequence: bool = False, **forward_options: bool,
+        self,
+        module: nn.Module,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        soft: bool,
+        num_tokens: float,
+        per_sequence: bool = False,
+        **forward_options: bool,
     ) -> torch.Tensor:
         """The micro-batch's loss: per-token (``num_tokens`` normalises it) or, with ``per_sequence``, the authors'
         per-sequence loss with their mask-probability floor."""
@@ -301,13 +321,25 @@ class Trainer:
         and the noise); returns its log record."""
         cfg, env = self.config, self.env
         self.ddp.train()
-        torch.manual_seed(int(torch.randint(2**62, (), generator=stream_generator(
-            cfg.seed, RandomStream.TORCH_RNG, self.step * env.world_size + env.rank))))
+        torch.manual_seed(
+            int(
+                torch.randint(
+                    2**62,
+                    (),
+                    generator=stream_generator(cfg.seed, RandomStream.TORCH_RNG, self.step * env.world_size + env.rank),
+                )
+            )
+        )
         batches = [next(self.stream) for _ in range(cfg.grad_accum)]
         num_tokens = all_reduce_sum(sum(float((~b["prompt_mask"]).sum()) for b in batches), env, self.device)
         # The SM coin of every micro-batch of every process (FSDP keeps processes in lockstep with it).
-        coins = [[self._sm_coin(micro_batch_index(self.step, a, cfg.grad_accum, r, env.world_size))
-                  for r in range(env.world_size)] for a in range(cfg.grad_accum)]
+        coins = [
+            [
+                self._sm_coin(micro_batch_index(self.step, a, cfg.grad_accum, r, env.world_size))
+                for r in range(env.world_size)
+            ]
+            for a in range(cfg.grad_accum)
+        ]
         loss_sum, soft_here = 0.0, 0
         for a, batch in enumerate(batches):
             index = micro_batch_index(self.step, a, cfg.grad_accum, env.rank, env.world_size)
@@ -318,8 +350,15 @@ class Trainer:
             sync = self.ddp.no_sync() if ddp and not last else contextlib.nullcontext()
             options = {"lockstep_pass1": any(coins[a])} if self.sharded else {}
             with sync:
-                loss = self._batch_loss(self.ddp, batch, stream_generator(cfg.seed, RandomStream.NOISE, index), soft,
-                                        num_tokens, cfg.loss == "sequence", **options)
+                loss = self._batch_loss(
+                    self.ddp,
+                    batch,
+                    stream_generator(cfg.seed, RandomStream.NOISE, index),
+                    soft,
+                    num_tokens,
+                    cfg.loss == "sequence",
+                    **options,
+                )
                 # DDP and FSDP average gradients over processes; the loss is already normalised over all of them
                 # (tokens) or a sum over all of them (sequence).
                 (loss * env.world_size).backward()
@@ -347,8 +386,11 @@ class Trainer:
 
     def soft_mask_values(self) -> dict[str, float]:
         cfg = self.soft_mask.to_transparency_config()
-        return {"scale": cfg["transparency_scale"], "steepness": cfg["transparency_steepness"],
-                "centre": cfg["transparency_centre"]}
+        return {
+            "scale": cfg["transparency_scale"],
+            "steepness": cfg["transparency_steepness"],
+            "centre": cfg["transparency_centre"],
+        }
 
     # ------------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -363,7 +405,7 @@ class Trainer:
         modes = {"binary": False, "soft_mask": True} if self.config.sm_prob > 0 else {"binary": False}
         totals = dict.fromkeys(modes, 0.0)
         tokens = 0.0
-        mine = starts[env.rank::env.world_size]
+        mine = starts[env.rank :: env.world_size]
         # Under FSDP every process runs as many forwards as the others (each all-gathers weights): a process with
         # fewer batches evaluates its first one again and discards the result.
         rounds = math.ceil(len(starts) / env.world_size) if self.sharded else len(mine)
@@ -388,15 +430,20 @@ class Trainer:
         cfg = self.config
         end = cfg.max_steps if stop_at_step is None else min(stop_at_step, cfg.max_steps)
         self._claim_run_dir()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"training ({self.run_dir.name})",
-                   disable=not self.env.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"training ({self.run_dir.name})",
+            disable=not self.env.is_main,
+            dynamic_ncols=True,
+        )
         started = last_save = time.perf_counter()
         last_eval: dict[str, float] = {}
         every = cfg.checkpoint_every
         while self.step < end:
             record = self.train_step()
             record = {"step": self.step, **record, "elapsed_s": round(time.perf_counter() - started, 3)}
-            if self.val_data and (self.step == cfg.max_steps or cfg.eval_every and self.step % cfg.eval_every == 0):
+            if self.val_data and (self.step == cfg.max_steps or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                 last_eval = self.evaluate()
                 record.update(last_eval)
                 if cfg.eval_every:
@@ -407,7 +454,7 @@ class Trainer:
             overdue = cfg.save_interval_s and time.perf_counter() - last_save >= cfg.save_interval_s
             if self.env.distributed:  # every process must take the same decision (rank clocks differ)
                 overdue = all_reduce_sum(float(bool(overdue)), self.env, self.device) > 0
-            if self.step == end or every and self.step % every == 0 or overdue:
+            if self.step == end or (every and self.step % every == 0) or overdue:
                 self.save_checkpoint()
                 last_save = time.perf_counter()
         bar.close()
@@ -440,8 +487,10 @@ class Trainer:
         """Make the run folder this run's: refuse a fresh start over another run's files, then record the config."""
         if self.env.is_main:
             if self.step == 0 and (self.metrics_path.exists() or self.checkpoint_root.exists()):
-                raise RunFolderError(f"{self.run_dir} already holds a run (metrics or checkpoints); resume it, or "
-                                     "clear the folder to start afresh")
+                raise RunFolderError(
+                    f"{self.run_dir} already holds a run (metrics or checkpoints); resume it, or "
+                    "clear the folder to start afresh"
+                )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         barrier(self.env)
@@ -468,8 +517,11 @@ class Trainer:
                 "final_model": str(final),
                 "transparency_config": write_transparency_config(self.run_dir, self.trained_soft_mask),
                 "metrics": str(self.metrics_path),
-                "figure": str(plot_training(self.records(), self.soft_mask, self.model_config.vocab_size,
-                                            self.run_dir / "training.png")),
+                "figure": str(
+                    plot_training(
+                        self.records(), self.soft_mask, self.model_config.vocab_size, self.run_dir / "training.png"
+                    )
+                ),
                 "checkpoints": str(self.checkpoint_root),
             }
             if self.best is not None:
@@ -498,13 +550,17 @@ class Trainer:
         (``torch.distributed.checkpoint.state_dict``), full and unsharded under FSDP.
         """
         model_state = gather_trainable_state(self.model) if self.sharded else None
-        optimizer_state = get_optimizer_state_dict(self.forward, self.optimizer,
-                                                   options=FULL_STATE if self.sharded else None)
+        optimizer_state = get_optimizer_state_dict(
+            self.forward, self.optimizer, options=FULL_STATE if self.sharded else None
+        )
         if self.env.is_main:
             try:
-                write_checkpoint(self.checkpoint_root, self.step,
-                                 lambda directory: self._write_state(directory, model_state, optimizer_state),
-                                 keep=self.config.keep_checkpoints)
+                write_checkpoint(
+                    self.checkpoint_root,
+                    self.step,
+                    lambda directory: self._write_state(directory, model_state, optimizer_state),
+                    keep=self.config.keep_checkpoints,
+                )
             except OSError as e:  # name the checkpoint (a full disk's error often names no file)
                 raise OSError(e.errno, e.strerror, str(self.checkpoint_root / checkpoint_name(self.step))) from e
         barrier(self.env)
@@ -516,16 +572,24 @@ class Trainer:
         else:
             save_trainable_state(self.model, model_state, directory)
 
-    def _write_state(self, directory: Path, model_state: dict[str, torch.Tensor] | None,
-                     optimizer_state: dict[str, Any]) -> None:
+    def _write_state(
+        self, directory: Path, model_state: dict[str, torch.Tensor] | None, optimizer_state: dict[str, Any]
+    ) -> None:
         self._save_model(directory / "model", model_state)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
-                  str(directory / SOFT_MASK_WEIGHTS))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.soft_mask.state_dict().items()},
+            str(directory / SOFT_MASK_WEIGHTS),
+        )
         write_transparency_config(directory / "transparency_config.json", self.trained_soft_mask)
-        torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
-                   directory / "optimizer.pt")
-        state = {"step": self.step, "data": self.stream.state_dict(), "soft_batches": self.soft_batches,
-                 "micro_batches": self.micro_batches, "best": self.best, "config": self.config.to_dict()}
+        torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}, directory / "optimizer.pt")
+        state = {
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            "soft_batches": self.soft_batches,
+            "micro_batches": self.micro_batches,
+            "best": self.best,
+            "config": self.config.to_dict(),
+        }
         (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def resume(self) -> bool:
@@ -546,15 +610,21 @@ class Trainer:
         saved = state["config"]
         for key in ("batch_size", "grad_accum", "seed", "max_steps", "sm_prob"):
             if saved[key] != getattr(self.config, key):
-                raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has "
-                                 f"{key}={getattr(self.config, key)}")
+                raise ValueError(
+                    f"cannot resume {path}: it was trained with {key}={saved[key]}, this run has "
+                    f"{key}={getattr(self.config, key)}"
+                )
         (load_trainable_sharded if self.sharded else load_trainable)(self.model, self.config.adapter, path / "model")
         self.soft_mask.load_state_dict(load_file(str(path / SOFT_MASK_WEIGHTS), device=str(self.device)))
         # Under FSDP every process reads the full state on the CPU and keeps its shard. Parameters that never had a
         # gradient (an SM parameter before the first SM batch) have no state, and must stay without.
         opt = torch.load(path / "optimizer.pt", map_location="cpu" if self.sharded else self.device, weights_only=True)
-        set_optimizer_state_dict(self.forward, self.optimizer, opt["optimizer"],
-                                 options=StateDictOptions(full_state_dict=self.sharded, strict=False))
+        set_optimizer_state_dict(
+            self.forward,
+            self.optimizer,
+            opt["optimizer"],
+            options=StateDictOptions(full_state_dict=self.sharded, strict=False),
+        )
         self.scheduler.load_state_dict(opt["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])

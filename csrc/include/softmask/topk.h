@@ -44,9 +44,7 @@ decltype(auto) with_k_bucket(int k, F&& f) {
   return detail::with_bucket_from<1, 2, 3, 4, 5, 8, 16, kMaxK>(k, std::forward<F>(f));
 }
 
-SOFTMASK_HD bool ranks_before(float va, int32_t ia, float vb, int32_t ib) {
-  return va > vb || (va == vb && ia < ib);
-}
+SOFTMASK_HD bool ranks_before(float va, int32_t ia, float vb, int32_t ib) { return va > vb || (va == vb && ia < ib); }
 
 template <int K>
 struct TopK {
