@@ -120,7 +120,7 @@ def test_binary_run_reports_only_the_binary_loss(model_dir, data_file, tmp_path,
     )
     assert "val_soft_mask" not in summary and summary["soft_mask"] == {"transparency_alg": "none"}
     # Exactly what the authors' binary runs write, beside the run and the final model: binary decoding when read.
-    run = tmp_path / "model0-sm"  # the default name: <model folder>-sm
+    run = tmp_path / f"{model_dir.name}-sm"  # the default name: <model folder>-sm
     for folder in (run, run / "final"):
         assert json.loads((folder / "transparency_config.json").read_text()) == {"transparency_alg": "none"}
         assert SoftMask.from_transparency_config(folder) is None
