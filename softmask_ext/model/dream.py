@@ -8,7 +8,6 @@ itself (attention, MLP, norms, rotary embeddings, the forward's masks and rows) 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -89,18 +88,12 @@ class DreamModel(DiffusionTransformer):
         return diffusion_generate(self, *args, **kwargs)
 
 
-def _load_dream(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any
-) -> DreamModel:
-    return DreamModel.from_pretrained(path, dtype=dtype, device=device, **kwargs)
-
-
 DreamModel.family = register_family(
     ModelFamily(
         name="dream",
         model_types=("Dream", "qwen2"),
         logit_shift=1,
-        load=_load_dream,
+        load=DreamModel.from_pretrained,
         decoder_layer=DecoderLayer,
         default_decoding={"alg": "entropy", "eps": 1e-3},
         adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj"),

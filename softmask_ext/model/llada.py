@@ -12,7 +12,6 @@ without remote code, and PEFT adapters name the same modules as for LLaDA's own 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -136,18 +135,12 @@ class LLaDAModel(DiffusionTransformer):
         return diffusion_generate(self, *args, **kwargs)
 
 
-def _load_llada(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any
-) -> LLaDAModel:
-    return LLaDAModel.from_pretrained(path, dtype=dtype, device=device, **kwargs)
-
-
 LLaDAModel.family = register_family(
     ModelFamily(
         name="llada",
         model_types=("llada", "LLaDA"),
         logit_shift=0,
-        load=_load_llada,
+        load=LLaDAModel.from_pretrained,
         decoder_layer=LLaDABlock,
         default_decoding={"remasking": "low_confidence", "temperature": 0.0},
         adapter_targets=("q_proj", "k_proj", "v_proj", "attn_out"),
