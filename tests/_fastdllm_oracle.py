@@ -6,7 +6,9 @@ current block.
 The cached forward is written here from the model's weights, as Fast-dLLM's modified models compute it: each layer
 keeps its K/V *before* the rotary embedding; a prefix-cache forward concatenates the cached prefix with the fresh
 K/V of the positions it runs, a dual-cache forward overwrites the block's columns of the full cached K/V; the rotary
-embedding is then applied to the whole key sequence. It shares no code with the engine or its cache.
+embedding is then applied to the whole key sequence. It shares no code with the engine or its cache: it reads each
+layer's norm weights and projections under its family's names (Dream's Qwen2 layout, or LLaDA's OLMo layout as in
+LLaDA's ``LLaDALlamaBlock``) and computes norms, attention and MLP itself.
 
 Where Fast-dLLM leaves a choice open or ties results to its own random calls, the oracle follows the engine's
 documented rules (see ``_decoding_oracle`` and ``_llada_oracle``): noise per step over the block's positions in the
@@ -20,6 +22,8 @@ before the block so that the row predicting the block's first position is recomp
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from _decoding_oracle import _filtered_probs, _token_and_confidence
@@ -30,6 +34,10 @@ from _llada_oracle import (
     num_transfer_tokens,
     transfer_index,
 )
+from torch import nn
+
+from softmask_ext.model.dream import DecoderLayer
+from softmask_ext.model.llada import LLaDABlock
 
 
 def _rotate(x, positions, theta):
@@ -42,6 +50,57 @@ def _rotate(x, positions, theta):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class LayerParts(NamedTuple):
+    """One pre-norm block: ``x + o(attention(q, k, v of attn_norm(x)))``, then ``x + down(silu(gate(h)) * up(h))``
+    with ``h = mlp_norm(x)``; norms are RMS norms with these weights, the rest are linear layers."""
+
+    attn_norm: torch.Tensor
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    mlp_norm: torch.Tensor
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    """A decoder layer's parts under its family's module names."""
+    if isinstance(layer, LLaDABlock):  # LLaDA: ff_proj is the gated projection, ff_out the down projection
+        return LayerParts(
+            layer.attn_norm.weight,
+            layer.q_proj,
+            layer.k_proj,
+            layer.v_proj,
+            layer.attn_out,
+            layer.ff_norm.weight,
+            layer.ff_proj,
+            layer.up_proj,
+            layer.ff_out,
+        )
+    if not isinstance(layer, DecoderLayer):
+        raise TypeError(f"the oracle knows no layout for {type(layer).__name__}")
+    attn, mlp = layer.self_attn, layer.mlp  # Dream (Qwen2)
+    return LayerParts(
+        layer.input_layernorm.weight,
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
+
+
+def _rms_norm(x, weight, eps):
+    """Both families' RMS norm: in fp32, cast back before the weight."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def cached_forward(model, inputs, first, past=None, replace=None):
     """Fast-dLLM's forward of the positions ``first .. first + Q - 1`` (``inputs`` embeddings ``[B, Q, D]``).
 
@@ -52,16 +111,17 @@ def cached_forward(model, inputs, first, past=None, replace=None):
     config = model.config
     layers, norm = model.decoder_stack().layers_and_norm()
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = config.rms_norm_eps
     h = inputs
     B, Q, _ = h.shape
     query_positions = torch.arange(first, first + Q)
     present = []
     for index, layer in enumerate(layers):
-        attn = layer.self_attn
-        a = layer.input_layernorm(h)
-        q = attn.q_proj(a).view(B, Q, heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(a).view(B, Q, kv_heads, head_dim).transpose(1, 2)
-        v = attn.v_proj(a).view(B, Q, kv_heads, head_dim).transpose(1, 2)
+        part = layer_parts(layer)
+        a = _rms_norm(h, part.attn_norm, eps)
+        q = part.q(a).view(B, Q, heads, head_dim).transpose(1, 2)
+        k = part.k(a).view(B, Q, kv_heads, head_dim).transpose(1, 2)
+        v = part.v(a).view(B, Q, kv_heads, head_dim).transpose(1, 2)
         if past is not None:
             past_k, past_v = past[index]
             if replace is not None:
@@ -75,9 +135,10 @@ def cached_forward(model, inputs, first, past=None, replace=None):
         k = _rotate(k, torch.arange(k.shape[2]), config.rope_theta)
         groups = heads // kv_heads
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
-        h = h + attn.o_proj(out.transpose(1, 2).reshape(B, Q, heads * head_dim))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.get_output_embeddings()(norm(h)), present
+        h = h + part.o(out.transpose(1, 2).reshape(B, Q, heads * head_dim))
+        m = _rms_norm(h, part.mlp_norm, eps)
+        h = h + part.down(F.silu(part.gate(m)) * part.up(m))
+    return model.get_output_embeddings()(_rms_norm(h, norm.weight, eps)), present
 
 
 def _embed(model, x, embeds):

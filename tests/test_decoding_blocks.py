@@ -3,12 +3,14 @@ Fast-dLLM's loops (LLaDA's prefix/dual cache, Dream's block loop) and the engine
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from _fastdllm_oracle import dream_blocks, llada_cached
 from conftest import requires_cuda
 from test_decoding import SOFT_MASKS, tiny_model
-from test_decoding_llada import MASK, no_shift_model, prompts
+from test_decoding_llada import MODELS, prompts
 
 from softmask_ext import SoftMask
 from softmask_ext.decoding import (
@@ -25,14 +27,20 @@ def SLOW(case):
     return pytest.param(case, marks=pytest.mark.slow)
 
 
-@pytest.fixture(scope="module")
-def llada():
-    return no_shift_model()
+@functools.cache
+def model_named(name):
+    return {"dream": tiny_model, **MODELS}[name]()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def llada(request):
+    """LLaDA's conventions on Dream's blocks, and the real LLaDAModel."""
+    return model_named(request.param)
 
 
 @pytest.fixture(scope="module")
 def dream():
-    return tiny_model()
+    return model_named("dream")
 
 
 def seeded(seed=0):
@@ -71,7 +79,7 @@ def test_llada_caches_match_fast_dllm(llada, cache, case):
         steps=6,
         gen_length=12,
         block_length=4,
-        mask_id=MASK,
+        mask_id=llada.config.mask_token_id,
         dual=cache == "dual",
         soft_mask=SoftMask.from_any(sm),
         generator=seeded(),
@@ -182,9 +190,9 @@ def test_caches_approximate(llada):
 
 
 @pytest.mark.parametrize("cache", CACHED)
-@pytest.mark.parametrize("family", ["dream", "llada"])
-def test_batch_equals_single_prompts(request, family, cache):
-    model = request.getfixturevalue(family)
+@pytest.mark.parametrize("family", ["dream", *MODELS])
+def test_batch_equals_single_prompts(family, cache):
+    model = model_named(family)
     ids = prompts(3, 6, seed=7)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -203,7 +211,8 @@ def test_batch_equals_single_prompts(request, family, cache):
 def test_window_forwards_run_only_the_window(llada):
     """prefix: the block and what follows; dual: the block alone (plus one full forward per block)."""
     lengths = []
-    hook = llada.model.layers[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    first_layer = llada.decoder_stack().layers_and_norm()[0][0]
+    hook = first_layer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     try:
         for cache in CACHED:
             lengths.clear()

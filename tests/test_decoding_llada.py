@@ -1,4 +1,5 @@
-"""LLaDA's decoding in the engine, token for token against the transcription of its authors' ``generate``."""
+"""LLaDA's decoding in the engine, token for token against the transcription of its authors' ``generate``, on the
+real `LLaDAModel` and on Dream's architecture under LLaDA's conventions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from _llada_oracle import llada_generate, num_transfer_tokens
 from test_decoding import SOFT_MASKS
+from tiny_llada import tiny_model as tiny_llada
 
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.decoding import diffusion_generate
@@ -48,9 +50,13 @@ def no_shift_model(seed: int = 0) -> NoShiftModel:
     return model
 
 
-@pytest.fixture(scope="module")
-def model():
-    return no_shift_model()
+# LLaDA's conventions alone (the engine's family seam, on Dream's blocks), and the real model (its own blocks).
+MODELS = {"no-shift": no_shift_model, "llada": tiny_llada}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return MODELS[request.param]()
 
 
 def prompts(batch=2, length=5, seed=1):
@@ -58,8 +64,7 @@ def prompts(batch=2, length=5, seed=1):
 
 
 def both(model, ids, mask=None, *, seed=0, soft_mask=None, gen_length, steps, block_length=None, **kw):
-    ours = diffusion_generate(
-        model,
+    ours = model.diffusion_generate(
         ids,
         mask,
         max_new_tokens=gen_length,
@@ -76,7 +81,7 @@ def both(model, ids, mask=None, *, seed=0, soft_mask=None, gen_length, steps, bl
         steps=steps,
         gen_length=gen_length,
         block_length=block_length or gen_length,
-        mask_id=MASK,
+        mask_id=model.config.mask_token_id,
         soft_mask=SoftMask.from_any(soft_mask),
         generator=torch.Generator().manual_seed(seed),
         **kw,

@@ -1,4 +1,5 @@
-"""Tiny random LLaDA checkpoints for tests, and transformers' Llama run bidirectionally as the reference.
+"""Tiny random LLaDA checkpoints for tests, the same model built in memory, and transformers' Llama run
+bidirectionally as the reference.
 
 The checkpoint writer works from LLaDA's config values alone (its `config.json` keys, tensor names and shapes,
 written with `safetensors.torch.save_file`), so it shares no code with `softmask_ext.model`; the reference model is
@@ -14,6 +15,8 @@ import shutil
 import torch
 from tiny_dream import write_checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from softmask_ext.model import LLaDAConfig, LLaDAModel, load_tokenizer
 
 # LLaDA-8B's config.json layout (OLMo field names), shrunk.
 TINY_CONFIG = {
@@ -108,12 +111,15 @@ def llada_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights large enough that attention is far from uniform; norm weights around 1."""
+def random_tensors(
+    cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.15
+) -> dict[str, torch.Tensor]:
+    """Random weights (matrices of standard deviation `std`) large enough that attention is far from uniform; norm
+    weights around 1."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in llada_tensor_shapes(cfg).items():
-        t = torch.randn(shape, generator=gen) * (0.15 if len(shape) == 2 else 0.05)
+        t = torch.randn(shape, generator=gen) * (std if len(shape) == 2 else 0.05)
         if name.endswith(("norm.weight", "ln_f.weight")):
             t = 1.0 + torch.randn(shape, generator=gen) * 0.1
         tensors[name] = t.to(dtype)
@@ -129,13 +135,21 @@ def make_checkpoint(
     return cfg, tensors
 
 
+def tiny_model(seed: int = 0, **overrides) -> LLaDAModel:
+    """A tiny random `LLaDAModel` without files: a checkpoint's config and tensors, loaded by LLaDA's names."""
+    cfg = tiny_config(**overrides)
+    model = LLaDAModel(LLaDAConfig.from_dict(cfg)).eval()
+    # Weights three times make_checkpoint's: confident, distinct predictions (maxima from 0.1 to 0.9, no near-ties),
+    # so that confidence thresholds and rankings are exercised.
+    model.load_state_dict(random_tensors(cfg, seed=seed, std=0.45))
+    return model
+
+
 def make_checkpoint_with_tokenizer(
     path: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0, **overrides
 ) -> dict:
     """A tiny LLaDA checkpoint that ships the tokenizer files of `tokenizer_dir` (copied in), with the tokenizer's
     mask, pad and eos ids in config.json."""
-    from softmask_ext.model import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     assert len(tokenizer) <= TINY_CONFIG["embedding_size"]
     cfg, _ = make_checkpoint(
