@@ -113,7 +113,7 @@ def test_walk_finds_every_module():
 
 
 def test_model_layer_does_not_import_decoding_or_training():
-    # The convenience DreamModel.diffusion_generate imports decoding inside the method: the one intended exception.
+    # model.diffusion_generate (DiffusionGenerateMixin) imports decoding inside the method: the one intended exception.
     for name, imported in GRAPH.items():
         if name.startswith("softmask_ext.model"):
             bad = sorted(m for m in imported if m.startswith(("softmask_ext.decoding", "softmask_ext.training")))
