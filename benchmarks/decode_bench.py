@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from functools import partial
@@ -100,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--family",
         choices=("dream", "llada", "mdlm"),
         default="dream",
-        help="--modes: a random model of this family (LLaDA: no Dream loop); mdlm: the SM share of an "
-        "MDLM sampling step (mdlm_decode_bench.py)",
+        help="a random model of this family (LLaDA: the engine's providers and modes only, no Dream loop); mdlm: "
+        "the SM share of an MDLM sampling step (mdlm_decode_bench.py)",
     )
     return p.parse_args(argv)
 
@@ -146,8 +145,9 @@ class Provider:
     def setup(self, model, ids, steps, args):
         self.model, self.ids, self.steps = model, ids, steps
         self.mask_id = model.config.mask_token_id
+        alg = "low_confidence" if args.family == "llada" else args.alg  # LLaDA's remasking rule
         self.settings = dict(
-            max_new_tokens=self.new_tokens, steps=steps, alg=args.alg, temperature=args.temperature, top_p=args.top_p
+            max_new_tokens=self.new_tokens, steps=steps, alg=alg, temperature=args.temperature, top_p=args.top_p
         )
         if not self.reference:
             options = DecodeOptions(mask_token_id=self.mask_id, **self.settings)
@@ -173,7 +173,7 @@ class Provider:
             )
         return self.decoder.run(self.prompt)[0]
 
-    def propose_ms(self, reps: int) -> float:
+    def propose_ms(self, reps: int) -> harness.Timing:
         """Milliseconds of one step's token proposals (filters such as top-p, sampling, confidences) on the first
         step's logits (the engine proposes for every position of the region at every step)."""
         decoder = self.decoder
@@ -193,18 +193,19 @@ class Provider:
             reps,
         )
 
-    def _time_ms(self, work, reps: int) -> float:
-        """Milliseconds per call of ``work`` (captured in a CUDA graph first when this provider replays graphs)."""
+    def _time_ms(self, work, reps: int) -> harness.Timing:
+        """Milliseconds per call of ``work`` over five samples of ``reps`` calls each (captured in a CUDA graph first
+        when this provider replays graphs)."""
         work()
         if self.graph:  # the engine runs it inside its step's graph: time it the same way
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 work()
             work = graph.replay
-        seconds, _ = timed(lambda: [work() for _ in range(reps)], self.ids.device)
-        return 1000 * seconds / reps
+        timing = harness.wall_time(lambda: [work() for _ in range(reps)], warmup=0, repeats=5, device=self.ids.device)
+        return harness.Timing.of([ms / reps for ms in timing.samples_ms])
 
-    def sm_ms(self, reps: int) -> float:
+    def sm_ms(self, reps: int) -> harness.Timing:
         """Milliseconds to build one step's SM inputs, on this step's logits with half the positions masked."""
         model, ids = self.model, self.ids
         batch, prompt_len = ids.shape
@@ -223,8 +224,9 @@ class Provider:
         return self._time_ms(work, reps)
 
 
-def providers(soft_mask: SoftMask, cuda: bool) -> list[Provider]:
-    out = [Provider("dream_reference", True, None), Provider("authors_sm", True, soft_mask)]
+def providers(soft_mask: SoftMask, cuda: bool, references: bool = True) -> list[Provider]:
+    """Dream's loop and the authors' SM path (``references``: Dream models only), then the engine's providers."""
+    out = [Provider("dream_reference", True, None), Provider("authors_sm", True, soft_mask)] if references else []
     for graph in [False, True] if cuda else [False]:
         kind = "graph" if graph else "eager"
         out += [
@@ -254,11 +256,12 @@ def main(argv=None) -> int:
         return run_modes(args, preset_name, preset, device)
     started = time.perf_counter()
 
-    model = build_model(preset, device)
+    model = build_model(preset, device, args.family)
     soft_mask = SoftMask.from_any(SOFT_MASK).to(device)
+    references = args.family == "dream"  # Dream's loop and the authors' SM path decode Dream models only
     prompt_len, new_tokens = preset["prompt"], preset["new_tokens"]
     vocab, mask_id = model.config.vocab_size, model.config.mask_token_id
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else harness.cpu_model()
     print(
         f"decode_bench: preset {preset_name} on {device_name}, {preset['dtype']}, prompt {prompt_len}, "
         f"{new_tokens} new tokens, steps {preset['steps']}, batch {preset['batch']}",
@@ -270,12 +273,14 @@ def main(argv=None) -> int:
     outputs: dict[tuple[str, int, int], torch.Tensor] = {}
     plan = [(b, s) for b in preset["batch"] for s in sorted(preset["steps"])]
     progress = tqdm(
-        total=len(plan) * len(providers(soft_mask, device.type == "cuda")), desc="decode_bench", file=sys.stderr
+        total=len(plan) * len(providers(soft_mask, device.type == "cuda", references)),
+        desc="decode_bench",
+        file=sys.stderr,
     )
     for batch, steps in plan:
         gen = torch.Generator().manual_seed(args.seed + batch)
         ids = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).to(device)
-        for provider in providers(soft_mask, device.type == "cuda"):
+        for provider in providers(soft_mask, device.type == "cuda", references):
             provider.new_tokens = new_tokens
             key = (provider.name, batch)
             row = dict(
@@ -313,7 +318,13 @@ def main(argv=None) -> int:
                         r["provider"] == provider.name and r["batch"] == batch and f"{part}_ms" in r for r in results
                     ):
                         part_ms = getattr(provider, f"{part}_ms")(reps=5 if device.type == "cuda" else 2)
-                        row.update({f"{part}_ms": part_ms, f"{part}_share": part_ms / ms})
+                        row.update(
+                            {
+                                f"{part}_ms": part_ms.median_ms,
+                                f"{part}_ms_range": [part_ms.min_ms, part_ms.max_ms],
+                                f"{part}_share": part_ms.median_ms / ms,
+                            }
+                        )
             results.append(row)
             progress.update()
     progress.close()
@@ -331,16 +342,14 @@ def main(argv=None) -> int:
     report = dict(
         device=device_name,
         preset=preset_name,
+        family=args.family,
         dtype=preset["dtype"],
         prompt=prompt_len,
         new_tokens=new_tokens,
         vocab=vocab,
         model=dict(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size),
         settings=dict(alg=args.alg, temperature=args.temperature, top_p=args.top_p, soft_mask=SOFT_MASK),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
         repeats=args.repeats,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         wall_s=time.perf_counter() - started,
         results=results,
         token_agreement=agreement,
@@ -358,6 +367,11 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     ``dream`` and ``plain`` take one token per step over the whole sequence; every step has the same shapes, so they are
     timed over a few steps and their time for ``N`` steps is extrapolated (marked so). ``prefix`` and ``dual`` decode
     in blocks with threshold parallel decoding: their step counts depend on the predictions, so they run in full.
+    Each setting is timed ``--repeats`` times (median and range); on a GPU after one untimed run (graph capture).
+
+    Two SM ratios per mode: ``sm_step_cost`` compares the time of one forward (the price of building SM inputs, with
+    the same work per forward), ``sm_vs_binary`` compares tokens/s, which under threshold decoding also moves with the
+    number of forwards, since SM changes the predictions that decide how many tokens pass the threshold.
     """
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
@@ -380,73 +394,38 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     for new_tokens in lengths:
         for mode in modes:
             for sm in (False, True):
-                sm_module = soft_mask if sm else None
-                if mode == "dream":
-                    steps = probe_steps
-                    call = partial(
-                        reference_generate,
-                        model,
-                        ids,
-                        max_new_tokens=new_tokens,
-                        steps=steps,
-                        mask_token_id=mask_id,
-                        soft_mask=sm_module,
-                        alg=args.alg,
-                    )
-                else:
-                    fast = mode != "plain"
-                    steps = new_tokens if fast else probe_steps
-                    keywords = (
-                        dict(block_length=args.block_length, threshold=args.threshold, cache=mode) if fast else {}
-                    )
-                    if args.family == "dream":
-                        keywords["alg"] = "maskgit_plus" if fast else args.alg
-                    call = partial(
-                        diffusion_generate,
-                        model,
-                        ids,
-                        max_new_tokens=new_tokens,
-                        steps=steps,
-                        soft_mask=sm_module,
-                        **keywords,
-                    )
-                if device.type == "cuda":
-                    call()  # warm-up (graph capture)
+                call, steps = mode_call(args, model, ids, mode, new_tokens, soft_mask if sm else None, probe_steps)
                 forwards[0] = 0
-                seconds, _ = timed(call, device)
+                call()  # untimed: counts the forwards (decoding is deterministic), captures graphs on a GPU
                 nfe = forwards[0]
-                extrapolated = nfe == probe_steps and steps == probe_steps
-                ms = 1000 * seconds / nfe
-                total_s = ms * new_tokens / 1000 if extrapolated else seconds
-                nfe_total = new_tokens if extrapolated else nfe
+                timing = harness.wall_time(call, warmup=0, repeats=args.repeats, device=device)
+                extrapolated = steps == probe_steps and nfe == probe_steps
+                scale = new_tokens / nfe if extrapolated else 1.0  # to the full length: one token per forward
+                seconds = [scale * ms / 1e3 for ms in (timing.median_ms, timing.min_ms, timing.max_ms)]
                 rows.append(
                     dict(
                         mode=mode,
                         sm=sm,
                         new_tokens=new_tokens,
-                        tokens_per_s=new_tokens / total_s,
-                        nfe=nfe_total,
-                        ms_per_step=ms,
-                        seconds=total_s,
+                        tokens_per_s=new_tokens / seconds[0],
+                        tokens_per_s_range=[new_tokens / seconds[2], new_tokens / seconds[1]],
+                        nfe=new_tokens if extrapolated else nfe,
+                        ms_per_step=timing.median_ms / nfe,
+                        seconds=seconds[0],
+                        timing=timing.to_dict(),
                         extrapolated=extrapolated,
                     )
                 )
+                r = rows[-1]
                 print(
-                    f"{mode:<8}{'SM' if sm else 'binary':<8}{new_tokens:>6} tokens: {new_tokens / total_s:9.1f} "
-                    f"tokens/s, NFE {nfe_total:>5}, {ms:8.2f} ms/step" + (" (extrapolated)" if extrapolated else ""),
+                    f"{mode:<8}{'SM' if sm else 'binary':<8}{new_tokens:>6} tokens: {r['tokens_per_s']:9.1f} tokens/s "
+                    f"[{r['tokens_per_s_range'][0]:.1f}, {r['tokens_per_s_range'][1]:.1f}], NFE {r['nfe']:>5}, "
+                    f"{r['ms_per_step']:8.2f} ms/step" + (" (extrapolated)" if extrapolated else ""),
                     file=sys.stderr,
                 )
     handle.remove()
-    summary = {}
-    for new_tokens in lengths:
-        tps = {(r["mode"], r["sm"]): r["tokens_per_s"] for r in rows if r["new_tokens"] == new_tokens}
-        entry = {f"sm_vs_binary_{m}": tps[(m, True)] / tps[(m, False)] for m in modes}
-        for fast in ("prefix", "dual"):
-            for base in ("plain", "dream"):
-                if fast in modes and base in modes:
-                    entry[f"{fast}_vs_{base}"] = tps[(fast, False)] / tps[(base, False)]
-        summary[str(new_tokens)] = entry
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    summary = {str(n): mode_ratios([r for r in rows if r["new_tokens"] == n], modes) for n in lengths}
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else harness.cpu_model()
     report = dict(
         device=device_name,
         preset=preset_name,
@@ -460,20 +439,68 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
         threshold=args.threshold,
         alg=args.alg,
         soft_mask=SOFT_MASK,
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        repeats=args.repeats,
         wall_s=time.perf_counter() - started,
         results=rows,
         summary=summary,
     )
     print(json.dumps(summary, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_results(args.out, report, device=device)
         plot_modes(report, str(Path(args.out).with_suffix(".png")))
-        print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def mode_call(args, model, ids, mode: str, new_tokens: int, soft_mask, probe_steps: int):
+    """(the decoding call of ``mode``, its step count): Dream's loop and ``plain`` over ``probe_steps`` steps,
+    ``prefix``/``dual`` blocks with threshold decoding over the whole generation."""
+    mask_id = model.config.mask_token_id
+    if mode == "dream":
+        call = partial(
+            reference_generate,
+            model,
+            ids,
+            max_new_tokens=new_tokens,
+            steps=probe_steps,
+            mask_token_id=mask_id,
+            soft_mask=soft_mask,
+            alg=args.alg,
+        )
+        return call, probe_steps
+    fast = mode != "plain"
+    steps = new_tokens if fast else probe_steps
+    keywords = dict(block_length=args.block_length, threshold=args.threshold, cache=mode) if fast else {}
+    if args.family == "dream":
+        keywords["alg"] = "maskgit_plus" if fast else args.alg
+    call = partial(
+        diffusion_generate, model, ids, max_new_tokens=new_tokens, steps=steps, soft_mask=soft_mask, **keywords
+    )
+    return call, steps
+
+
+def mode_ratios(rows: list[dict], modes: list[str]) -> dict[str, float | list[float]]:
+    """Per generation length: SM against binary in each mode (per forward and in tokens/s, median and the range
+    from the worst to the best pairing of the repeated runs), and the fast modes against plain and Dream's loop."""
+    by = {(r["mode"], r["sm"]): r for r in rows}
+    out: dict[str, float | list[float]] = {}
+    for m in modes:
+        binary, sm = by[(m, False)], by[(m, True)]
+        out[f"sm_step_cost_{m}"] = sm["ms_per_step"] / binary["ms_per_step"]
+        out[f"sm_vs_binary_{m}"] = sm["tokens_per_s"] / binary["tokens_per_s"]
+        out[f"sm_vs_binary_{m}_range"] = [
+            sm["tokens_per_s_range"][0] / binary["tokens_per_s_range"][1],
+            sm["tokens_per_s_range"][1] / binary["tokens_per_s_range"][0],
+        ]
+    for fast in ("prefix", "dual"):
+        for base in ("plain", "dream"):
+            if fast in modes and base in modes:
+                a, b = by[(fast, False)], by[(base, False)]
+                out[f"{fast}_vs_{base}"] = a["tokens_per_s"] / b["tokens_per_s"]
+                out[f"{fast}_vs_{base}_range"] = [
+                    a["tokens_per_s_range"][0] / b["tokens_per_s_range"][1],
+                    a["tokens_per_s_range"][1] / b["tokens_per_s_range"][0],
+                ]
+    return out
 
 
 def plot_modes(report: dict, path: str) -> None:
@@ -508,15 +535,16 @@ def summarise(results: list[dict]) -> list[dict]:
     by = {(r["provider"], r["batch"], r["steps"]): r for r in results}
     out = []
     for batch, steps in sorted({(r["batch"], r["steps"]) for r in results}):
-        tps = {name: by[(name, b, s)]["tokens_per_s"] for (name, b, s) in by if (b, s) == (batch, steps)}
+        rows = {name: by[(name, b, s)] for (name, b, s) in by if (b, s) == (batch, steps)}
+        tps = {name: row["tokens_per_s"] for name, row in rows.items()}
         best_sm = "engine_sm_graph" if "engine_sm_graph" in tps else "engine_sm_eager"
-        entry = dict(
-            batch=batch,
-            steps=steps,
-            sm_engine=best_sm,
-            sm_vs_authors=tps[best_sm] / tps["authors_sm"],
-            sm_vs_dream_binary=tps[best_sm] / tps["dream_reference"],
-        )
+        share = [r["sm_share"] for r in results if r["provider"] == best_sm and r["batch"] == batch and "sm_share" in r]
+        entry = dict(batch=batch, steps=steps, sm_engine=best_sm, sm_share=share[0] if share else None)
+        if "authors_sm" in tps:
+            entry.update(
+                sm_vs_authors=tps[best_sm] / tps["authors_sm"],
+                sm_vs_dream_binary=tps[best_sm] / tps["dream_reference"],
+            )
         if "engine_sm_graph" in tps:
             entry["graph_vs_eager_binary"] = tps["engine_binary_graph"] / tps["engine_binary_eager"]
             entry["graph_vs_eager_sm"] = tps["engine_sm_graph"] / tps["engine_sm_eager"]
@@ -543,11 +571,11 @@ def print_table(report: dict) -> None:
             f"{ms['sm_ms']:>8}{share['sm_share']:>10}{ms['propose_ms']:>12}{share['propose_share']:>8}{mark}"
         )
     for s in report["summary"]:
-        extras = "".join(f", {k} {v:.2f}x" for k, v in s.items() if k.startswith("graph"))
-        print(
-            f"batch {s['batch']} steps {s['steps']}: {s['sm_engine']} = {s['sm_vs_authors']:.2f}x authors_sm, "
-            f"{s['sm_vs_dream_binary']:.2f}x dream_reference{extras}"
+        ratios = "".join(
+            f", {k.removeprefix('sm_vs_')} {v:.2f}x" for k, v in s.items() if k.startswith(("sm_vs", "graph"))
         )
+        share = f"SM {100 * s['sm_share']:.1f}% of a step" if s["sm_share"] is not None else "SM share not measured"
+        print(f"batch {s['batch']} steps {s['steps']}: {s['sm_engine']}: {share}{ratios}")
     if report["token_agreement"]:
         worst = min(report["token_agreement"].items(), key=lambda kv: kv[1])
         print(f"token agreement with the reference providers: min {worst[1]:.3f} ({worst[0]})")

@@ -9,7 +9,7 @@
 #   bash benchmarks/device_check.sh OUTDIR
 #
 # Environment: SKIP="train decode" leaves out steps by name (build, kernel_tests, variants, kernel_bench, cuda_tests,
-# decode, decode_sampling, decode_modes, decode_modes_llada, train); SKIP=build uses the source tree as it is (with
+# decode, decode_sampling, decode_llada, decode_mdlm, decode_modes, decode_modes_llada, train); SKIP=build uses the source tree as it is (with
 # its in-place build) instead of installing it. DECODE_BUDGET_S and TRAIN_BUDGET_S bound the timed part of those benchmarks.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/device_check.sh OUTDIR}
@@ -102,11 +102,18 @@ step "6. decode benchmark, the paper's sampling (temperature 0.1, top-p 0.9)"
 wanted decode_sampling && run $py "$repo/benchmarks/decode_bench.py" $quick --temperature 0.1 --top-p 0.9 \
     --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench_sampling.json"
 
+step "6b. decode benchmark, LLaDA (LLaDA-8B shape, bf16): the SM share of a step"
+wanted decode_llada && run $py "$repo/benchmarks/decode_bench.py" --family llada $quick \
+    --budget-s "${DECODE_BUDGET_S:-60}" --out "$out/decode_bench_llada.json"
+
+step "6c. MDLM sampling step (169M DiT, length 1024, batch 16, bf16): the SM share of a step"
+wanted decode_mdlm && run $py "$repo/benchmarks/decode_bench.py" --family mdlm $quick --out "$out/decode_mdlm.json"
+
 step "7. decoding modes: Dream's loop, plain, block+prefix, block+dual (bf16, Dream-7B / LLaDA-8B shape)"
 modes_tokens=$([ -n "$gpu" ] && echo 1024 || echo 64)  # the CPU dry run: a short generation
-wanted decode_modes && run $py "$repo/benchmarks/decode_bench.py" --modes dream,plain,prefix,dual \
+wanted decode_modes && run $py "$repo/benchmarks/decode_bench.py" --modes dream,plain,prefix,dual $quick \
     --new-tokens "$modes_tokens" --block-length 32 --threshold 0.9 --out "$out/decode_modes.json"
-wanted decode_modes_llada && run $py "$repo/benchmarks/decode_bench.py" --family llada --modes plain,prefix,dual \
+wanted decode_modes_llada && run $py "$repo/benchmarks/decode_bench.py" --family llada --modes plain,prefix,dual $quick \
     --new-tokens "$modes_tokens" --block-length 32 --threshold 0.9 --out "$out/decode_modes_llada.json"
 
 step "8. train benchmark"

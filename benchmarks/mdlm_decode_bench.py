@@ -12,9 +12,6 @@ initialised DiT of the preset's shape (speed does not depend on the weights).
 from __future__ import annotations
 
 import json
-import platform
-import statistics
-import time
 
 import torch
 
@@ -22,6 +19,8 @@ from softmask_ext import SoftMask
 from softmask_ext.conventions import default_device
 from softmask_ext.decoding.mdlm_samplers import MDLMSampler, MDLMSamplerOptions
 from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
+
+import harness
 
 PRESETS = {
     "cpu": {
@@ -34,19 +33,6 @@ PRESETS = {
     # The paper's 169M model (MDLMConfig's defaults) at its length, batch 16.
     "gpu": {"model": {}, "length": 1024, "batch": 16, "dtype": torch.bfloat16, "repeats": 20},
 }
-
-
-def _median_ms(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -76,7 +62,7 @@ def main(args) -> int:
     runner.forward_part(soft=False)
     runner.draw_noise()
     runner.update_part()
-    repeats = 1 if args.quick else preset["repeats"]
+    repeats = 1 if args.quick else args.repeats or preset["repeats"]
 
     def soft_inputs():
         region = runner.region
@@ -89,18 +75,22 @@ def main(args) -> int:
 
         return run
 
-    results = {
-        "sm_inputs_ms": _median_ms(soft_inputs, repeats, device),
-        "forward_with_sm_ms": _median_ms(step("forward"), repeats, device),
-        "update_ms": _median_ms(step("update"), repeats, device),
+    timings = {
+        name: harness.wall_time(fn, warmup=1, repeats=repeats, device=device)
+        for name, fn in (("sm_inputs", soft_inputs), ("forward_with_sm", step("forward")), ("update", step("update")))
     }
+    results = {f"{name}_ms": t.median_ms for name, t in timings.items()}
     step_ms = results["forward_with_sm_ms"] + results["update_ms"]
     results["step_ms"] = step_ms
     results["sm_share_of_step"] = results["sm_inputs_ms"] / step_ms
+    # the worst and best pairings of the repeated runs: the largest SM time over the fastest step, and the reverse
+    fastest = timings["forward_with_sm"].min_ms + timings["update"].min_ms
+    slowest = timings["forward_with_sm"].max_ms + timings["update"].max_ms
+    results["sm_share_of_step_range"] = [timings["sm_inputs"].min_ms / slowest, timings["sm_inputs"].max_ms / fastest]
     report = {
         "family": "mdlm",
         "preset": name,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else harness.cpu_model(),
         "dtype": str(preset["dtype"]).removeprefix("torch."),
         "batch": preset["batch"],
         "length": preset["length"],
@@ -110,10 +100,9 @@ def main(args) -> int:
         "cuda_graph": device.type == "cuda",
         "repeats": repeats,
         "results": results,
+        "timings": {name: t.to_dict() for name, t in timings.items()},
     }
-    print(json.dumps(report, indent=2))
+    print(json.dumps(results, indent=2))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        harness.write_results(args.out, report, device=device)
     return 0

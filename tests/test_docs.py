@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = [ROOT / "benchmarks" / "results", ROOT / "experiments" / "results"]
 
 
 def test_readme_has_the_two_setup_commands():
@@ -21,9 +21,9 @@ def test_readme_has_the_two_setup_commands():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_named_result_files_exist(page):
     """Every result file a page names (`name.json`, `.png`, `.log`, `.csv` in backticks, with or without the
-    benchmarks/results/ prefix) is committed there."""
+    benchmarks/results/ or experiments/results/ prefix) is committed there."""
     text = page.read_text(encoding="utf-8")
-    names = set(re.findall(r"`(?:benchmarks/results/)?([\w.-]+\.(?:json|png|log|csv))`", text))
+    names = set(re.findall(r"`(?:(?:benchmarks|experiments)/results/)?([\w.-]+\.(?:json|png|log|csv))`", text))
     generic = {
         "transparency_config.json",
         "config.json",
@@ -39,7 +39,9 @@ def test_named_result_files_exist(page):
         "manifest.json",
         "best.json",
     }
-    missing = sorted(n for n in names - generic if not (RESULTS / n).exists() and not any(ROOT.rglob(n)))
+    missing = sorted(
+        n for n in names - generic if not any((d / n).exists() for d in RESULTS) and not any(ROOT.rglob(n))
+    )
     assert not missing, f"{page.name} names result files that are not committed: {missing}"
 
 

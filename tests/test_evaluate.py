@@ -520,7 +520,7 @@ def test_cli_bad_arguments_are_clear_errors(argv, message, capsys):
 def reproduce():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_small.py"
+    path = Path(__file__).resolve().parents[1] / "experiments" / "reproduce_small.py"
     spec = importlib.util.spec_from_file_location("reproduce_small", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,12 +1,15 @@
 """Package boundaries (docs/architecture.md): every module imports, the module-level import graph of the package
-has no cycle, the model layer does not import decoding or training at module level, and the benchmarks use only
-public names of the package."""
+has no cycle, the model layer does not import decoding or training at module level, and the benchmarks and
+experiments use only public names of the package, import no CLI module and start."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import os
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,7 +113,7 @@ def test_walk_finds_every_module():
 
 
 def test_model_layer_does_not_import_decoding_or_training():
-    # The convenience DreamModel.diffusion_generate imports decoding inside the method: the one intended exception.
+    # model.diffusion_generate (DiffusionGenerateMixin) imports decoding inside the method: the one intended exception.
     for name, imported in GRAPH.items():
         if name.startswith("softmask_ext.model"):
             bad = sorted(m for m in imported if m.startswith(("softmask_ext.decoding", "softmask_ext.training")))
@@ -136,9 +139,35 @@ def _private_uses(tree: ast.Module) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
-def test_benchmarks_use_public_names_only(path):
+SCRIPTS = sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "experiments").glob("*.py")])
+# The modules behind ``python -m softmask_ext.<cli>``: benchmarks and experiments call the library, never a CLI.
+CLI_MODULES = {"softmask_ext.finetune", "softmask_ext.generate", "softmask_ext.evaluate", "softmask_ext.pretrain"}
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmarks_and_experiments_use_public_names_only(path):
     assert not _private_uses(ast.parse(path.read_text(encoding="utf-8"))), path.name
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmarks_and_experiments_import_no_cli(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not imported & CLI_MODULES, f"{path.name} imports {sorted(imported & CLI_MODULES)}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in SCRIPTS if "__main__" in p.read_text(encoding="utf-8")],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_scripts_start(path):
+    """Every benchmark and experiment script imports what it names and parses its arguments (``--help``)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
 
 
 def test_private_use_finder():

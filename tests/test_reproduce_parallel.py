@@ -1,4 +1,4 @@
-"""benchmarks/reproduce_parallel.py: its statistics, its settings, and the whole pipeline on a tiny configuration."""
+"""experiments/reproduce_parallel.py: its statistics, its settings, and the whole pipeline on a tiny configuration."""
 
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from softmask_ext.data.parallel_task import SpellingTask
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_parallel.py"
+PATH = Path(__file__).resolve().parents[1] / "experiments" / "reproduce_parallel.py"
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,8 @@ def test_scale_gradient_matches_a_finite_difference_of_the_sm_loss():
 
 @pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").exists(), reason="the tiny model has not been built yet")
 def test_start_gradient_benchmark_on_the_shipped_model(tmp_path):
-    """benchmarks/sm_start_gradient.py end to end, few batches: one row per centre, written as JSON."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sm_start_gradient.py"
+    """experiments/sm_start_gradient.py end to end, few batches: one row per centre, written as JSON."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "sm_start_gradient.py"
     spec = importlib.util.spec_from_file_location("sm_start_gradient", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -7,14 +7,11 @@ itself (attention, MLP, norms, rotary embeddings, the forward's masks and rows) 
 
 from __future__ import annotations
 
-import os
-
-import torch
 from torch import nn
 
 from .config import DreamConfig
 from .family import ModelFamily, register_family
-from .loading import load_pretrained, save_pretrained
+from .loading import PretrainedMixin
 from .transformer import DecoderLayer, DecoderStack, DiffusionTransformer, LMOutput, RMSNorm
 
 DreamOutput = LMOutput  # the name Dream's users know
@@ -34,7 +31,7 @@ class DreamBackbone(DecoderStack):
         return self.layers, self.norm
 
 
-class DreamModel(DiffusionTransformer):
+class DreamModel(PretrainedMixin, DiffusionTransformer):
     """Dream masked-diffusion language model (Qwen2 architecture, bidirectional attention).
 
     Build with `DreamModel(config)` (random weights; under `torch.device("meta")` for no allocation) or load with
@@ -63,29 +60,6 @@ class DreamModel(DiffusionTransformer):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
-
-    # ------------------------------------------------------------------ loading, saving, decoding
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        base_model: str | os.PathLike | None = None,
-    ) -> DreamModel:
-        """Load a Dream/Qwen2 checkpoint directory (safetensors only), or a folder of LoRA/DoRA adapters merged into
-        their base model; see `softmask_ext.model.loading`."""
-        return load_pretrained(cls, path, dtype=dtype, device=device, base_model=base_model)
-
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json and safetensors (sharded with an index when larger than `max_shard_size`)."""
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
-    def diffusion_generate(self, *args, **kwargs):
-        """Masked-diffusion decoding; see `softmask_ext.decoding.diffusion_generate`."""
-        from softmask_ext.decoding import diffusion_generate
-
-        return diffusion_generate(self, *args, **kwargs)
 
 
 DreamModel.family = register_family(

@@ -11,15 +11,13 @@ without remote code, and PEFT adapters name the same modules as for LLaDA's own 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from .family import ModelFamily, register_family
 from .kv_cache import LayerCache
 from .llada_config import LLaDAConfig
-from .loading import load_pretrained, save_pretrained
+from .loading import PretrainedMixin
 from .transformer import DecoderStack, DiffusionTransformer, RMSNorm, qkv_projections, self_attention, swiglu
 
 __all__ = ["LLaDABlock", "LLaDAModel"]
@@ -80,7 +78,7 @@ class LLaDATransformer(DecoderStack):
         return self.blocks, self.ln_f
 
 
-class LLaDAModel(DiffusionTransformer):
+class LLaDAModel(PretrainedMixin, DiffusionTransformer):
     """LLaDA masked-diffusion language model (LLaMA-style, bidirectional attention, no logit shift).
 
     Build with `LLaDAModel(config)` (random weights; under `torch.device("meta")` for no allocation) or load with
@@ -110,29 +108,6 @@ class LLaDAModel(DiffusionTransformer):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.model["transformer"].ff_out
-
-    # ------------------------------------------------------------------ loading, saving, decoding
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        base_model: str | os.PathLike | None = None,
-    ) -> LLaDAModel:
-        """Load a LLaDA checkpoint directory (safetensors only, single file or shards with an index), or a folder of
-        LoRA/DoRA adapters merged into their base model; see `softmask_ext.model.loading`."""
-        return load_pretrained(cls, path, dtype=dtype, device=device, base_model=base_model)
-
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json (LLaDA's field names) and safetensors (sharded with an index above `max_shard_size`)."""
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
-    def diffusion_generate(self, *args, **kwargs):
-        """Masked-diffusion decoding; see `softmask_ext.decoding.diffusion_generate`."""
-        from softmask_ext.decoding import diffusion_generate
-
-        return diffusion_generate(self, *args, **kwargs)
 
 
 LLaDAModel.family = register_family(

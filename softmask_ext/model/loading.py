@@ -39,6 +39,28 @@ IGNORED_TENSOR = re.compile(r".*rotary_emb\.inv_freq$")
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
+class PretrainedMixin:
+    """``from_pretrained`` / ``save_pretrained`` through this module, for a :class:`~.transformer.DiffusionTransformer`
+    subclass that names its ``config_class``."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        base_model: str | os.PathLike | None = None,
+    ) -> DiffusionTransformer:
+        """Load a checkpoint directory of this family (safetensors only, one file or shards with an index), or a
+        folder of LoRA/DoRA adapters merged into their base model (``base_model`` overrides the one it records)."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, base_model=base_model)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json (the family's field names) and safetensors (sharded with an index above
+        ``max_shard_size``)."""
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
 def load_pretrained(
     model_class: type[DiffusionTransformer],
     path: str | os.PathLike,

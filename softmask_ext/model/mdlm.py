@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..conventions import MODEL_WEIGHTS
 from .family import ModelFamily, register_family
 from .transformer import (
+    DiffusionGenerateMixin,
     LMOutput,
     RotaryEmbedding,
     _check_position_ids,
@@ -275,7 +276,7 @@ class DiTBackbone(nn.Module):
         self.output_layer = FinalLayer(config)
 
 
-class MDLMModel(nn.Module):
+class MDLMModel(DiffusionGenerateMixin, nn.Module):
     """A DiT masked diffusion LM (MDLM), SUBS-parameterised.
 
     Build with ``MDLMModel(config)`` (random weights as MDLM initialises them: adaLN and the output projection start
@@ -403,12 +404,6 @@ class MDLMModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` in the public checkpoints' layout."""
         save_mdlm(self, path)
-
-    def diffusion_generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Sampling; see :func:`softmask_ext.decoding.diffusion_generate` (MDLM/ReMDM samplers for this family)."""
-        from softmask_ext.decoding import diffusion_generate
-
-        return diffusion_generate(self, *args, **kwargs)
 
 
 def subs_log_probs(logits: Tensor, x_t: Tensor, mask_token_id: int) -> Tensor:

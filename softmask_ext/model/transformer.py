@@ -309,7 +309,18 @@ class DecoderStack(nn.Module, ABC):
         return norm(h)
 
 
-class DiffusionTransformer(nn.Module, ABC):
+class DiffusionGenerateMixin:
+    """``model.diffusion_generate(...)``, the convenience every family's model class offers: the model layer's one
+    reach into decoding, imported inside the method so that importing a model never imports the decoding package."""
+
+    def diffusion_generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Masked-diffusion decoding with this model; see :func:`softmask_ext.decoding.diffusion_generate`."""
+        from softmask_ext.decoding import diffusion_generate
+
+        return diffusion_generate(self, *args, **kwargs)
+
+
+class DiffusionTransformer(DiffusionGenerateMixin, nn.Module, ABC):
     """The language-model shell shared by the families: a :class:`DecoderStack` between an embedding table and a
     linear head. A subclass builds its modules under its checkpoints' names and returns the three parts from
     :meth:`decoder_stack`, :meth:`get_input_embeddings` and :meth:`get_output_embeddings`."""

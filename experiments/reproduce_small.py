@@ -21,7 +21,7 @@ Prints mean +- std over seeds, writes ``reproduce_small.json`` and ``reproduce_s
 whether the goals held: SM at least as good as binary on the ELBO, and better on infill at >= 2 tokens per
 step by more than the seed-to-seed standard deviation.
 
-Full run (defaults): ``python benchmarks/reproduce_small.py``. Smoke test: ``--quick``. Each finished run's
+Full run (defaults): ``python experiments/reproduce_small.py``. Smoke test: ``--quick``. Each finished run's
 evaluation is cached in ``--work-dir`` (keyed by its settings), so an interrupted reproduction continues where it
 stopped.
 """
@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import AdapterConfig, NoiseSchedule, TrainConfig, Trainer
 from softmask_ext.training.presets import FALLBACKS, PRESETS, gate_centre, initial_soft_mask
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared results harness
 import harness
 
 TINY = {**FALLBACKS, **PRESETS["tiny"]}

@@ -1,4 +1,4 @@
-"""Can soft-masking start from the paper's initialisation on a given model? ``python benchmarks/sm_start_gradient.py``
+"""Can soft-masking start from the paper's initialisation on a given model? ``python experiments/sm_start_gradient.py``
 
 At the paper's start the scale is ~1e-6, the model has never seen a soft input, and only the gradient of the loss
 with respect to the scale can move it: the SM parameters' optimizer (Adam) travels in the direction of that gradient's
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import FINETUNE_NOISE, confidence_centre, masked_neg_entropy, scale_gradient
 from softmask_ext.training.presets import gate_centre
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared results harness
 import harness
 
 
