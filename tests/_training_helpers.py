@@ -8,6 +8,7 @@ import torch
 
 from softmask_ext.data import Example, save_tokenizer, train_tokenizer
 from softmask_ext.model import DreamConfig, DreamModel
+from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
 
 MASK_ID = 1
 PAD_ID = 0
@@ -64,3 +65,23 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
     )
     DreamModel(config).save_pretrained(path)
     return path
+
+
+TINY_MDLM = MDLMConfig(vocab_size=30, model_length=16, hidden_dim=32, cond_dim=8, n_blocks=2, n_heads=4, dropout=0.1)
+
+
+def tiny_mdlm(seed: int = 0) -> MDLMModel:
+    """A tiny DiT whose adaLN and output weights are random (MDLM starts them at zero, which hides the blocks)."""
+    torch.manual_seed(seed)
+    model = MDLMModel(TINY_MDLM)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "linear" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def text_blocks(n: int, seed: int = 0) -> list[Example]:
+    """``n`` fixed-length blocks of random tokens for :func:`tiny_mdlm` (no mask token, no prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    return [Example(torch.randint(0, 29, (16,), generator=g), torch.zeros(16, dtype=torch.bool)) for _ in range(n)]

@@ -1,61 +1,31 @@
 """MDLM training and metrics: the antithetic sampler, the loss against a transcription of the authors' objective, the
-SM two-pass gradients, EMA save/resume exactness, trainer resumption, ELBO perplexity, generative perplexity."""
+SM two-pass gradients, EMA save/resume exactness, trainer resumption, ELBO perplexity, generative perplexity, and
+two DDP processes equal to one (FSDP: tests/test_mdlm_fsdp.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import _mdlm_worker as worker
 import pytest
 import torch
+from _training_helpers import TINY_MDLM, text_blocks, tiny_mdlm
 from hypothesis import given
 from hypothesis import strategies as st
 
-from softmask_ext.data import Example
-from softmask_ext.diffusion.mdlm_objective import (
-    antithetic_times,
-    mask_tokens,
-    mdlm_nll,
-)
+from softmask_ext.diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_loss
+from softmask_ext.diffusion.two_pass import DiffusionTrainingForward
 from softmask_ext.evaluation.mdlm_metrics import (
     MAUVE_MISSING,
     elbo_perplexity,
     generative_perplexity,
     mauve_score,
 )
-from softmask_ext.model.mdlm import MDLMConfig, MDLMModel
+from softmask_ext.model.mdlm import MDLMModel
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training.ema import EMA
 from softmask_ext.training.mdlm_trainer import MDLM_PRESETS, MDLMTrainer, mdlm_preset
-
-TINY = MDLMConfig(vocab_size=30, model_length=16, hidden_dim=32, cond_dim=8, n_blocks=2, n_heads=4, dropout=0.1)
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    model = MDLMModel(TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN" in name or "linear" in name:
-                p.normal_(0, 0.05)
-    return model
-
-
-# Shared with tests/_mdlm_ddp_worker.py: the single-process run uses grad_accum=2 to see the same global batch.
-DDP_SETTINGS = {
-    "max_steps": 3,
-    "batch_size": 4,
-    "warmup_steps": 1,
-    "sm_prob": 0.5,
-    "ema": 0.9,
-    "lr": 1e-3,
-    "eval_batches": 1,
-    "seed": 2,
-}
-
-
-def _blocks(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [Example(torch.randint(0, 29, (16,), generator=g), torch.zeros(16, dtype=torch.bool)) for _ in range(n)]
 
 
 @given(n=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
@@ -68,53 +38,52 @@ def test_antithetic_times_cover_one_stratum_each(n, seed):
 
 
 def test_loss_matches_authors_objective():
-    model = _model().eval()
+    model = tiny_mdlm().eval()
     x0 = torch.randint(0, 29, (3, 16))
     t = torch.tensor([0.2, 0.5, 0.9])
-    x_t = mask_tokens(x0, t, TINY.mask_token_id, torch.Generator().manual_seed(1))
-    total, count = mdlm_nll(model, x0, t, x_t)
+    x_t = mask_tokens(x0, t, TINY_MDLM.mask_token_id, torch.Generator().manual_seed(1))
+    total = mdlm_loss(model(input_ids=x_t).logits, x0, t, x_t, TINY_MDLM.mask_token_id, 0)
     # authors: SUBS log-probs over all positions, log p(x0) * dalpha / (1 - alpha), summed over valid tokens
     logits = model(input_ids=x_t).logits.float()
     logits = logits - torch.logsumexp(logits, -1, keepdim=True)
-    unmasked = x_t != TINY.mask_token_id
+    unmasked = x_t != TINY_MDLM.mask_token_id
     logits[unmasked] = -1e6
     logits[unmasked, x_t[unmasked]] = 0
     log_p = logits.gather(-1, x0[..., None]).squeeze(-1)
     alpha = 1 - (1 - 1e-3) * t[:, None]
     expected = (log_p * -(1 - 1e-3) / (1 - alpha)).sum()
     torch.testing.assert_close(total, expected)
-    assert int(count) == 48
 
 
 def test_no_forced_mask_and_mask_rate():
     x0 = torch.randint(0, 29, (400, 16))
-    x_t = mask_tokens(x0, torch.full((400,), 0.25), TINY.mask_token_id, torch.Generator().manual_seed(0))
-    rate = (x_t == TINY.mask_token_id).float().mean()
+    x_t = mask_tokens(x0, torch.full((400,), 0.25), TINY_MDLM.mask_token_id, torch.Generator().manual_seed(0))
+    rate = (x_t == TINY_MDLM.mask_token_id).float().mean()
     assert abs(float(rate) - 0.25 * (1 - 1e-3)) < 0.01
-    x_t = mask_tokens(x0, torch.full((400,), 1e-3), TINY.mask_token_id, torch.Generator().manual_seed(0))
-    assert (x_t == TINY.mask_token_id).sum(1).eq(0).any()  # rows without a mask stay so
+    x_t = mask_tokens(x0, torch.full((400,), 1e-3), TINY_MDLM.mask_token_id, torch.Generator().manual_seed(0))
+    assert (x_t == TINY_MDLM.mask_token_id).sum(1).eq(0).any()  # rows without a mask stay so
 
 
 def test_sm_two_pass_reaches_weights_table_and_sm_parameters():
-    model, soft_mask = _model(), SoftMask(k=3, scale=0.5)
+    model, soft_mask = tiny_mdlm(), SoftMask(k=3, scale=0.5)
     x0 = torch.randint(0, 29, (2, 16))
     t = torch.tensor([0.5, 0.7])
-    x_t = mask_tokens(x0, t, TINY.mask_token_id, torch.Generator().manual_seed(3))
-    total, _ = mdlm_nll(model, x0, t, x_t, soft_mask=soft_mask)
-    total.backward()
+    x_t = mask_tokens(x0, t, TINY_MDLM.mask_token_id, torch.Generator().manual_seed(3))
+    logits = DiffusionTrainingForward(model, soft_mask, TINY_MDLM.mask_token_id)(x_t, None, True)
+    mdlm_loss(logits, x0, t, x_t, TINY_MDLM.mask_token_id, 0).backward()
     assert soft_mask.raw_scale.grad is not None and soft_mask.raw_scale.grad != 0
     assert model.backbone.vocab_embed.embedding.grad.abs().sum() > 0
 
 
 def test_ema_state_resumes_exactly():
-    model = _model()
+    model = tiny_mdlm()
     ema = EMA(model, 0.999)
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
         ema.update(model)
-    clone = EMA(_model(), 0.5)
+    clone = EMA(tiny_mdlm(), 0.5)
     clone.load_state_dict({k: v.clone() for k, v in ema.state_dict().items()})
     assert clone.num_updates == 3 and clone.decay == 0.999
     for name in ema.shadow:
@@ -144,18 +113,18 @@ def test_preset_is_the_authors_recipe():
 
 
 def test_trainer_resumes_exactly(tmp_path):
-    train, val = _blocks(24), _blocks(8, seed=1)
+    train, val = text_blocks(24), text_blocks(8, seed=1)
     kwargs = dict(
         max_steps=4, batch_size=4, grad_accum=2, warmup_steps=2, sm_prob=0.5, ema=0.9, lr=1e-3, eval_batches=1
     )
-    straight = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "a"), **kwargs), train, val)
+    straight = MDLMTrainer(tiny_mdlm(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "a"), **kwargs), train, val)
     straight.train()
-    first = MDLMTrainer(_model(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train, val)
+    first = MDLMTrainer(tiny_mdlm(), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train, val)
     for _ in range(2):
         first.train_step()
     first.save_checkpoint()
     resumed = MDLMTrainer(
-        _model(seed=5), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train, val
+        tiny_mdlm(seed=5), mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "b"), **kwargs), train, val
     )
     summary = resumed.train()
     assert resumed.step == 4 and summary["steps"] == 4
@@ -173,7 +142,7 @@ def test_trainer_resumes_exactly(tmp_path):
 
 
 def test_elbo_perplexity_is_paired_and_sm_changes_it():
-    model, blocks = _model(), _blocks(6)
+    model, blocks = tiny_mdlm(), text_blocks(6)
     binary = elbo_perplexity(model, blocks, batch_size=3)
     again = elbo_perplexity(model, blocks, batch_size=3)
     soft = elbo_perplexity(model, blocks, soft_mask=SoftMask(k=3, scale=0.9, steepness=2.0, centre=-4.0), batch_size=3)
@@ -209,37 +178,8 @@ def test_mauve_is_skipped_with_a_message_without_its_package():
 
 @pytest.mark.slow  # two torchrun processes
 def test_two_processes_match_one(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), "tests"])}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "tests/_mdlm_ddp_worker.py",
-            str(tmp_path / "ddp"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    single = MDLMTrainer(
-        _model(),
-        mdlm_preset("mdlm-sm-paper", run_dir=str(tmp_path / "one"), grad_accum=2, **DDP_SETTINGS),
-        _blocks(24),
-        _blocks(4, seed=1),
-    )
-    single.train()
+    worker.launch("ddp", tmp_path)
+    worker.trainer(tmp_path / "one", grad_accum=2).train()
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [r["sm_share"] for r in ddp] == [r["sm_share"] for r in one]

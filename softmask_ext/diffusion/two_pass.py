@@ -57,9 +57,10 @@ class DiffusionTrainingForward(nn.Module):
     """Model + SM parameters as one module, so that data-parallel wrappers see every trainable parameter.
 
     ``forward(x_t, attention_mask, soft)`` runs the two-pass SM forward when ``soft`` is true, else one plain pass.
+    ``soft_mask`` may be None for a run that never takes the SM forward.
     """
 
-    def __init__(self, model: nn.Module, soft_mask: SoftMask, mask_token_id: int) -> None:
+    def __init__(self, model: nn.Module, soft_mask: SoftMask | None, mask_token_id: int) -> None:
         super().__init__()
         self.model = model
         self.soft_mask = soft_mask

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Example
-from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
+from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_loss
 from ..diffusion.noise import stream_generator
+from ..diffusion.two_pass import DiffusionTrainingForward
+from ..model.family import family_of
 from ..soft_mask import SoftMask
 
 __all__ = ["MAUVE_MISSING", "elbo_perplexity", "generative_perplexity", "mauve_score"]
@@ -46,15 +48,21 @@ def elbo_perplexity(
     max_batches: int | None = None,
     seed: int = 0,
     num_samples: int = 1,
+    forward: DiffusionTrainingForward | None = None,
 ) -> dict[str, float]:
     """Negative ELBO per token (``nll``, nats) and ``perplexity`` = ``exp(nll)`` over fixed-length ``blocks``.
 
     Every (batch, draw) has its own noise seeded by ``(seed, batch, draw)``, so two models evaluated with the same
-    seed see identical noise and their difference is paired.
+    seed see identical noise and their difference is paired. ``forward`` runs ``model`` with ``soft_mask`` (default:
+    one built here); a trainer passes its own, which under FSDP is the sharded root every process must run.
     """
     if batch_size < 1 or num_samples < 1:
         raise ValueError(f"batch_size and num_samples must be >= 1, got {batch_size} and {num_samples}")
-    model.eval()
+    mask_token_id = model.config.mask_token_id
+    if forward is None:
+        forward = DiffusionTrainingForward(model, soft_mask, mask_token_id)
+    forward.eval()
+    logit_shift = family_of(model).logit_shift
     device = model.get_input_embeddings().weight.device
     total, tokens = 0.0, 0
     starts = range(0, len(blocks), batch_size)
@@ -63,8 +71,8 @@ def elbo_perplexity(
         for r in range(num_samples):
             generator = stream_generator(seed, _ELBO_STREAM, b * num_samples + r)
             t = antithetic_times(x0.shape[0], generator)
-            x_t = mask_tokens(x0, t, model.config.mask_token_id, generator)
-            loss, _ = mdlm_nll(model, x0, t, x_t, soft_mask=soft_mask)
+            x_t = mask_tokens(x0, t, mask_token_id, generator)
+            loss = mdlm_loss(forward(x_t, None, soft_mask is not None), x0, t, x_t, mask_token_id, logit_shift)
             total += float(loss) / num_samples
         tokens += x0.numel()
     if tokens == 0:

@@ -365,8 +365,12 @@ class MDLMModel(DiffusionGenerateMixin, nn.Module):
         cos, sin = backbone.rotary_emb(position_ids, h.dtype)
         for block in backbone.blocks:
             h = block(h, c, cos, sin, attn_mask)
-        logits = backbone.output_layer.linear(select_rows(backbone.output_layer(h, c), logits_rows))
-        logits[..., self.config.mask_token_id] += NEG_INFINITY
+        # The mask offset goes onto the 2-D GEMM output, not onto a view of it: FSDP hooks the returned logits for
+        # backward, and that hook crashes (torch 2.13: a segmentation fault) on a view updated in place.
+        h = select_rows(backbone.output_layer(h, c), logits_rows)
+        logits = backbone.output_layer.linear(h.reshape(-1, h.shape[-1]))
+        logits[:, self.config.mask_token_id] += NEG_INFINITY
+        logits = logits.view(*h.shape[:-1], -1)
         return LMOutput(logits)
 
     def _input_embeddings(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:

@@ -52,15 +52,19 @@ def all_reduce_sum(value: float, env: DistEnv, device: torch.device) -> float:
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], env: DistEnv) -> None:
-    """Average the gradients of replicated parameters over all processes, as DDP does (a process where a parameter
-    got no gradient contributes zeros). Collective: call it in every process, and only when some process has a
-    gradient, so that parameters no process used keep ``grad=None`` (as under DDP)."""
-    if not env.distributed:
+    """Average the gradients of replicated parameters over all processes, as DDP does: a process where a parameter
+    got no gradient contributes zeros, and a parameter no process used keeps ``grad=None`` (so the optimizer gives it
+    no state, as in one process). Collective: call it in every process with the same parameters."""
+    params = list(params)
+    if not env.distributed or not params:
         return
-    for p in params:
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(grad)
-        p.grad = grad.div_(env.world_size)
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(used)
+    for p, anywhere in zip(params, used.tolist()):
+        if anywhere:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            p.grad = grad.div_(env.world_size)
 
 
 def barrier(env: DistEnv) -> None:

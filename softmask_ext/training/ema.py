@@ -3,6 +3,8 @@
 After every optimizer step, ``shadow <- shadow - (1 - d) * (shadow - param)`` with ``d = min(decay, (1 + n) / (10 +
 n))`` at update ``n`` (MDLM's warm-up of the decay, so the first averages follow the weights closely). Shadows are
 fp32 and keyed by parameter name, so the state saves and resumes exactly and survives a change of parameter order.
+For a model sharded by FSDP each shadow is sharded like its parameter (a DTensor: every process averages its own
+shard); :meth:`EMA.load_state_dict` takes full tensors and keeps each process's shard.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["EMA"]
 
@@ -68,7 +71,8 @@ class EMA:
                     p.copy_(saved[name])
 
     def state_dict(self) -> dict[str, Tensor | float | int]:
-        """Flat dict of tensors and numbers (safetensors-friendly: ``shadow.<name>`` tensors + two scalars)."""
+        """Flat dict of tensors and numbers (safetensors-friendly: ``shadow.<name>`` tensors + two scalars); sharded
+        shadows stay sharded (:func:`softmask_ext.training.fsdp.gather_full_tensors` makes them whole)."""
         return {
             "decay": torch.tensor(self.decay, dtype=torch.float64),
             "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
@@ -76,6 +80,7 @@ class EMA:
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a :meth:`state_dict` whose shadows are full tensors (the same in every process when sharded)."""
         shadows = {k.removeprefix("shadow."): v for k, v in state.items() if k.startswith("shadow.")}
         if shadows.keys() != self.shadow.keys():
             missing, extra = sorted(self.shadow.keys() - shadows.keys()), sorted(shadows.keys() - self.shadow.keys())
@@ -83,4 +88,9 @@ class EMA:
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         for name, value in shadows.items():
-            self.shadow[name].copy_(value)
+            shadow = self.shadow[name]
+            if isinstance(shadow, DTensor):  # every process holds the full value: each keeps its shard, no traffic
+                value = distribute_tensor(
+                    value.to(shadow.device), shadow.device_mesh, shadow.placements, src_data_rank=None
+                )
+            shadow.copy_(value)

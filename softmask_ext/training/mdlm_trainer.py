@@ -2,7 +2,9 @@
 
 One optimizer step takes a global batch of ``batch_size`` blocks, split over the ``torchrun`` processes (gradients
 averaged as DDP does, so ``W`` processes give the result of one process with ``W`` times the accumulation steps) and
-into ``grad_accum`` micro-batches per process. Times are MDLM's
+into ``grad_accum`` micro-batches per process. The model is replicated, or sharded with FSDP2 (:mod:`.fsdp`: each
+DiT block a unit, the SM parameters replicated, the EMA sharded like the weights) when ``fsdp`` asks for it or it
+would not fit one GPU for training; checkpoints hold the same full tensors either way. Times are MDLM's
 per-sample antithetic draws over the global batch; every token is masked with probability ``1 - alpha_t`` (no forced
 mask); the loss is ``sum -log p / t`` over the step's masked tokens divided by the step's valid tokens. Each
 micro-batch flips a coin with probability ``sm_prob`` for the two-pass SM forward. AdamW (SM parameters in their own
@@ -26,15 +28,33 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..conventions import EMA_WEIGHTS, MODEL_WEIGHTS, SOFT_MASK_WEIGHTS
 from ..data import BatchStream, Example
-from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_nll
+from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_loss
 from ..diffusion.noise import stream_generator
+from ..diffusion.two_pass import DiffusionTrainingForward
+from ..model.family import family_of
 from ..soft_mask import SoftMask
 from .checkpoint import latest_checkpoint, write_checkpoint
 from .distributed import DistEnv, all_reduce_sum, average_gradients, barrier
 from .ema import EMA
+from .fsdp import (
+    FULL_STATE,
+    ShardedTrainingForward,
+    clip_grad_norm,
+    gather_full_tensors,
+    load_full_state,
+    save_trainable_state,
+    shard,
+    use_fsdp,
+)
 
 __all__ = ["MDLM_PRESETS", "MDLMTrainConfig", "MDLMTrainer", "mdlm_preset"]
 
@@ -44,7 +64,8 @@ _TIME_STREAM, _MASK_STREAM, _COIN_STREAM, _DROPOUT_STREAM, _EVAL_STREAM = 11, 12
 @dataclass
 class MDLMTrainConfig:
     """Hyper-parameters of an MDLM run (``batch_size`` is the global batch of one optimizer step over all processes,
-    ``grad_accum`` the micro-batches of each process)."""
+    ``grad_accum`` the micro-batches of each process; ``fsdp`` shards the model over the processes, which needs
+    several)."""
 
     run_dir: str
     max_steps: int
@@ -62,6 +83,7 @@ class MDLMTrainConfig:
     seed: int = 0
     eval_batches: int = 4
     save_every: int = 0
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -116,7 +138,7 @@ def mdlm_preset(name: str, **overrides: Any) -> MDLMTrainConfig:
 
 class MDLMTrainer:
     """MDLM training over fixed-length blocks (``Example`` of equal length, all tokens valid), in one process or
-    data-parallel over ``torchrun`` processes (``env``; the model is replicated, rank 0 writes the files).
+    data-parallel over ``torchrun`` processes (``env``; the model replicated or sharded, rank 0 writes the files).
 
     Args:
         model: an MDLM-family model (trained in full).
@@ -142,10 +164,16 @@ class MDLMTrainer:
                 f"{config.grad_accum} micro-batches"
             )
         self.model, self.config, self.validation, self.env = model, config, validation, env
-        device = model.get_input_embeddings().weight.device
+        self.device = device = model.get_input_embeddings().weight.device
         if soft_mask is None and config.sm_prob > 0:
             soft_mask = SoftMask(k=config.sm_k)
         self.soft_mask = soft_mask.to(device) if soft_mask is not None else None
+        self.mask_token_id, self.logit_shift = model.config.mask_token_id, family_of(model).logit_shift
+        self.sharded = use_fsdp(config.fsdp, env, model, device)
+        forward = ShardedTrainingForward if self.sharded else DiffusionTrainingForward
+        self.forward = forward(model, self.soft_mask, self.mask_token_id)
+        if self.sharded:  # before the optimizer and the EMA, which must hold the sharded parameters
+            shard(self.forward, env, device, bf16=False)
         groups = [
             {
                 "params": [p for p in model.parameters() if p.requires_grad],
@@ -183,64 +211,80 @@ class MDLMTrainer:
         self.step = 0
 
     # ------------------------------------------------------------------------------------------------ training
+    def _micro_batch_index(self, accum_index: int, rank: int) -> int:
+        """The index of a micro-batch of this step in one process with ``world_size * grad_accum`` micro-batches."""
+        return (self.step * self.env.world_size + rank) * self.config.grad_accum + accum_index
+
+    def _sm_coin(self, index: int) -> bool:
+        coin = torch.rand((), generator=stream_generator(self.config.seed, _COIN_STREAM, index)).item()
+        return self.soft_mask is not None and coin < self.config.sm_prob
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the step's loss (nats per token), the share of SM micro-batches, the lr."""
-        cfg, model, env = self.config, self.model, self.env
-        model.train()
-        batch = next(self.stream)["input_ids"].to(model.get_input_embeddings().weight.device)  # this rank's slice
+        cfg, env = self.config, self.env
+        self.forward.train()
+        batch = next(self.stream)["input_ids"].to(self.device)  # this rank's slice
         # Times over the global batch; this rank's slice, as BatchStream slices the blocks.
         times = antithetic_times(cfg.batch_size, stream_generator(cfg.seed, _TIME_STREAM, self.step))
         times = times[env.rank * batch.shape[0] : (env.rank + 1) * batch.shape[0]]
         micro = batch.shape[0] // cfg.grad_accum
-        total, soft_count = torch.zeros(()), 0
+        # The SM coin of every micro-batch of every process (FSDP keeps processes in lockstep with it).
+        coins = [
+            [self._sm_coin(self._micro_batch_index(a, r)) for r in range(env.world_size)] for a in range(cfg.grad_accum)
+        ]
+        total = torch.zeros(())
         self.optimizer.zero_grad(set_to_none=True)
         for a in range(cfg.grad_accum):
-            # The micro-batch's index in one process with world_size * grad_accum micro-batches.
-            index = (self.step * env.world_size + env.rank) * cfg.grad_accum + a
+            index = self._micro_batch_index(a, env.rank)
             x0, t = batch[a * micro : (a + 1) * micro], times[a * micro : (a + 1) * micro]
             torch.manual_seed(stream_generator(cfg.seed, _DROPOUT_STREAM, index).initial_seed() >> 1)  # dropout
-            x_t = mask_tokens(x0, t, model.config.mask_token_id, stream_generator(cfg.seed, _MASK_STREAM, index))
-            coin = torch.rand((), generator=stream_generator(cfg.seed, _COIN_STREAM, index)).item()
-            soft = self.soft_mask is not None and coin < cfg.sm_prob
-            soft_count += soft
-            loss_sum, _ = mdlm_nll(model, x0, t, x_t, soft_mask=self.soft_mask if soft else None)
-            (loss_sum / batch.numel()).backward()  # this process's mean; averaged over processes below
+            x_t = mask_tokens(x0, t, self.mask_token_id, stream_generator(cfg.seed, _MASK_STREAM, index))
+            options = {"lockstep_pass1": any(coins[a])} if self.sharded else {}
+            logits = self.forward(x_t, None, coins[a][env.rank], **options)
+            loss_sum = mdlm_loss(logits, x0, t, x_t, self.mask_token_id, self.logit_shift)
+            # This process's mean; averaged over processes below, or by FSDP's reduce-scatter.
+            (loss_sum / batch.numel()).backward()
             total += loss_sum.detach().cpu()
-        # Averaging the per-process means gives the mean over the global batch. SM parameters get gradients only on
-        # steps where some process ran SM (elsewhere they stay without, as in one process).
-        device = batch.device
-        soft_total = all_reduce_sum(float(soft_count), env, device)
-        average_gradients(model.parameters(), env)
-        if self.soft_mask is not None and soft_total:
+        # Averaging the per-process means gives the mean over the global batch (FSDP's reduce-scatter averaged the
+        # sharded weights' already). The SM parameters are replicated either way.
+        if not self.sharded:
+            average_gradients(self.model.parameters(), env)
+        if self.soft_mask is not None:
             average_gradients(self.soft_mask.parameters(), env)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        clip = clip_grad_norm if self.sharded else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
-        self.ema.update(model)
+        self.ema.update(self.model)
         self.step += 1
         return {
             "step": self.step,
-            "loss": all_reduce_sum(float(total), env, device) / (batch.numel() * env.world_size),
+            "loss": all_reduce_sum(float(total), env, self.device) / (batch.numel() * env.world_size),
             "grad_norm": float(grad_norm),
-            "sm_share": soft_total / (cfg.grad_accum * env.world_size),
+            "sm_share": sum(map(sum, coins)) / (cfg.grad_accum * env.world_size),
             "lr": self.scheduler.get_last_lr()[0],
         }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation ELBO (nats per token) and its perplexity bound with the EMA weights, SM on when trained."""
+        """Validation ELBO (nats per token) and its perplexity bound with the EMA weights, SM on when trained.
+        Every process evaluates the same blocks (under FSDP, the same forwards)."""
         from ..evaluation.mdlm_metrics import elbo_perplexity
 
         with self.ema.averaged(self.model):
-            return elbo_perplexity(
+            result = elbo_perplexity(
                 self.model,
                 self.validation,
                 soft_mask=self.soft_mask,
                 batch_size=self.config.batch_size // (self.config.grad_accum * self.env.world_size),
                 max_batches=self.config.eval_batches,
                 seed=self.config.seed,
+                forward=self.forward,
             )
+            if self.sharded:  # a forward without gradient leaves the root unit gathered: shard it before the restore
+                self.forward.reshard()
+        return result
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (resuming from the run directory's latest checkpoint); writes ``metrics.jsonl``,
@@ -258,11 +302,13 @@ class MDLMTrainer:
             if self.config.save_every and self.step % self.config.save_every == 0:
                 self.save_checkpoint()
         summary = {"steps": self.step, "validation": self.evaluate(), "config": dataclasses.asdict(self.config)}
-        if not main:
-            return summary
         final = self.run_dir / "final"
         with self.ema.averaged(self.model):
-            self.model.save_pretrained(final)
+            state = self._model_state()
+            if main:
+                save_trainable_state(self.model, state, final)
+        if not main:
+            return summary
         if self.soft_mask is not None:
             self.soft_mask.save_transparency_config(final)
             summary["soft_mask"] = self.soft_mask.to_transparency_config()
@@ -270,23 +316,31 @@ class MDLMTrainer:
         return summary
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The model's full weights by name (under FSDP gathered on the CPU of rank 0, empty elsewhere; collective)."""
+        return get_model_state_dict(self.model, options=FULL_STATE) if self.sharded else self.model.state_dict()
+
     def save_checkpoint(self) -> Path | None:
-        """Atomically write everything needed to continue exactly (rank 0 writes; returns its path there)."""
+        """Atomically write everything needed to continue exactly (all processes gather full tensors, rank 0 writes;
+        returns its path there). The files are the same with or without FSDP."""
+        model_state = self._model_state()
+        ema_state = gather_full_tensors(self.ema.state_dict(), keep=self.env.is_main)
+        optimizer_state = get_optimizer_state_dict(
+            self.forward, self.optimizer, options=FULL_STATE if self.sharded else None
+        )
 
         def write(directory: Path) -> None:
             save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                str(directory / MODEL_WEIGHTS),
+                {k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(directory / MODEL_WEIGHTS)
             )
-            save_file({k: v.cpu().contiguous() for k, v in self.ema.state_dict().items()}, str(directory / EMA_WEIGHTS))
+            save_file(ema_state, str(directory / EMA_WEIGHTS))
             if self.soft_mask is not None:
                 save_file(
                     {k: v.detach().cpu() for k, v in self.soft_mask.state_dict().items()},
                     str(directory / SOFT_MASK_WEIGHTS),
                 )
             torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                directory / "optimizer.pt",
+                {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}, directory / "optimizer.pt"
             )
             state = {"step": self.step, "data": self.stream.state_dict(), "config": dataclasses.asdict(self.config)}
             (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -307,13 +361,20 @@ class MDLMTrainer:
                     f"cannot resume {path}: it was trained with {key}={state['config'][key]}, this run "
                     f"has {key}={getattr(self.config, key)}"
                 )
-        device = self.model.get_input_embeddings().weight.device
-        self.model.load_state_dict(load_file(str(path / MODEL_WEIGHTS), device=str(device)))
-        self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=str(device)))
+        device = str(self.device)
+        load_full_state(self.model, load_file(str(path / MODEL_WEIGHTS), device=device))
+        self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=device))
         if self.soft_mask is not None:
-            self.soft_mask.load_state_dict(load_file(str(path / SOFT_MASK_WEIGHTS), device=str(device)))
-        opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
+            self.soft_mask.load_state_dict(load_file(str(path / SOFT_MASK_WEIGHTS), device=device))
+        # Parameters that never had a gradient (an SM parameter before the first SM batch) have no optimizer state,
+        # and must stay without.
+        opt = torch.load(path / "optimizer.pt", map_location="cpu" if self.sharded else device, weights_only=True)
+        set_optimizer_state_dict(
+            self.forward,
+            self.optimizer,
+            opt["optimizer"],
+            options=StateDictOptions(full_state_dict=self.sharded, strict=False),
+        )
         self.scheduler.load_state_dict(opt["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
