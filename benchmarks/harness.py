@@ -1,6 +1,6 @@
 """The timing and results harness every benchmark uses: warm-up, repeated timing (wall time, or device time through
 CUDA events, optionally of calls captured in a CUDA graph), medians with their spread, the environment a result was
-measured in, and JSON/CSV/PNG output.
+measured in (:func:`softmask_ext.environment.environment`), and JSON/CSV/PNG output.
 
     from harness import device_time, wall_time, write_results
 
@@ -16,10 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +26,21 @@ from typing import TypeVar
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from softmask_ext.environment import cpu_model, environment
+
+__all__ = [
+    "Timing",
+    "cpu_model",
+    "device_time",
+    "environment",
+    "plot",
+    "synchronize",
+    "time_fn",
+    "timed",
+    "wall_time",
+    "write_csv",
+    "write_results",
+]
 T = TypeVar("T")
 
 
@@ -169,60 +180,6 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, **kw) -> Timin
         return device_time(fn, **kw)
     kw.pop("graph_calls", None)
     return wall_time(fn, **kw)
-
-
-def _git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device | str | None = None) -> dict:
-    """Where and with what a result was measured: command line, git commit, date, machine, CPU model and count,
-    GPU name, torch/CUDA/Python versions, torch's thread count, whether the compiled extension loaded."""
-    from softmask_ext import ops
-
-    device = torch.device(device) if device is not None else None
-    on_gpu = torch.cuda.is_available() and (device is None or device.type == "cuda")
-    return {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": _git_commit(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "torch_threads": torch.get_num_threads(),
-        "extension_loaded": ops.EXTENSION_LOADED,
-        "cpu_isa": ops.cpu_isa(),
-    }
 
 
 def write_results(

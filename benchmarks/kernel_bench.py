@@ -22,12 +22,8 @@ bandwidth, and whether the variant's ids equal the default's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -174,7 +170,7 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
 
     summary = _summarise(results)
     report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else harness.cpu_model(),
         "cpu_isa": ops.cpu_isa(),
         "threads": threads if device == "cpu" else None,
         "torch": torch.__version__,
@@ -249,14 +245,14 @@ def compare_variants(out: Path | None, rounds: int = 7) -> dict:
             os.environ.pop("SOFTMASK_TOPK_VARIANT", None)
         else:
             os.environ["SOFTMASK_TOPK_VARIANT"] = previous
+    env = harness.environment("cuda")
     report = dict(
-        environment(),
         copy_bandwidth_gb_per_s=peak,
         target_pct=TARGET_PCT_OF_COPY_BANDWIDTH,
         default_variant=ops.DEFAULT_TOPK_VARIANT,
         results=rows,
     )
-    print(f"\n{report['device']} | torch {report['torch']} | CUDA {report['cuda']} | copy bandwidth {peak:.0f} GB/s")
+    print(f"\n{env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy bandwidth {peak:.0f} GB/s")
     print(
         f"{'rows':>5} {'k':>2} | "
         + " | ".join(f"{v:>20}" for v in variants)
@@ -271,31 +267,8 @@ def compare_variants(out: Path | None, rounds: int = 7) -> dict:
             cells.append(f"{r['pct_of_copy_bandwidth']:5.1f} [{lo:4.0f}-{hi:4.0f}]{flag}".rjust(20))
         print(f"{cfg.rows:>5} {cfg.k:>2} | " + " | ".join(cells))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {out}")
+        report = harness.write_results(out, report, device="cuda")
     return report
-
-
-def environment() -> dict:
-    """What a result depends on: the card, the software versions and the commit."""
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        commit = None
-    return dict(
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        commit=commit,
-        command="python " + " ".join(sys.argv),
-    )
 
 
 def _with_bandwidth(result: Result, nbytes: int, peak: float | None) -> Result:

@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from .conventions import DTYPE_NAMES, SHIPPED_MODEL, default_device, pad_or_eos
 from .cpu_threads import configure_cpu_threads
 from .data import collate, heldout_functions, load_dataset, stdlib_dataset
 from .decoding import ALGS, add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
+from .environment import environment
 from .evaluation.elbo import estimate_elbo, paired_difference
 from .evaluation.humaneval import evaluate_humaneval, load_problems
 from .evaluation.infill import (
@@ -147,6 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_debug_flag(p)
     add_fast_decoding_flags(p, threshold_sweep=True)
     args = p.parse_args(argv)
+    args.command = ["python", "-m", "softmask_ext.evaluate", *(sys.argv[1:] if argv is None else argv)]
     for name in ("num_samples", "limit", "batch_size", "span_length", "max_length", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -338,6 +341,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 1),
         **results,
+        "environment": environment(args.device, args.command),
     }
     path = out / f"{args.task}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

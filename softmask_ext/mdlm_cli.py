@@ -14,6 +14,7 @@ import torch
 
 from .data import stdlib_dataset
 from .decoding.mdlm_samplers import mdlm_generate
+from .environment import environment
 from .evaluation.mdlm_metrics import elbo_perplexity, generative_perplexity, mauve_score
 from .model.mdlm import load_mdlm
 from .model.tokenizer import load_tokenizer
@@ -122,6 +123,7 @@ def evaluate_main(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "seconds": round(time.perf_counter() - started, 1),
         "results": results,
+        "environment": environment(args.device, args.command),
     }
     out = args.out or Path("runs") / "eval" / args.model.resolve().name
     out.mkdir(parents=True, exist_ok=True)

@@ -409,6 +409,7 @@ def test_cli_elbo_with_a_soft_mask_config(checkpoint, tmp_path):
     )
     saved = json.loads((out / "elbo.json").read_text())
     assert saved == json.loads(json.dumps(report))
+    assert saved["environment"]["command"].endswith("--quiet") and saved["environment"]["torch"] == torch.__version__
     assert saved["soft_mask"] == SoftMask.from_transparency_config(STRONG_SOFT_MASK).to_transparency_config()
     results = saved["results"]
     assert results["binary"]["num_tokens"] == results["soft_mask"]["num_tokens"] == 4 * 64

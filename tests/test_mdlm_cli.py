@@ -73,7 +73,8 @@ def test_evaluate_ppl_and_mauve(checkpoint, tmp_path, capsys):
         ]
     )
     assert report["results"]["tokens"] == 64 and report["results"]["perplexity"] > 1
-    assert json.loads((tmp_path / "ppl.json").read_text())["task"] == "ppl"
+    saved = json.loads((tmp_path / "ppl.json").read_text())
+    assert saved["task"] == "ppl" and saved["environment"]["extension_loaded"] is not None
     with pytest.raises(SystemExit, match="needs --scorer"):
         evaluate.main(
             [

@@ -82,7 +82,8 @@ def test_run_directory_metrics_and_transparency_config(tmp_path):
             torch.testing.assert_close(getattr(loaded, name), getattr(trainer.soft_mask, name), rtol=1e-5, atol=1e-7)
     assert (tmp_path / "training.png").stat().st_size > 10_000
     assert (tmp_path / "final" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "summary.json").read_text())["val_soft_mask"] == summary["val_soft_mask"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["val_soft_mask"] == summary["val_soft_mask"] and saved["environment"]["torch"] == torch.__version__
 
 
 def test_validation_is_paired_and_sm_changes_it(tmp_path):

@@ -40,6 +40,7 @@ from ..data import BatchStream, Example
 from ..diffusion.mdlm_objective import antithetic_times, mask_tokens, mdlm_loss
 from ..diffusion.noise import stream_generator
 from ..diffusion.two_pass import DiffusionTrainingForward
+from ..environment import environment
 from ..model.family import family_of
 from ..soft_mask import SoftMask
 from .checkpoint import latest_checkpoint, write_checkpoint
@@ -302,6 +303,7 @@ class MDLMTrainer:
             if self.config.save_every and self.step % self.config.save_every == 0:
                 self.save_checkpoint()
         summary = {"steps": self.step, "validation": self.evaluate(), "config": dataclasses.asdict(self.config)}
+        summary["environment"] = environment(self.device)
         final = self.run_dir / "final"
         with self.ema.averaged(self.model):
             state = self._model_state()

@@ -66,6 +66,7 @@ from ..data import BatchStream, Example, collate
 from ..diffusion.noise import FINETUNE_NOISE, NoiseSchedule, sample_noise, stream_generator
 from ..diffusion.objective import masked_token_loss, sequence_mean_loss
 from ..diffusion.two_pass import DiffusionTrainingForward
+from ..environment import environment
 from ..model.family import family_of
 from ..soft_mask import SoftMask, binary_transparency_config, write_transparency_config
 from .adapters import AdapterConfig, apply_adapters, load_trainable
@@ -461,6 +462,7 @@ class Trainer:
         if self.step == cfg.max_steps and self.val_data and not last_eval:  # resumed at the last checkpoint
             last_eval = self.evaluate()
         summary = {"step": self.step, "train_seconds": round(time.perf_counter() - started, 1), **last_eval}
+        summary["environment"] = environment(self.device)
         if self.best is not None:
             summary["best"] = self.best
         if self.step == cfg.max_steps:
