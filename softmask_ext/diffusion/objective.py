@@ -60,11 +60,7 @@ def masked_token_loss(
     logit_shift: the model family's (``family_of(model).logit_shift``)
     returns:     fp32 scalar
     """
-    if logits.dim() != 3 or logits.shape[:2] != targets.shape or masked.shape != targets.shape:
-        raise ValueError(
-            f"expected logits [B, T, V] with targets and masked [B, T]; got logits {tuple(logits.shape)}, "
-            f"targets {tuple(targets.shape)}, masked {tuple(masked.shape)}"
-        )
+    _check_shapes(logits, targets, masked)
     if not 0.0 < t <= 1.0:
         raise ValueError(f"masking probability t must be in (0, 1], got {t}")
     rows = prediction_rows(logits, masked, logit_shift).float()
@@ -86,11 +82,7 @@ def sequence_mean_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tenso
     logit_shift: the model family's (``family_of(model).logit_shift``)
     returns:     fp32 scalar
     """
-    if logits.dim() != 3 or logits.shape[:2] != targets.shape or masked.shape != targets.shape:
-        raise ValueError(
-            f"expected logits [B, T, V] with targets and masked [B, T]; got logits {tuple(logits.shape)}, "
-            f"targets {tuple(targets.shape)}, masked {tuple(masked.shape)}"
-        )
+    _check_shapes(logits, targets, masked)
     if tuple(t.shape) != (targets.shape[0],) or not bool(((t > 0) & (t <= 1)).all()):
         raise ValueError(f"t must hold one noise level in (0, 1] per row ({targets.shape[0]}), got {t}")
     counts = masked.sum(dim=1)
@@ -103,3 +95,11 @@ def sequence_mean_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tenso
     )
     weight = 1.0 / t.to(device=per_row.device, dtype=torch.float32)
     return (per_row / counts * weight).sum()
+
+
+def _check_shapes(logits: Tensor, targets: Tensor, masked: Tensor) -> None:
+    if logits.dim() != 3 or logits.shape[:2] != targets.shape or masked.shape != targets.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] with targets and masked [B, T]; got logits {tuple(logits.shape)}, "
+            f"targets {tuple(targets.shape)}, masked {tuple(masked.shape)}"
+        )

@@ -46,7 +46,7 @@ from .transformer import (
     LMOutput,
     RotaryEmbedding,
     _check_position_ids,
-    describe,
+    embed_inputs,
     prepare_attention_mask,
     select_rows,
     self_attention,
@@ -374,25 +374,7 @@ class MDLMModel(DiffusionGenerateMixin, nn.Module):
         return LMOutput(logits)
 
     def _input_embeddings(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be a 2-D [batch, seq] tensor, got {describe(input_ids)}")
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-            return self.backbone.vocab_embed(input_ids)
-        if (
-            not isinstance(inputs_embeds, Tensor)
-            or inputs_embeds.dim() != 3
-            or inputs_embeds.shape[-1] != self.config.hidden_dim
-        ):
-            raise ValueError(
-                f"inputs_embeds must be [batch, seq, {self.config.hidden_dim}], got {describe(inputs_embeds)}"
-            )
-        if inputs_embeds.dtype != self.dtype:
-            raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model is {self.dtype}")
-        return inputs_embeds
+        return embed_inputs(self.backbone.vocab_embed, self.config.hidden_dim, self.dtype, input_ids, inputs_embeds)
 
     @classmethod
     def from_pretrained(

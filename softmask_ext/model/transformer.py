@@ -459,25 +459,7 @@ class DiffusionTransformer(DiffusionGenerateMixin, nn.Module, ABC):
         return LMOutput(self.get_output_embeddings()(select_rows(h, logits_rows)))
 
     def _input_embeddings(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be a 2-D [batch, seq] tensor, got {describe(input_ids)}")
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-            return self.get_input_embeddings()(input_ids)
-        if (
-            not isinstance(inputs_embeds, torch.Tensor)
-            or inputs_embeds.dim() != 3
-            or inputs_embeds.shape[-1] != self.config.hidden_size
-        ):
-            raise ValueError(
-                f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got {describe(inputs_embeds)}"
-            )
-        if inputs_embeds.dtype != self.dtype:
-            raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model is {self.dtype}")
-        return inputs_embeds
+        return embed_inputs(self.get_input_embeddings(), self.config.hidden_size, self.dtype, input_ids, inputs_embeds)
 
 
 def prepare_attention_mask(
@@ -531,3 +513,27 @@ def describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {list(x.shape)}"
     return type(x).__name__
+
+
+def embed_inputs(
+    embedding: nn.Module,
+    hidden: int,
+    dtype: torch.dtype,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> torch.Tensor:
+    """The input embeddings [B, T, hidden] of a forward given exactly one of ``input_ids`` (int [B, T], looked up in
+    ``embedding``) or ``inputs_embeds`` (checked against the model's width and ``dtype``)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a 2-D [batch, seq] tensor, got {describe(input_ids)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        return embedding(input_ids)
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+        raise ValueError(f"inputs_embeds must be [batch, seq, {hidden}], got {describe(inputs_embeds)}")
+    if inputs_embeds.dtype != dtype:
+        raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model is {dtype}")
+    return inputs_embeds
