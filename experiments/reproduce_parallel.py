@@ -20,14 +20,23 @@ every word is spelled with one of its spellings (and, per word, the share of wor
 3. Every model decodes the test prompts at 1, 2, 4, 8 and 16 tokens per step (the answer has 16 letters) with the
    paper's evaluation sampling (temperature 0.1, top-p 0.9, alg "entropy"), the same decoding seed for every model:
    binary models with binary decoding, SM models with SM decoding and their learned parameters.
-4. The continued-training learning rate is chosen per family (binary, SM) on the validation split with a seed that is
-   not an evaluation seed; test prompts are used for nothing else.
+4. Every model also decodes the test prompts with confidence-threshold parallel decoding at each of ``--thresholds``
+   (Fast-dLLM's rule: each step unmasks every letter whose confidence reaches the threshold, and the most confident
+   one in any case), one block over the answer, the same sampling (temperature 0.1, top-p 0.9) and decoding seed; a
+   step unmasks at least one letter, so a row is decoded within ``answer_length`` steps unless the model draws the
+   mask token itself.
+   The algorithm is "maskgit_plus" (confidence = probability of the drawn token, Fast-dLLM's): with "entropy" the
+   confidence is a negative entropy, at most 0, so only the top position could pass a threshold in (0, 1]. Reported:
+   validity against mean tokens per step (answer letters over the steps each prompt took until its answer held no
+   mask).
+5. The continued-training learning rate is chosen per family (binary, SM) on the validation split with a seed that is
+   not an evaluation seed; test prompts are used for nothing else (the threshold sweep runs on the test split only).
 
 Writes ``reproduce_parallel.json`` and ``reproduce_parallel.png`` into ``--out``: validity against tokens per step
-(mean, and every seed), SM minus binary per seed with 95% t-intervals over seeds (SM with the same updates and SM at
-equal compute against binary, as the paper compares them, and SM at equal compute against the control), and each
-seed's learned
-``lam(negH)``; prints the table and the verdict. Every finished run's evaluation is cached in ``--work-dir`` (keyed
+(mean, and every seed), for fixed counts and for the threshold sweep (against mean tokens per step), SM minus binary
+per seed with 95% t-intervals over seeds (SM with the same updates and SM at equal compute against binary, as the
+paper compares them, and SM at equal compute against the control), and each seed's learned ``lam(negH)``; prints the
+tables and the verdict. Every finished run's evaluation is cached in ``--work-dir`` (keyed
 by its settings), so an interrupted reproduction continues where it stopped.
 
 Full run: ``python experiments/reproduce_parallel.py``. Smoke test: ``--quick``.
@@ -48,7 +57,8 @@ from typing import Any
 import torch
 
 from softmask_ext.data.parallel_task import SpellingTask, TaskItem
-from softmask_ext.decoding import diffusion_generate
+from softmask_ext.decoding import DecodeResult, diffusion_generate
+from softmask_ext.evaluation.generation import steps_until_decoded
 from softmask_ext.model import DreamConfig, DreamModel
 from softmask_ext.soft_mask import SoftMask
 from softmask_ext.training import (
@@ -70,6 +80,9 @@ TUNING_SEED = 1000  # the learning-rate search's training seed: not one of the e
 DECODE_SEED = 0  # the same sampling noise for every model: differences between models are paired
 # The paper's evaluation sampling for Dream (its code benchmarks).
 DECODING = {"alg": "entropy", "temperature": 0.1, "top_p": 0.9}
+# Threshold decoding ranks by the drawn token's probability (Fast-dLLM's confidence): an entropy confidence is <= 0,
+# so with "entropy" no position but the forced one could pass a threshold in (0, 1].
+THRESHOLD_DECODING = {**DECODING, "alg": "maskgit_plus"}
 QUICK = {
     "seeds": (0, 1, 2),
     "base_steps": 60,
@@ -81,6 +94,7 @@ QUICK = {
     "test_size": 64,
     "hidden_size": 32,
     "layers": 1,
+    "thresholds": (0.5, 0.9),
 }
 
 
@@ -122,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=20_000, help="training examples (drawn from train prompts)")
     p.add_argument("--val-size", type=int, default=256, help="validation prompts (learning-rate choice)")
     p.add_argument("--test-size", type=int, default=512, help="test prompts (the reported numbers)")
+    p.add_argument(
+        "--thresholds",
+        type=_floats,
+        default=(0.3, 0.5, 0.7, 0.9, 0.99),
+        help="confidence thresholds of the parallel-decoding sweep on the test split (each in (0, 1])",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--threads",
@@ -148,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --steps >= 1, --base-steps >= 1 and at least two distinct seeds")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if not all(0 < t <= 1 for t in args.thresholds) or len(set(args.thresholds)) != len(args.thresholds):
+        p.error(f"--thresholds must be distinct, each in (0, 1], got {args.thresholds}")
     if TUNING_SEED in args.seeds:
         p.error(f"seed {TUNING_SEED} is the learning-rate search's seed; choose other evaluation seeds")
     return args
@@ -265,33 +287,76 @@ def continue_training(
 
 
 @torch.no_grad()
-def validity(
-    model: DreamModel, task: SpellingTask, items: list[TaskItem], tps: int, soft_mask: SoftMask | None
-) -> dict[str, float]:
-    """Decode every item's letters at ``tps`` tokens per step (``answer_length / tps`` steps, one batch); the share
-    of valid answers and of validly spelled words."""
+def decode(
+    model: DreamModel, task: SpellingTask, items: list[TaskItem], soft_mask: SoftMask | None, **settings: Any
+) -> DecodeResult:
+    """Decode every item's letters (masks in its prompt: ``max_new_tokens=0``) in one batch with the shared decoding
+    seed; ``settings`` are further `diffusion_generate` keywords. ``.sequences``: int64 ``[B, sequence_length]``."""
     device = model.get_input_embeddings().weight.device
     canvas = torch.tensor([task.sequence_ids(item.words) for item in items], device=device)
-    out = diffusion_generate(
+    return diffusion_generate(
         model,
         canvas,
         max_new_tokens=0,
-        steps=task.answer_length // tps,
         soft_mask=soft_mask,
         seed=DECODE_SEED,
-        **DECODING,
-    ).tolist()
-    words = [task.word_validity(item.words, task.answer_tokens(row)) for item, row in zip(items, out)]
+        return_dict_in_generate=True,
+        **settings,
+    )
+
+
+def score(task: SpellingTask, items: list[TaskItem], sequences: torch.Tensor) -> dict[str, float]:
+    """The share of valid answers and of validly spelled words among decoded ``sequences`` (``[B, T]``)."""
+    words = [task.word_validity(item.words, task.answer_tokens(row)) for item, row in zip(items, sequences.tolist())]
     return {
         "valid": statistics.fmean(all(w) for w in words),
         "word_valid": statistics.fmean(v for w in words for v in w),
     }
 
 
+def validity(
+    model: DreamModel, task: SpellingTask, items: list[TaskItem], tps: int, soft_mask: SoftMask | None
+) -> dict[str, float]:
+    """Validity at ``tps`` tokens per step (``answer_length / tps`` steps)."""
+    out = decode(model, task, items, soft_mask, steps=task.answer_length // tps, **DECODING)
+    return score(task, items, out.sequences)
+
+
+def threshold_validity(
+    model: DreamModel, task: SpellingTask, items: list[TaskItem], threshold: float, soft_mask: SoftMask | None
+) -> dict[str, float]:
+    """Validity under confidence-threshold parallel decoding (one block; with a threshold ``steps`` only sets the
+    block count), with ``tokens_per_step``: answer letters over the steps each item took until its answer held no
+    mask (an item that never got there counts every step the batch ran)."""
+    out = decode(
+        model,
+        task,
+        items,
+        soft_mask,
+        steps=task.answer_length,
+        threshold=threshold,
+        output_history=True,
+        **THRESHOLD_DECODING,
+    )
+    steps = steps_until_decoded(out.history, task.answer_positions, model.config.mask_token_id)
+    return {**score(task, items, out.sequences), "tokens_per_step": task.answer_length * len(items) / sum(steps)}
+
+
 def evaluate(
     model: DreamModel, task: SpellingTask, items: list[TaskItem], soft_mask: SoftMask | None
 ) -> dict[str, dict[str, float]]:
     return {str(tps): validity(model, task, items, tps, soft_mask) for tps in tokens_per_step(task)}
+
+
+def evaluate_thresholds(
+    model: DreamModel,
+    task: SpellingTask,
+    items: list[TaskItem],
+    soft_mask: SoftMask | None,
+    thresholds: tuple[float, ...],
+) -> dict[str, dict[str, float]]:
+    """Per threshold (its ``str``), :func:`threshold_validity`."""
+    return {str(t): threshold_validity(model, task, items, t, soft_mask) for t in thresholds}
 
 
 def run_condition(
@@ -304,8 +369,10 @@ def run_condition(
     hyper: dict[str, float],
     items: list[TaskItem],
     split: str,
+    thresholds: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Train one condition with one seed and evaluate it on ``items`` (cached by every setting it depends on)."""
+    """Train one condition with one seed and evaluate it on ``items``, at fixed tokens per step and at each of
+    ``thresholds`` (cached by every setting it depends on)."""
     sm_prob, steps = condition_settings(args, condition)
     name = f"{split}-{condition}-seed{seed}-" + "-".join(f"{k}{v:g}" for k, v in sorted(hyper.items()))
     key = {
@@ -324,6 +391,8 @@ def run_condition(
         "decoding": DECODING,
         "device": args.device,
         "task_seed": args.task_seed,
+        # Only runs with a sweep name it, so that the cached runs without one (validation) stay valid.
+        **({"thresholds": list(thresholds), "threshold_decoding": THRESHOLD_DECODING} if thresholds else {}),
     }
     cache = args.work_dir / f"{name}.eval.json"
     if (result := _cached(cache, key)) is not None:
@@ -331,10 +400,17 @@ def run_condition(
     t0 = time.perf_counter()
     model, soft_mask = continue_training(args, train, base, condition, seed, hyper, args.work_dir / name)
     t1 = time.perf_counter()
+    fixed = evaluate(model, task, items, soft_mask)
+    t2 = time.perf_counter()
     result = {
-        "validity": evaluate(model, task, items, soft_mask),
+        "validity": fixed,
+        "threshold": evaluate_thresholds(model, task, items, soft_mask, thresholds),
         "soft_mask": soft_mask.to_transparency_config() if soft_mask is not None else None,
-        "seconds": {"train": round(t1 - t0, 1), "evaluate": round(time.perf_counter() - t1, 1)},
+        "seconds": {
+            "train": round(t1 - t0, 1),
+            "evaluate": round(t2 - t1, 1),
+            "evaluate_threshold": round(time.perf_counter() - t2, 1),
+        },
     }
     cache.write_text(json.dumps({"key": key, "result": result}) + "\n")
     print(f"{name}: {result['seconds']}", flush=True)
@@ -394,23 +470,50 @@ def mean_interval(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": values}
 
 
+def summarise(
+    per_seed: dict[str, dict[int, dict]],
+    settings: tuple[float, ...],
+    seeds: tuple[int, ...],
+    sweep: str = "validity",
+    metrics: tuple[str, ...] = ("valid", "word_valid"),
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per condition, setting of a sweep (``"validity"``: tokens per step; ``"threshold"``: thresholds) and metric:
+    the mean over seeds with its 95% t-interval over seeds."""
+    return {
+        c: {
+            str(t): {m: mean_interval([by_seed[s][sweep][str(t)][m] for s in seeds]) for m in metrics} for t in settings
+        }
+        for c, by_seed in per_seed.items()
+    }
+
+
 def paired_differences(
-    per_seed: dict[str, dict[int, dict]], tps_list: tuple[int, ...], seeds: tuple[int, ...]
+    per_seed: dict[str, dict[int, dict]],
+    settings: tuple[float, ...],
+    seeds: tuple[int, ...],
+    sweep: str = "validity",
+    metric: str = "valid",
 ) -> dict[str, dict[str, Any]]:
-    """Per comparison ``"sm - binary"`` and tokens-per-step setting: the SM condition's validity minus the binary
-    one's, seed by seed, with a 95% interval over seeds."""
+    """Per comparison ``"sm - binary"`` and setting of a sweep (as :func:`summarise`): the SM condition's ``metric``
+    minus the binary one's, seed by seed, with a 95% interval over seeds."""
     return {
         f"{sm} - {binary}": {
             str(t): mean_interval(
-                [
-                    per_seed[sm][s]["validity"][str(t)]["valid"] - per_seed[binary][s]["validity"][str(t)]["valid"]
-                    for s in seeds
-                ]
+                [per_seed[sm][s][sweep][str(t)][metric] - per_seed[binary][s][sweep][str(t)][metric] for s in seeds]
             )
-            for t in tps_list
+            for t in settings
         }
         for sm, binary in COMPARISONS
     }
+
+
+def direction(difference: dict[str, Any]) -> int:
+    """+1 when a difference's 95% interval lies above zero, -1 when below, 0 when it contains zero."""
+    lo, hi = difference["ci95"]
+    return int(lo > 0) - int(hi < 0)
+
+
+READING = {1: "SM better", -1: "SM worse", 0: "no difference detected"}
 
 
 def verdicts(summary: dict, paired: dict, tps_list: tuple[int, ...], seeds: tuple[int, ...]) -> list[str]:
@@ -428,64 +531,130 @@ def verdicts(summary: dict, paired: dict, tps_list: tuple[int, ...], seeds: tupl
         for t in tps_list:
             d = by_tps[str(t)]
             lo, hi = d["ci95"]
-            word = "SM better" if lo > 0 else "SM worse" if hi < 0 else "no difference detected"
             lines.append(
                 f"{comparison}, {t} tokens/step: {100 * d['mean']:+.1f} points (95% interval over "
-                f"{len(seeds)} seeds [{100 * lo:+.1f}, {100 * hi:+.1f}]): {word}"
+                f"{len(seeds)} seeds [{100 * lo:+.1f}, {100 * hi:+.1f}]): {READING[direction(d)]}"
             )
     return lines
 
 
+def threshold_verdicts(
+    summary: dict, paired: dict[str, dict], thresholds: tuple[float, ...], seeds: tuple[int, ...]
+) -> list[str]:
+    """The binary models' validity against mean tokens per step over the threshold sweep; then, per comparison and
+    threshold, whether SM beat binary: better (worse) when it is more (less) valid or decodes more (fewer) tokens
+    per step, and not the opposite on the other ("mixed" when it is)."""
+    b = summary["binary"]
+    points = ", ".join(
+        f"{b[str(t)]['valid']['mean']:.1%} at {b[str(t)]['tokens_per_step']['mean']:.2f} (threshold {t:g})"
+        for t in sorted(thresholds, reverse=True)
+    )
+    lines = [f"binary validity at mean tokens/step under threshold decoding: {points}"]
+    for comparison in paired["valid"]:
+        for t in thresholds:
+            valid, speed = paired["valid"][comparison][str(t)], paired["tokens_per_step"][comparison][str(t)]
+            found = {direction(valid), direction(speed)} - {0}
+            word = "mixed (one better, one worse)" if len(found) == 2 else READING[found.pop() if found else 0]
+            lines.append(
+                f"{comparison}, threshold {t:g}: {100 * valid['mean']:+.1f} points of validity "
+                f"[{100 * valid['ci95'][0]:+.1f}, {100 * valid['ci95'][1]:+.1f}], {speed['mean']:+.2f} tokens/step "
+                f"[{speed['ci95'][0]:+.2f}, {speed['ci95'][1]:+.2f}] (95% intervals over {len(seeds)} seeds): {word}"
+            )
+    return lines
+
+
+def _cell(d: dict[str, Any], scale: float = 100.0, digits: int = 1, sign: str = "") -> str:
+    """``mean [low, high]`` of a :func:`mean_interval`, times ``scale``; ``sign="+"`` for differences."""
+    f = f"{sign}.{digits}f"
+    return f"{scale * d['mean']:{f}} [{scale * d['ci95'][0]:{f}}, {scale * d['ci95'][1]:{f}}]"
+
+
+def _markdown(columns: list[str], rows: dict[str, list[str]]) -> str:
+    lines = ["| condition | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    return "\n".join(lines + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()])
+
+
 def format_table(summary: dict, paired: dict, tps_list: tuple[int, ...]) -> str:
-    head = "| condition | " + " | ".join(f"{t} tok/step" for t in tps_list) + " |"
-    lines = [head, "|---" * (len(tps_list) + 1) + "|"]
-    for condition, row in summary.items():
-        cells = [
-            f"{100 * row[str(t)]['valid']['mean']:.1f} [{100 * row[str(t)]['valid']['ci95'][0]:.1f}, "
-            f"{100 * row[str(t)]['valid']['ci95'][1]:.1f}]"
-            for t in tps_list
+    """Validity in % per condition and tokens per step, then the paired differences in points."""
+    rows = {c: [_cell(row[str(t)]["valid"]) for t in tps_list] for c, row in summary.items()}
+    rows |= {f"{k} (paired)": [_cell(by_tps[str(t)], sign="+") for t in tps_list] for k, by_tps in paired.items()}
+    return _markdown([f"{t} tok/step" for t in tps_list], rows)
+
+
+def format_threshold_table(summary: dict, paired: dict[str, dict], thresholds: tuple[float, ...]) -> str:
+    """Validity in % at mean tokens per step, per condition and threshold; then the paired differences of both."""
+
+    def cell(valid: dict, speed: dict, sign: str = "") -> str:
+        return f"{_cell(valid, sign=sign)} at {_cell(speed, 1.0, 2, sign)} tok/step"
+
+    keys = [str(t) for t in thresholds]
+    rows = {c: [cell(row[k]["valid"], row[k]["tokens_per_step"]) for k in keys] for c, row in summary.items()}
+    rows |= {
+        f"{comparison} (paired)": [
+            cell(paired["valid"][comparison][k], paired["tokens_per_step"][comparison][k], "+") for k in keys
         ]
-        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    for comparison, by_tps in paired.items():
-        cells = [
-            f"{100 * by_tps[str(t)]['mean']:+.1f} [{100 * by_tps[str(t)]['ci95'][0]:+.1f}, "
-            f"{100 * by_tps[str(t)]['ci95'][1]:+.1f}]"
-            for t in tps_list
-        ]
-        lines.append(f"| {comparison} (paired) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for comparison in paired["valid"]
+    }
+    return _markdown([f"threshold {t:g}" for t in thresholds], rows)
+
+
+def _curves(
+    ax: Any,
+    per_seed: dict,
+    summary: dict,
+    sweep: str,
+    settings: tuple[float, ...],
+    seeds: tuple[int, ...],
+    colours: dict[str, str],
+    x_metric: str | None = None,
+) -> None:
+    """Validity over a sweep's settings, per condition: each seed thin, the mean over seeds thick. The x value is the
+    setting or, with ``x_metric``, that metric (each seed's own; the mean's is its mean over seeds)."""
+    keys = [str(t) for t in settings]
+
+    def line(points: list[dict[str, float]], **style: Any) -> None:
+        xs = list(settings) if x_metric is None else [m[x_metric] for m in points]
+        ax.plot(xs, [m["valid"] for m in points], **style)
+
+    for condition in CONDITIONS:
+        colour = colours[condition]
+        for s in seeds:
+            line([per_seed[condition][s][sweep][k] for k in keys], color=colour, alpha=0.25, lw=0.8)
+        means = [{m: v["mean"] for m, v in summary[condition][k].items()} for k in keys]
+        line(means, color=colour, marker="o", label=f"{condition} (mean; thin: seeds)")
 
 
 def plot(
     summary: dict,
+    threshold_summary: dict,
     per_seed: dict,
     paired: dict,
     tps_list: tuple[int, ...],
+    thresholds: tuple[float, ...],
     seeds: tuple[int, ...],
     path: Path,
     title: str,
 ) -> None:
-    """Validity against tokens per step (mean and each seed), paired differences, and each seed's learned lam."""
+    """Validity against tokens per step (mean and each seed) at fixed counts and under the threshold sweep (against
+    mean tokens per step), paired differences at fixed counts, and each seed's learned lam."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), constrained_layout=True)
     colours = dict(zip(CONDITIONS, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
     xs = list(tps_list)
-    for condition in CONDITIONS:
-        colour = colours[condition]
-        for s in seeds:
-            axes[0].plot(
-                xs, [per_seed[condition][s]["validity"][str(t)]["valid"] for t in xs], color=colour, alpha=0.25, lw=0.8
-            )
-        axes[0].plot(
-            xs,
-            [summary[condition][str(t)]["valid"]["mean"] for t in xs],
-            color=colour,
-            marker="o",
-            label=f"{condition} (mean; thin: seeds)",
+    _curves(axes[0], per_seed, summary, "validity", tps_list, seeds, colours)
+    _curves(axes[1], per_seed, threshold_summary, "threshold", thresholds, seeds, colours, "tokens_per_step")
+    for t in thresholds:  # which threshold each of the binary means is
+        point = threshold_summary["binary"][str(t)]
+        axes[1].annotate(
+            f"{t:g}",
+            (point["tokens_per_step"]["mean"], point["valid"]["mean"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
         )
     for offset, (sm, binary) in zip((-0.06, 0.0, 0.06), COMPARISONS):
         by_tps = paired[f"{sm} - {binary}"]
@@ -494,7 +663,7 @@ def plot(
             [m - by_tps[str(t)]["ci95"][0] for m, t in zip(means, xs)],
             [by_tps[str(t)]["ci95"][1] - m for m, t in zip(means, xs)],
         ]
-        axes[1].errorbar(
+        axes[2].errorbar(
             [x * 2**offset for x in xs],
             means,
             yerr=errors,
@@ -504,13 +673,13 @@ def plot(
             ls="-" if binary == "binary" else ":",
             label=f"{sm} - {binary}",
         )
-    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[2].axhline(0.0, color="black", lw=0.8)
     neg_entropy = torch.linspace(-3.0, 0.0, 200)
     for condition, style in zip(SM_CONDITIONS, ("-", "--")):
         for s in seeds:
             sm = SoftMask.from_transparency_config(per_seed[condition][s]["soft_mask"])
             with torch.no_grad():
-                axes[2].plot(
+                axes[3].plot(
                     neg_entropy,
                     sm.lam(neg_entropy),
                     style,
@@ -518,14 +687,19 @@ def plot(
                     lw=1,
                     label=condition if s == seeds[0] else None,
                 )
-    for ax, ylabel in zip(axes[:2], ("validity (share of valid answers)", "SM - binary validity, 95% over seeds")):
+    labels = (
+        ("tokens per step", "validity (share of valid answers)"),
+        ("mean tokens per step, threshold decoding (labels: binary's thresholds)", "validity (share of valid answers)"),
+        ("tokens per step", "SM - binary validity, 95% over seeds"),
+    )
+    for ax, (xlabel, ylabel) in zip(axes, labels):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(t) for t in xs])
         ax.minorticks_off()
-        ax.set_xlabel("tokens per step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    axes[2].set_xlabel("negative entropy of the previous prediction (nats)")
-    axes[2].set_ylabel("learned lam (one line per seed)")
+    axes[3].set_xlabel("negative entropy of the previous prediction (nats)")
+    axes[3].set_ylabel("learned lam (one line per seed)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -550,7 +724,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test = task.sample("test", args.test_size, seed=0)
     print(
         f"{len(train)} training examples, {len(val)} validation and {len(test)} test prompts; answers of "
-        f"{task.answer_length} letters, decoded at {list(tps_list)} tokens per step",
+        f"{task.answer_length} letters, decoded at {list(tps_list)} tokens per step and at thresholds "
+        f"{list(args.thresholds)}",
         flush=True,
     )
 
@@ -559,6 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_validity = {
         "validation": evaluate(base_model, task, val, None),
         "test": evaluate(base_model, task, test, None),
+        "test_threshold": evaluate_thresholds(base_model, task, test, None, args.thresholds),
     }
     hypers, hyper_scores = choose_hyperparameters(args, task, train, base, val)
     print(f"chosen on validation: {hypers} (scores {hyper_scores})", flush=True)
@@ -567,23 +743,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [(c, s) for s in args.seeds for c in CONDITIONS]
     for i, (condition, seed) in enumerate(jobs, 1):
         per_seed[condition][seed] = run_condition(
-            args, task, train, base, condition, seed, hypers[condition], test, "test"
+            args, task, train, base, condition, seed, hypers[condition], test, "test", args.thresholds
         )
         print(f"[{i}/{len(jobs)}] {condition} seed {seed} done", flush=True)
 
-    summary = {
-        c: {
-            str(t): {
-                m: mean_interval([per_seed[c][s]["validity"][str(t)][m] for s in args.seeds])
-                for m in ("valid", "word_valid")
-            }
-            for t in tps_list
-        }
-        for c in CONDITIONS
-    }
+    summary = summarise(per_seed, tps_list, args.seeds)
     paired = paired_differences(per_seed, tps_list, args.seeds)
-    verdict = verdicts(summary, paired, tps_list, args.seeds)
-    table = format_table(summary, paired, tps_list)
+    threshold_summary = summarise(
+        per_seed, args.thresholds, args.seeds, "threshold", ("valid", "word_valid", "tokens_per_step")
+    )
+    threshold_paired = {
+        m: paired_differences(per_seed, args.thresholds, args.seeds, "threshold", m)
+        for m in ("valid", "tokens_per_step")
+    }
+    verdict = verdicts(summary, paired, tps_list, args.seeds) + threshold_verdicts(
+        threshold_summary, threshold_paired, args.thresholds, args.seeds
+    )
+    table = (
+        format_table(summary, paired, tps_list)
+        + "\n\n"
+        + format_threshold_table(threshold_summary, threshold_paired, args.thresholds)
+    )
     report = {
         "task": {
             "lexicon_size": task.lexicon_size,
@@ -596,6 +776,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "decoding": {**DECODING, "seed": DECODE_SEED, "tokens_per_step": list(tps_list)},
+        "threshold_decoding": {
+            **THRESHOLD_DECODING,
+            "seed": DECODE_SEED,
+            "thresholds": list(args.thresholds),
+            "steps": task.answer_length,  # with a threshold it only sets the block count
+        },
         "conditions": {c: dict(zip(("sm_prob", "updates"), condition_settings(args, c))) for c in CONDITIONS},
         "hyperparameters": {
             "chosen_on_validation": hypers,
@@ -605,8 +791,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "base_model_validity": base_validity,
         "summary": summary,
         "paired_sm_minus_binary": paired,
+        "threshold_summary": threshold_summary,
+        "paired_sm_minus_binary_threshold": threshold_paired,
         "learned_soft_mask": {c: {s: per_seed[c][s]["soft_mask"] for s in args.seeds} for c in SM_CONDITIONS},
         "per_seed_validity": {c: {s: per_seed[c][s]["validity"] for s in args.seeds} for c in CONDITIONS},
+        "per_seed_threshold": {c: {s: per_seed[c][s]["threshold"] for s in args.seeds} for c in CONDITIONS},
         "verdicts": verdict,
         "table_markdown": table,
         "seconds": round(time.perf_counter() - started, 1),
@@ -617,9 +806,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = harness.write_results(args.out / f"{name}.json", report)
     plot(
         summary,
+        threshold_summary,
         per_seed,
         paired,
         tps_list,
+        args.thresholds,
         args.seeds,
         args.out / f"{name}.png",
         f"spelling task, {task.answer_length}-letter answers, {len(test)} test prompts: seeds {list(args.seeds)}",

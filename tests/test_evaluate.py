@@ -246,6 +246,21 @@ def test_infill_tokens_see_the_suffix_and_batch_like_single_rows(model):
         infill_tokens(model, prefixes, suffixes[:2], **kwargs)
 
 
+def test_steps_until_decoded_counts_each_row_until_its_positions_are_unmasked():
+    from softmask_ext.evaluation.generation import steps_until_decoded
+
+    m = 1
+    # Rows: positions 1 and 3 unmasked after step 1; after step 3; never (position 0 is ignored throughout).
+    history = [
+        torch.tensor([[m, 5, 0, 6], [m, m, 0, 6], [m, m, 0, m]]),
+        torch.tensor([[m, 5, 0, 6], [m, 7, 0, m], [m, m, 0, m]]),
+        torch.tensor([[m, 5, 0, 6], [m, 7, 0, 8], [m, 9, 0, m]]),
+    ]
+    assert steps_until_decoded(history, [1, 3], m) == [1, 3, 3]
+    assert steps_until_decoded(history, slice(1, 2), m) == [1, 2, 3]
+    assert steps_until_decoded(history, [2], m) == [1, 1, 1]
+
+
 def test_infill_in_one_step_is_the_argmax_of_one_forward(model, tokenizer, functions):
     """Oracle: one step unmasks the whole span with the argmax of a single pass over prefix + masks + suffix,
     each position predicted by the row before it (Dream's shift)."""

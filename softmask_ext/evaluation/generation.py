@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..decoding import diffusion_generate
 from ..soft_mask import SoftMask
 
-__all__ = ["generate_tokens", "infill_tokens"]
+__all__ = ["generate_tokens", "infill_tokens", "steps_until_decoded"]
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor | None]:
@@ -124,5 +124,17 @@ def infill_tokens(
     spans = canvas[:, end - span_length : end].tolist()
     if not return_steps:
         return spans
-    done = torch.stack([(x[:, end - span_length : end] != mask_token_id).all(-1).cpu() for x in history])  # [S, B]
-    return spans, (done.long().argmax(0) + 1).where(done.any(0), torch.tensor(len(history))).tolist()
+    return spans, steps_until_decoded(history, slice(end - span_length, end), mask_token_id)
+
+
+def steps_until_decoded(history: Sequence[Tensor], positions: slice | Sequence[int], mask_token_id: int) -> list[int]:
+    """Per row, the steps it took until its ``positions`` held no mask token (with a ``threshold`` a row can finish
+    before the batch does); a row never finished counts every step.
+
+    history:   the canvas after each step, ``S`` tensors int64 ``[B, T]`` (``diffusion_generate(...,
+               output_history=True, return_dict_in_generate=True).history``)
+    positions: the positions of ``T`` that count, a slice or a list of indices
+    returns:   ``B`` step counts, each in ``1 .. S``
+    """
+    done = torch.stack([(x[:, positions] != mask_token_id).all(-1).cpu() for x in history])  # [S, B]
+    return (done.long().argmax(0) + 1).where(done.any(0), torch.tensor(len(history))).tolist()
