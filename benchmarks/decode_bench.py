@@ -368,6 +368,7 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     timed over a few steps and their time for ``N`` steps is extrapolated (marked so). ``prefix`` and ``dual`` decode
     in blocks with threshold parallel decoding: their step counts depend on the predictions, so they run in full.
     Each setting is timed ``--repeats`` times (median and range); on a GPU after one untimed run (graph capture).
+    Decoding is deterministic (greedy, fixed seeds), so every call takes the same forwards.
 
     Two SM ratios per mode: ``sm_step_cost`` compares the time of one forward (the price of building SM inputs, with
     the same work per forward), ``sm_vs_binary`` compares tokens/s, which under threshold decoding also moves with the
@@ -395,10 +396,10 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
         for mode in modes:
             for sm in (False, True):
                 call, steps = mode_call(args, model, ids, mode, new_tokens, soft_mask if sm else None, probe_steps)
+                warmup = int(device.type == "cuda")  # graph capture
                 forwards[0] = 0
-                call()  # untimed: counts the forwards (decoding is deterministic), captures graphs on a GPU
-                nfe = forwards[0]
-                timing = harness.wall_time(call, warmup=0, repeats=args.repeats, device=device)
+                timing = harness.wall_time(call, warmup=warmup, repeats=args.repeats, device=device)
+                nfe = forwards[0] // (warmup + args.repeats)  # every call decodes the same (deterministic) steps
                 extrapolated = steps == probe_steps and nfe == probe_steps
                 scale = new_tokens / nfe if extrapolated else 1.0  # to the full length: one token per forward
                 seconds = [scale * ms / 1e3 for ms in (timing.median_ms, timing.min_ms, timing.max_ms)]
