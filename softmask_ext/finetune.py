@@ -42,9 +42,10 @@ from typing import Any
 import torch
 
 from .cli_errors import add_debug_flag, user_errors
+from .cli_presets import PresetHelpFormatter, describe_preset_options
 from .conventions import SHIPPED_MODEL, default_device
 from .cpu_threads import configure_cpu_threads
-from .data import DataFormatError, TokenizedDataset, load_dataset, stdlib_dataset
+from .data import load_dataset, split_off_validation, stdlib_dataset
 from .model import load_model, load_tokenizer
 from .model.family import load_config
 from .model.file_checks import check_weight_files
@@ -56,32 +57,11 @@ from .training.run_folder import check_free_space, check_run_folder, check_writa
 LARGE_MODEL_PARAMS = 10**9
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the None of options whose value comes from the preset (their help says it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def _preset_values(key: str) -> str:
-    """``presets: tiny 0.0001, dream-paper 1e-05``, or the default every preset shares."""
-    if any(key in preset for preset in PRESETS.values()):
-        return "presets: " + ", ".join(
-            f"{name} {preset.get(key, FALLBACKS.get(key))}" for name, preset in PRESETS.items()
-        )
-    return f"default: {FALLBACKS[key]}"
-
-
-def _describe_preset_options(parser: argparse.ArgumentParser) -> None:
-    for action in parser._actions:
-        in_preset = any(action.dest in preset for preset in PRESETS.values())
-        if action.default is None and (in_preset or FALLBACKS.get(action.dest) is not None):
-            action.help = f"{action.help or ''} ({_preset_values(action.dest)})".lstrip()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m softmask_ext.finetune", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+        prog="python -m softmask_ext.finetune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=PresetHelpFormatter,
     )
     p.add_argument(
         "--model", type=Path, default=SHIPPED_MODEL, help="checkpoint directory of any supported family (Dream, LLaDA)"
@@ -194,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     add_debug_flag(p)
-    _describe_preset_options(p)
+    describe_preset_options(p, PRESETS, FALLBACKS)
     args = p.parse_args(argv)
     for name in ("max_steps", "batch_size", "grad_accum", "k", "max_length", "eval_batches", "keep_checkpoints"):
         value = getattr(args, name)
@@ -224,16 +204,6 @@ def resolve_settings(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     return settings
 
 
-def _split_off_validation(data: TokenizedDataset, fraction: float, seed: int) -> tuple[list, list]:
-    if not 0 < fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(fraction * len(data)))
-    if n_val >= len(data):
-        raise DataFormatError(f"{len(data)} examples are too few to hold out a validation set; pass --val-data")
-    return [data[i] for i in order[n_val:]], [data[i] for i in order[:n_val]]
-
-
 def load_data(args: argparse.Namespace, tokenizer: Any, settings: dict[str, Any]) -> tuple[Any, Any]:
     """(train, validation) examples: the stdlib corpus by default, else --data (and --val-data)."""
     max_length = settings["max_length"]
@@ -251,7 +221,7 @@ def load_data(args: argparse.Namespace, tokenizer: Any, settings: dict[str, Any]
     train = load_dataset(args.data, tokenizer, max_length, **filters)
     if args.val_data is not None:
         return _cap(train, settings), load_dataset(args.val_data, tokenizer, max_length, **filters)
-    train, val = _split_off_validation(train, settings["val_fraction"], settings["seed"])
+    train, val = split_off_validation(train, settings["val_fraction"], settings["seed"])
     return _cap(train, settings), val
 
 

@@ -12,6 +12,9 @@ packed into fixed-length blocks, and a small Dream model (Qwen2 with bidirection
 The held-out number is the negative ELBO per token (nats) on the validation modules, averaged over a fixed set of
 noise draws; a model that ignores context and predicts the training unigram distribution at every masked position
 scores exactly the unigram cross-entropy of the validation tokens on the same scale, which is the baseline.
+
+``--family mdlm`` trains a DiT MDLM instead (binary pretraining or soft-masked continued pretraining, the authors'
+recipes): :mod:`softmask_ext.mdlm_pretrain` takes the other arguments (``--family mdlm --help`` lists them).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import torch
 
 from .conventions import MODEL_WEIGHTS, SHIPPED_MODEL
 from .data import save_tokenizer, stdlib_dataset, stdlib_texts, train_tokenizer
+from .mdlm_pretrain import main as mdlm_main
 from .model import DreamConfig, DreamModel, load_tokenizer
 from .training import PRETRAIN_NOISE, AdapterConfig, TrainConfig, Trainer
 
 MAX_WEIGHT_BYTES = 25 * 10**6
+FAMILIES = ("dream", "mdlm")
 
 
 def unigram_cross_entropy(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int) -> float:
@@ -40,8 +45,16 @@ def unigram_cross_entropy(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_
     return float(-log_p[val_ids.flatten()].mean())
 
 
+_FAMILY_OPTION = dict(
+    choices=FAMILIES,
+    default="dream",
+    help="dream: this tiny code model (the options here); mdlm: a DiT MDLM (--family mdlm --help)",
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m softmask_ext.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", **_FAMILY_OPTION)
     p.add_argument(
         "--output",
         type=Path,
@@ -73,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    family = argparse.ArgumentParser(prog="python -m softmask_ext.pretrain", add_help=False)
+    family.add_argument("--family", **_FAMILY_OPTION)
+    chosen, rest = family.parse_known_args(argv)
+    if chosen.family == "mdlm":  # a DiT MDLM: its own options, in softmask_ext.mdlm_pretrain
+        return mdlm_main(rest)
     args = parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -137,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - started
     metadata = {
         "command": "python -m softmask_ext.pretrain",
-        "arguments": {k: v for k, v in vars(args).items() if k not in ("output", "work_dir", "resume")},
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("output", "work_dir", "resume", "family")},
         "parameters": n_params,
         "train_tokens_seen": args.max_steps * args.batch_size * args.seq_len,
         "train_corpus_tokens": train.report.n_tokens,

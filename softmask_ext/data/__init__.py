@@ -15,6 +15,7 @@ from softmask_ext.data.datasets import (
     pack_texts,
     read_records,
     response_padding_length,
+    split_off_validation,
     stdlib_dataset,
     tokenize_conversation,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "save_tokenizer",
     "special_token_ids",
     "split_of",
+    "split_off_validation",
     "stdlib_dataset",
     "stdlib_texts",
     "tokenize_conversation",

@@ -544,6 +544,18 @@ def stdlib_dataset(
     return pack_texts(stdlib_texts(split, max_chars), tokenizer, block_length)
 
 
+def split_off_validation(data: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a ``fraction`` of the examples (at least one) drawn at random from ``seed`` is held out.
+    The command-line tools call it for ``--val-fraction`` of ``--data``, which their messages name."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(fraction * len(data)))
+    if n_val >= len(data):
+        raise DataFormatError(f"{len(data)} examples are too few to hold out a validation set; pass --val-data")
+    return [data[i] for i in order[n_val:]], [data[i] for i in order[:n_val]]
+
+
 # -------------------------------------------------------------------------------------------------------- batching
 
 

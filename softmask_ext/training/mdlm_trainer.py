@@ -56,6 +56,7 @@ from .fsdp import (
     shard,
     use_fsdp,
 )
+from .run_folder import truncate_metrics
 
 __all__ = ["MDLM_PRESETS", "MDLMTrainConfig", "MDLMTrainer", "mdlm_preset"]
 
@@ -352,7 +353,8 @@ class MDLMTrainer:
         return path
 
     def resume(self) -> bool:
-        """Load the run directory's latest checkpoint, if any; True when one was loaded."""
+        """Load the run directory's latest checkpoint, if any, and cut ``metrics.jsonl`` back to its step; True when
+        one was loaded."""
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return False
@@ -380,4 +382,7 @@ class MDLMTrainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
+        if self.env.is_main:  # drop the log lines of steps after the checkpoint (they will be redone)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        barrier(self.env)
         return True

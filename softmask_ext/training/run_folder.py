@@ -51,11 +51,14 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return root.is_dir() and any(p.is_dir() for p in root.glob("step-*"))
 
 
-def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+def check_run_folder(
+    run_dir: str | Path, resume: bool = False, overwrite: bool = False, folder_options: str = "--name or --output-dir"
+) -> None:
     """Check that a run may start in ``run_dir`` as asked; writes nothing.
 
     Raises RunFolderError (another run is there and neither flag was given, ``resume`` without a checkpoint, both
-    flags) or RunFinished (``resume`` of a finished run).
+    flags) or RunFinished (``resume`` of a finished run). ``folder_options``: the command's options that choose the
+    folder, which the messages name.
     """
     run_dir = Path(run_dir)
     if resume and overwrite:
@@ -67,7 +70,7 @@ def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool 
         if (run_dir / SUMMARY).is_file():
             raise RunFinished(
                 f"the run in {run_dir} has finished (see {run_dir / SUMMARY}); nothing to resume and "
-                "nothing was changed. Start another run with a new --name, or replace it with "
+                f"nothing was changed. Start another run with another {folder_options}, or replace it with "
                 "--overwrite"
             )
         if not _has_checkpoint(run_dir):
@@ -79,7 +82,7 @@ def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool 
     elif occupied and not overwrite:
         raise RunFolderError(
             f"run folder {run_dir} already holds a run: continue it with --resume, replace it with "
-            "--overwrite, or choose another --name or --output-dir"
+            f"--overwrite, or choose another {folder_options}"
         )
 
 
