@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_decoding import prompts, tiny_model
@@ -140,3 +142,14 @@ def test_bad_prompt_masks(model):
     mask[0, :2] = 0
     with pytest.raises(ValueError, match="the left padding holds the mask token id 96"):
         diffusion_generate(model, ids, mask, max_new_tokens=2, steps=2)
+
+
+def test_a_threshold_with_the_entropy_confidence_warns_that_it_decodes_one_token_per_step():
+    model, ids = tiny_model(), prompts()
+    kw = dict(max_new_tokens=8, steps=8, threshold=0.9)
+    with pytest.warns(UserWarning, match="maskgit_plus"):
+        out = diffusion_generate(model, ids, alg="entropy", output_history=True, return_dict_in_generate=True, **kw)
+    assert len(out.history) == 8  # one token per step: no position but the forced one passes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffusion_generate(model, ids, alg="maskgit_plus", **kw)

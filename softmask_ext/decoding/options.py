@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,14 @@ class DecodeOptions:
                 )
             if self.alg_temp:
                 raise ValueError("threshold and alg_temp cannot be combined: a threshold unmasks by confidence")
+            if self.alg == "entropy" and not self.fast_dllm_compat:
+                warnings.warn(
+                    "threshold with alg='entropy' compares negative entropies (<= 0) with a threshold in (0, 1]: only "
+                    "the most confident position passes, one token per step; for parallel decoding use "
+                    "alg='maskgit_plus' (the drawn token's probability, Fast-dLLM's confidence)",
+                    UserWarning,
+                    stacklevel=4,
+                )
         if self.cache not in CACHE_MODES:
             raise ValueError(f"unknown cache {self.cache!r}; expected one of {CACHE_MODES}")
         if not _is_number(self.cfg_scale) or self.cfg_scale < 0:
