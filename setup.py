@@ -29,7 +29,9 @@ def _extension():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SOFTMASK_FORCE_CPU") != "1"
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC keeps the
+    # clamp-and-flush selects of the CPU exp pass as branches and leaves its AVX2 build scalar.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     sources = _sources("csrc/cpu", "*.cpp") + ["python/ops.cpp", "python/cpu_ops.cpp"]
     common = dict(
         name="softmask_ext._C",
