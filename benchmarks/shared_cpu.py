@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,18 +126,13 @@ def main() -> None:
         )
     report = {
         "benchmark": "shared_cpu",
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "steps": args.steps,
         "warmup": args.warmup,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
+    harness.write_results(args.out, report, device="cpu")
 
 
 if __name__ == "__main__":
