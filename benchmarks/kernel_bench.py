@@ -148,8 +148,10 @@ def run(device: str, quick: bool, threads: int, out: Path | None) -> dict:
             base = dict(device=device, rows=cfg.rows, vocab=cfg.vocab, k=cfg.k, dim=DIM, dtype=cfg.dtype)
 
             for provider, fn in feedback_providers(logits, weight, cfg.k, soft_mask).items():
-                # The dense path does not depend on k, and on 2 CPU cores it takes seconds per call beyond 64 rows.
-                if provider == "dense" and (cfg.k != 3 or (device == "cpu" and cfg.rows > 64)):
+                # The dense path does not depend on k; on 2 CPU cores it takes seconds per call beyond 64 rows, and
+                # in bf16 torch's CPU GEMM falls back to a scalar loop without AVX-512 BF16 (a minute per call).
+                cpu_slow = device == "cpu" and (cfg.rows > 64 or cfg.dtype != "float32")
+                if provider == "dense" and (cfg.k != 3 or cpu_slow):
                     continue
                 results.append(Result(**base, provider=provider, op="feedback", median_ms=timer(fn)))
 
