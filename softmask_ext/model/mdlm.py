@@ -45,9 +45,8 @@ from .transformer import (
     DiffusionGenerateMixin,
     LMOutput,
     RotaryEmbedding,
-    _check_position_ids,
+    attention_and_positions,
     embed_inputs,
-    prepare_attention_mask,
     select_rows,
     self_attention,
 )
@@ -347,13 +346,7 @@ class MDLMModel(DiffusionGenerateMixin, nn.Module):
         B, T, _ = h.shape
         if self.config.model_length < T:
             raise ValueError(f"sequence length {T} exceeds the model's length {self.config.model_length}")
-        attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
-        if position_ids is None:
-            position_ids = (
-                default_positions if default_positions is not None else (torch.arange(T, device=h.device).expand(B, T))
-            )
-        else:
-            position_ids = _check_position_ids(position_ids, B, T)
+        attn_mask, position_ids = attention_and_positions(attention_mask, position_ids, B, T, h)
         if self.config.time_conditioning:
             if sigma is None:
                 raise ValueError("this MDLM is time-conditioned: pass sigma= (fp32 [B] noise levels)")

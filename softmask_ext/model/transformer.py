@@ -448,18 +448,25 @@ class DiffusionTransformer(DiffusionGenerateMixin, nn.Module, ABC):
             attn_mask, _ = prepare_attention_mask(attention_mask, B, kv_cache.length, h.dtype)
             h = self.decoder_stack()(h, _check_position_ids(position_ids, B, T), attn_mask, kv_cache)
             return LMOutput(self.get_output_embeddings()(select_rows(h, logits_rows)))
-        attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
-        if position_ids is None:
-            position_ids = (
-                default_positions if default_positions is not None else (torch.arange(T, device=h.device).expand(B, T))
-            )
-        else:
-            position_ids = _check_position_ids(position_ids, B, T)
+        attn_mask, position_ids = attention_and_positions(attention_mask, position_ids, B, T, h)
         h = self.decoder_stack()(h, position_ids, attn_mask)
         return LMOutput(self.get_output_embeddings()(select_rows(h, logits_rows)))
 
     def _input_embeddings(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         return embed_inputs(self.get_input_embeddings(), self.config.hidden_size, self.dtype, input_ids, inputs_embeds)
+
+
+def attention_and_positions(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, B: int, T: int, h: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A forward's (SDPA mask or None, position ids [B, T]): the given positions (checked), else those the attention
+    mask implies for left padding, else ``0 .. T-1``; ``h`` [B, T, D] gives the mask's dtype and the device."""
+    attn_mask, default_positions = prepare_attention_mask(attention_mask, B, T, h.dtype)
+    if position_ids is not None:
+        return attn_mask, _check_position_ids(position_ids, B, T)
+    if default_positions is not None:
+        return attn_mask, default_positions
+    return attn_mask, torch.arange(T, device=h.device).expand(B, T)
 
 
 def prepare_attention_mask(
