@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,42 +161,24 @@ def evaluate_infill(
     decode: further engine settings (alg, temperature, ...).
     returns: ``{variant: {str(tokens_per_step): metrics}}``
     """
-    variants = dict(soft_masks) if soft_masks is not None else {"binary": None}
-    span_length = len(examples[0].span)
-    if any(len(e.span) != span_length for e in examples):
-        raise ValueError("all examples must hide spans of the same length")
+    span_length = _span_length(examples)
     for tps in tokens_per_step:
         if tps < 1 or span_length % tps:
             raise ValueError(f"tokens_per_step {tps} must be >= 1 and divide the span length {span_length}")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token, needed to fill the canvas after short suffixes")
-    pad_id = pad_or_eos(tokenizer)
-    # Batches of similar suffix length need little filling after the shorter suffixes.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].suffix))
     results: dict[str, dict[str, dict]] = {}
-    bar = tqdm(total=len(variants) * len(tokens_per_step) * len(examples), desc="infill", disable=not progress)
-    for variant, soft_mask in variants.items():
-        results[variant] = {}
-        for tps in tokens_per_step:
-            predictions: list[list[int]] = [[] for _ in examples]
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                spans = infill_tokens(
-                    model,
-                    [examples[i].prefix for i in chunk],
-                    [examples[i].suffix for i in chunk],
-                    span_length=span_length,
-                    steps=span_length // tps,
-                    pad_token_id=pad_id,
-                    fill_token_id=tokenizer.eos_token_id,
-                    soft_mask=soft_mask,
-                    **decode,
-                )
-                for i, span in zip(chunk, spans):
-                    predictions[i] = span
-                bar.update(len(chunk))
-            results[variant][str(tps)] = score_infill(examples, predictions, tokenizer)
-    bar.close()
+    runs = _decode_spans(
+        model,
+        tokenizer,
+        examples,
+        settings=tokens_per_step,
+        setting_keywords=lambda tps: {"steps": span_length // tps},
+        soft_masks=soft_masks,
+        batch_size=batch_size,
+        progress=progress,
+        decode=decode,
+    )
+    for variant, tps, predictions, _ in runs:
+        results.setdefault(variant, {})[str(tps)] = score_infill(examples, predictions, tokenizer)
     return results
 
 
@@ -217,43 +199,79 @@ def evaluate_infill_thresholds(
     spans took (each example counted until its own span is decoded), and its ``threshold``.
     returns: ``{variant: {str(threshold): metrics}}``
     """
-    variants = dict(soft_masks) if soft_masks is not None else {"binary": None}
+    span_length = _span_length(examples)
+    results: dict[str, dict[str, dict]] = {}
+    runs = _decode_spans(
+        model,
+        tokenizer,
+        examples,
+        settings=thresholds,
+        setting_keywords=lambda threshold: {"steps": span_length, "threshold": threshold, "return_steps": True},
+        soft_masks=soft_masks,
+        batch_size=batch_size,
+        progress=progress,
+        decode=decode,
+    )
+    for variant, threshold, predictions, steps_taken in runs:
+        metrics = score_infill(examples, predictions, tokenizer)
+        metrics.update(threshold=threshold, tokens_per_step=span_length * len(examples) / steps_taken)
+        results.setdefault(variant, {})[str(threshold)] = metrics
+    return results
+
+
+def _span_length(examples: Sequence[InfillExample]) -> int:
     span_length = len(examples[0].span)
     if any(len(e.span) != span_length for e in examples):
         raise ValueError("all examples must hide spans of the same length")
-    pad_id = pad_or_eos(tokenizer)
+    return span_length
+
+
+def _decode_spans(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[InfillExample],
+    *,
+    settings: Sequence[Any],
+    setting_keywords: Callable[[Any], dict[str, Any]],
+    soft_masks: Mapping[str, Any] | None,
+    batch_size: int,
+    progress: bool,
+    decode: Mapping[str, Any],
+) -> Iterator[tuple[str, Any, list[list[int]], int]]:
+    """For each variant (``soft_masks``, default binary) and setting: every example's decoded span and the steps all
+    spans took (0 unless ``setting_keywords`` asks ``infill_tokens`` for ``return_steps``)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token, needed to fill the canvas after short suffixes")
+    variants = dict(soft_masks) if soft_masks is not None else {"binary": None}
+    span_length, pad_id = len(examples[0].span), pad_or_eos(tokenizer)
+    # Batches of similar suffix length need little filling after the shorter suffixes.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].suffix))
-    results: dict[str, dict[str, dict]] = {}
-    bar = tqdm(total=len(variants) * len(thresholds) * len(examples), desc="infill", disable=not progress)
+    bar = tqdm(total=len(variants) * len(settings) * len(examples), desc="infill", disable=not progress)
     for variant, soft_mask in variants.items():
-        results[variant] = {}
-        for threshold in thresholds:
+        for setting in settings:
+            keywords = setting_keywords(setting)
             predictions: list[list[int]] = [[] for _ in examples]
             steps_taken = 0
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                spans, steps = infill_tokens(
+                out = infill_tokens(
                     model,
                     [examples[i].prefix for i in chunk],
                     [examples[i].suffix for i in chunk],
                     span_length=span_length,
-                    steps=span_length,
                     pad_token_id=pad_id,
                     fill_token_id=tokenizer.eos_token_id,
                     soft_mask=soft_mask,
-                    threshold=threshold,
-                    return_steps=True,
+                    **keywords,
                     **decode,
                 )
+                spans, steps = out if keywords.get("return_steps") else (out, [])
                 for i, span in zip(chunk, spans):
                     predictions[i] = span
                 steps_taken += sum(steps)
                 bar.update(len(chunk))
-            metrics = score_infill(examples, predictions, tokenizer)
-            metrics.update(threshold=threshold, tokens_per_step=span_length * len(examples) / steps_taken)
-            results[variant][str(threshold)] = metrics
+            yield variant, setting, predictions, steps_taken
     bar.close()
-    return results
 
 
 def plot_accuracy_vs_parallelism(
