@@ -146,7 +146,7 @@ def test_compat_behaviours_show(dream):
     "case",
     [
         SLOW(dict(alg="topk_margin")),
-        dict(alg="entropy", threshold=0.3),
+        dict(alg="maskgit_plus", threshold=0.3),
         SLOW(dict(alg="origin", temperature=0.6)),
         dict(alg="maskgit_plus", temperature=0.7, alg_temp=0.5, soft_mask=SOFT_MASKS[1]),
         SLOW(dict(alg="maskgit_plus", threshold=0.2, soft_mask=SOFT_MASKS[3])),
@@ -231,7 +231,7 @@ def test_cached_steps_compile_without_graph_breaks(dream, cache, kind):
         max_new_tokens=8,
         steps=4,
         mask_token_id=dream.config.mask_token_id,
-        alg="entropy",
+        alg="maskgit_plus",
         block_length=4,
         cache=cache,
         threshold=0.5,
