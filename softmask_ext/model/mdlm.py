@@ -27,7 +27,6 @@ There is no logit shift: row ``i`` predicts position ``i``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..conventions import MODEL_WEIGHTS
+from .config import ConfigFile
 from .family import ModelFamily, register_family
 from .transformer import (
     DiffusionGenerateMixin,
@@ -72,7 +72,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
-class MDLMConfig:
+class MDLMConfig(ConfigFile):
     """Shapes and token ids of a DiT MDLM. Defaults are MDLM's 169M OpenWebText model (GPT-2 tokenizer + mask).
 
     ``mask_token_id`` defaults to the last id (MDLM appends the mask to the tokenizer); ``eos/bos/pad`` default to
@@ -153,30 +153,8 @@ class MDLMConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> MDLMConfig:
-        path = os.fspath(path)
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        try:
-            with open(file, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {file!r}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file!r} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
-
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "mdlm", "architectures": ["MDLM"], **dataclasses.asdict(self)}
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
 
 
 class LayerNorm(nn.Module):
