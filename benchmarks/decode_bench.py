@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from functools import partial
@@ -365,14 +366,16 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     """tokens/s, forward passes (NFE) and ms per forward of each mode, binary and SM, at each generation length.
 
     ``dream`` and ``plain`` take one token per step over the whole sequence; every step has the same shapes, so they are
-    timed over a few steps and their time for ``N`` steps is extrapolated (marked so). ``prefix`` and ``dual`` decode
-    in blocks with threshold parallel decoding: their step counts depend on the predictions, so they run in full.
-    Each setting is timed ``--repeats`` times (median and range); on a GPU after one untimed run (graph capture).
-    Decoding is deterministic (greedy, fixed seeds), so every call takes the same forwards.
+    timed over a few steps from the run's midpoint (:func:`mode_call`) and their time for ``N`` steps is extrapolated
+    (marked so). ``prefix`` and ``dual`` decode in blocks with threshold parallel decoding: their step counts depend
+    on the predictions, so they run in full. Each setting is timed ``--repeats`` times, binary and SM interleaved
+    (median and range); on a GPU after one untimed run (graph capture). Decoding is deterministic (greedy, fixed
+    seeds), so every call takes the same forwards.
 
-    Two SM ratios per mode: ``sm_step_cost`` compares the time of one forward (the price of building SM inputs, with
-    the same work per forward), ``sm_vs_binary`` compares tokens/s, which under threshold decoding also moves with the
-    number of forwards, since SM changes the predictions that decide how many tokens pass the threshold.
+    Two SM ratios per mode, each the median (and range) over rounds of the ratio of the round's SM and binary runs:
+    ``sm_step_cost`` compares the time of one forward (the price of building SM inputs, with the same work per
+    forward), ``sm_vs_binary`` compares tokens/s, which under threshold decoding also moves with the number of
+    forwards, since SM changes the predictions that decide how many tokens pass the threshold.
     """
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
@@ -394,14 +397,22 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     ids = ids.to(device)
     for new_tokens in lengths:
         for mode in modes:
-            for sm in (False, True):
-                call, steps = mode_call(args, model, ids, mode, new_tokens, soft_mask if sm else None, probe_steps)
-                warmup = int(device.type == "cuda")  # graph capture
-                forwards[0] = 0
-                timing = harness.wall_time(call, warmup=warmup, repeats=args.repeats, device=device)
-                nfe = forwards[0] // (warmup + args.repeats)  # every call decodes the same (deterministic) steps
-                extrapolated = steps == probe_steps and nfe == probe_steps
-                scale = new_tokens / nfe if extrapolated else 1.0  # to the full length: one token per forward
+            calls = [
+                mode_call(args, model, ids, mode, new_tokens, sm_module, probe_steps) for sm_module in (None, soft_mask)
+            ]
+            nfe: list[list[int]] = [[], []]
+            warmup = int(device.type == "cuda")  # graph capture
+            # Binary and SM interleaved (paired_wall_time): the SM ratios compare runs of the same round.
+            timings = harness.paired_wall_time(
+                [counting(call, forwards, n) for (call, _), n in zip(calls, nfe)],
+                warmup=warmup,
+                repeats=args.repeats,
+                device=device,
+            )
+            for sm, timing in zip((False, True), timings):
+                steps, forward_count = calls[sm][1], nfe[sm][-1]  # every call decodes the same (deterministic) steps
+                extrapolated = steps == probe_steps and forward_count == probe_steps
+                scale = new_tokens / forward_count if extrapolated else 1.0  # to the full length: a token a forward
                 seconds = [scale * ms / 1e3 for ms in (timing.median_ms, timing.min_ms, timing.max_ms)]
                 rows.append(
                     dict(
@@ -410,8 +421,8 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
                         new_tokens=new_tokens,
                         tokens_per_s=new_tokens / seconds[0],
                         tokens_per_s_range=[new_tokens / seconds[2], new_tokens / seconds[1]],
-                        nfe=new_tokens if extrapolated else nfe,
-                        ms_per_step=timing.median_ms / nfe,
+                        nfe=new_tokens if extrapolated else forward_count,
+                        ms_per_step=timing.median_ms / forward_count,
                         seconds=seconds[0],
                         timing=timing.to_dict(),
                         extrapolated=extrapolated,
@@ -452,46 +463,82 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     return 0
 
 
+def counting(call, forwards: list[int], counts: list[int]):
+    """``call`` that also appends the forward passes it ran (the growth of ``forwards[0]``, a hook's counter) to
+    ``counts``."""
+
+    def run() -> None:
+        before = forwards[0]
+        call()
+        counts.append(forwards[0] - before)
+
+    return run
+
+
+def half_decoded(ids: torch.Tensor, new_tokens: int, mask_id: int) -> torch.Tensor:
+    """``ids`` followed by ``new_tokens`` positions of which every other one (the first included) is still masked:
+    the canvas halfway through a one-token-per-step run, as a prompt (its masks are decoded like new tokens)."""
+    region = torch.randint(0, mask_id, (ids.shape[0], new_tokens), generator=torch.Generator().manual_seed(1))
+    region[:, ::2] = mask_id
+    return torch.cat([ids, region.to(ids.device)], dim=1)
+
+
 def mode_call(args, model, ids, mode: str, new_tokens: int, soft_mask, probe_steps: int):
     """(the decoding call of ``mode``, its step count): Dream's loop and ``plain`` over ``probe_steps`` steps,
-    ``prefix``/``dual`` blocks with threshold decoding over the whole generation."""
+    ``prefix``/``dual`` blocks with threshold decoding over the whole generation.
+
+    A one-token-per-step run does less work per step as its masks are filled (SM blends only masked positions,
+    Dream's loop proposes only for them), falling linearly over the run; so the probe steps start halfway, from
+    :func:`half_decoded`, and their time per step is the run's mean."""
     mask_id = model.config.mask_token_id
     if mode == "dream":
         call = partial(
             reference_generate,
             model,
-            ids,
-            max_new_tokens=new_tokens,
+            half_decoded(ids, new_tokens, mask_id),
+            max_new_tokens=0,
             steps=probe_steps,
             mask_token_id=mask_id,
             soft_mask=soft_mask,
             alg=args.alg,
         )
         return call, probe_steps
-    fast = mode != "plain"
-    steps = new_tokens if fast else probe_steps
-    keywords = dict(block_length=args.block_length, threshold=args.threshold, cache=mode) if fast else {}
+    if mode == "plain":
+        keywords = {} if args.family == "llada" else dict(alg=args.alg)
+        call = partial(
+            diffusion_generate,
+            model,
+            half_decoded(ids, new_tokens, mask_id),
+            max_new_tokens=0,
+            steps=probe_steps,
+            soft_mask=soft_mask,
+            **keywords,
+        )
+        return call, probe_steps
+    keywords = dict(block_length=args.block_length, threshold=args.threshold, cache=mode)
     if args.family == "dream":
-        keywords["alg"] = "maskgit_plus" if fast else args.alg
+        keywords["alg"] = "maskgit_plus"
     call = partial(
-        diffusion_generate, model, ids, max_new_tokens=new_tokens, steps=steps, soft_mask=soft_mask, **keywords
+        diffusion_generate, model, ids, max_new_tokens=new_tokens, steps=new_tokens, soft_mask=soft_mask, **keywords
     )
-    return call, steps
+    return call, new_tokens
 
 
 def mode_ratios(rows: list[dict], modes: list[str]) -> dict[str, float | list[float]]:
-    """Per generation length: SM against binary in each mode (per forward and in tokens/s, median and the range
-    from the worst to the best pairing of the repeated runs), and the fast modes against plain and Dream's loop."""
+    """Per generation length: SM against binary in each mode (per forward and in tokens/s: the median and range over
+    rounds of the paired runs' ratio), and the fast modes against plain and Dream's loop (ratio of medians, range from
+    the worst to the best pairing of the repeated runs)."""
     by = {(r["mode"], r["sm"]): r for r in rows}
     out: dict[str, float | list[float]] = {}
     for m in modes:
         binary, sm = by[(m, False)], by[(m, True)]
-        out[f"sm_step_cost_{m}"] = sm["ms_per_step"] / binary["ms_per_step"]
-        out[f"sm_vs_binary_{m}"] = sm["tokens_per_s"] / binary["tokens_per_s"]
-        out[f"sm_vs_binary_{m}_range"] = [
-            sm["tokens_per_s_range"][0] / binary["tokens_per_s_range"][1],
-            sm["tokens_per_s_range"][1] / binary["tokens_per_s_range"][0],
-        ]
+        rounds = zip(binary["timing"]["samples_ms"], sm["timing"]["samples_ms"])
+        time_ratios = sorted(s / b for b, s in rounds)  # SM time / binary time, round by round
+        forwards = binary["nfe"] / sm["nfe"]
+        out[f"sm_step_cost_{m}"] = statistics.median(time_ratios) * forwards
+        out[f"sm_step_cost_{m}_range"] = [time_ratios[0] * forwards, time_ratios[-1] * forwards]
+        out[f"sm_vs_binary_{m}"] = 1 / statistics.median(time_ratios)
+        out[f"sm_vs_binary_{m}_range"] = [1 / time_ratios[-1], 1 / time_ratios[0]]
     for fast in ("prefix", "dual"):
         for base in ("plain", "dream"):
             if fast in modes and base in modes:

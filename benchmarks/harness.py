@@ -6,6 +6,7 @@ measured in (:func:`softmask_ext.environment.environment`), and JSON/CSV/PNG out
 
     timing = wall_time(step, warmup=1, repeats=10)         # Timing: median_ms, min_ms, max_ms, q1_ms, q3_ms, ...
     timing = device_time(op, repeats=20, graph_calls=20)   # CUDA: device time of one call, without host dispatch
+    binary, sm = paired_wall_time([run_binary, run_sm], repeats=7)   # interleaved: sample i of each is one round
     write_results("results.json", {"rows": rows}, csv_rows=rows)   # + "environment": command, git commit, versions
 
 A target is called met only from the spread of repeated runs (``Timing.min_ms``/``max_ms``), never from one run.
@@ -32,6 +33,7 @@ __all__ = [
     "Timing",
     "cpu_model",
     "device_time",
+    "paired_wall_time",
     "environment",
     "plot",
     "synchronize",
@@ -118,6 +120,34 @@ def wall_time(
         return (time.perf_counter() - start) * 1e3
 
     return Timing.of(_repeat(measure, repeats, min_seconds, max_repeats))
+
+
+def paired_wall_time(
+    fns: Sequence[Callable[[], object]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> list[Timing]:
+    """Wall times of several calls to compare, interleaved: each round times every call once, starting from a
+    different one each round (rotating), so a slow stretch of a shared machine falls on all of them rather than on
+    whichever ran then. Sample ``i`` of every returned Timing comes from round ``i``, so ratios of paired samples
+    cancel what the calls of a round share."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for round_index in range(repeats):
+        for offset in range(len(fns)):
+            i = (round_index + offset) % len(fns)
+            synchronize(device)
+            start = time.perf_counter()
+            fns[i]()
+            synchronize(device)
+            samples[i].append((time.perf_counter() - start) * 1e3)
+    return [Timing.of(s) for s in samples]
 
 
 def device_time(

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_entropy_cpu(const at::Tensor
                                                                 const std::optional<at::Tensor>& rows,
                                                                 double temperature) {
   const TopKEntropyCall call = prepare_topk_entropy(logits, k, rows, temperature);
-  if (call.rows.defined()) check_index_range("topk_entropy", "rows", call.rows, call.flat.size(0));
+  if (call.rows.defined()) check_index_range("topk_entropy", "rows", call.rows, call.flat.size(0), softmask::kSkipRow);
   if (call.num_rows > 0) {
     dispatch_float(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

@@ -143,13 +143,15 @@ inline BlendBackwardCall prepare_blend_backward(const at::Tensor& grad_out, cons
 }
 
 // Host-side range check (CPU tensors only: on CUDA the kernels assert on the device instead of syncing).
-inline void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t bound) {
+// index must lie in [lowest, bound); lowest is 0, or kSkipRow where the op accepts it.
+inline void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t bound,
+                              int64_t lowest = 0) {
   if (index.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(index);
   const int64_t lo_value = lo.item<int64_t>();
   const int64_t hi_value = hi.item<int64_t>();
-  TORCH_CHECK_INDEX(lo_value >= 0 && hi_value < bound, op, ": ", name, " must lie in [0, ", bound, "), got values in [",
-                    lo_value, ", ", hi_value, "]");
+  TORCH_CHECK_INDEX(lo_value >= lowest && hi_value < bound, op, ": ", name, " must lie in [", lowest, ", ", bound,
+                    "), got values in [", lo_value, ", ", hi_value, "]");
 }
 
 }  // namespace softmask_ext

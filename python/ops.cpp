@@ -25,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("with_cuda") = false;
 #endif
   module.attr("MAX_K") = softmask::kMaxK;
+  module.attr("SKIP_ROW") = softmask::kSkipRow;
   // Variants of the CUDA top-k/entropy kernel; SOFTMASK_TOPK_VARIANT selects one at run time.
   pybind11::tuple variants(softmask::kNumTopKVariants);
   for (int i = 0; i < softmask::kNumTopKVariants; ++i) variants[i] = softmask::kTopKVariantNames[i];

@@ -27,6 +27,7 @@ __all__ = [
     "topk_entropy",
     "blend_embeddings",
     "MAX_K",
+    "SKIP_ROW",
     "EXTENSION_LOADED",
     "CUDA_KERNELS",
     "FORCE_REFERENCE",
@@ -59,6 +60,8 @@ FORCE_REFERENCE = os.environ.get("SOFTMASK_EXT_FORCE_REFERENCE", "") == "1"
 # The largest k of topk_entropy; the kernel core (csrc/include/softmask/topk.h) owns it, and without the extension
 # the same value applies so that both paths accept the same k (test_ops checks that the two agree).
 MAX_K: int = _C.MAX_K if EXTENSION_LOADED else 32
+# The ``rows`` entry of topk_entropy that asks for no work (zeros out): the kernel core's value, else the reference's.
+SKIP_ROW: int = _C.SKIP_ROW if EXTENSION_LOADED else reference.SKIP_ROW
 TOPK_VARIANTS: tuple[str, ...] = tuple(_C.TOPK_VARIANTS) if EXTENSION_LOADED else ()
 DEFAULT_TOPK_VARIANT: str | None = _C.DEFAULT_TOPK_VARIANT if EXTENSION_LOADED else None
 
@@ -153,14 +156,14 @@ def _check_same_device(op: str, name: str, t: Tensor, like: Tensor) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {like.device}")
 
 
-def _check_index_range(op: str, name: str, index: Tensor, bound: int) -> None:
-    """Host-side range check on CPU tensors (on CUDA the kernels assert on the device, which needs no sync); skipped
-    while tracing, where the op's own check runs instead."""
+def _check_index_range(op: str, name: str, index: Tensor, bound: int, lowest: int = 0) -> None:
+    """Host-side check that ``index`` lies in ``[lowest, bound)``, on CPU tensors (on CUDA the kernels assert on the
+    device, which needs no sync); skipped while tracing, where the op's own check runs instead."""
     if index.is_cuda or index.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= bound:
-        raise IndexError(f"{op}: {name} must lie in [0, {bound}), got values in [{lo}, {hi}]")
+    if lo < lowest or hi >= bound:
+        raise IndexError(f"{op}: {name} must lie in [{lowest}, {bound}), got values in [{lo}, {hi}]")
 
 
 def _check_topk_entropy(logits: Tensor, k: int, rows: Tensor | None, temperature: float) -> None:
@@ -188,7 +191,7 @@ def _check_topk_entropy(logits: Tensor, k: int, rows: Tensor | None, temperature
         if rows.dtype != torch.int64:
             raise TypeError(f"{op}: rows must be int64, got {rows.dtype}")
         _check_same_device(op, "rows", rows, logits)
-        _check_index_range(op, "rows", rows, logits.numel() // vocab if vocab else 0)
+        _check_index_range(op, "rows", rows, logits.numel() // vocab if vocab else 0, lowest=SKIP_ROW)
 
 
 def _check_blend(weight: Tensor, ids: Tensor, coeffs: Tensor) -> None:
@@ -223,8 +226,10 @@ def topk_entropy(
             served by the reference implementation).
         k: ``1 <= k <= min(MAX_K, V)``, else ValueError.
         rows: optional int64 indices into the flattened leading dimensions (``logits.reshape(-1, V)``); the outputs
-            then have ``rows.shape`` as leading shape. Out-of-range rows raise IndexError (a device-side assert on
-            CUDA, where no host synchronisation is allowed).
+            then have ``rows.shape`` as leading shape. An entry :data:`SKIP_ROW` (-1) asks for nothing: no logits are
+            read and its outputs are zeros (so callers that need some rows' statistics keep fixed shapes). Other
+            out-of-range rows raise IndexError (a device-side assert on CUDA, where no host synchronisation is
+            allowed).
         temperature: temperature of the full softmax whose negative entropy is returned (top-k probabilities
             always use temperature 1).
 

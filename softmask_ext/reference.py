@@ -19,13 +19,18 @@ from torch import Tensor
 __all__ = ["topk_entropy", "blend_embeddings", "neg_entropy", "dense_soft_embeddings"]
 
 
+# A ``rows`` entry asking for no work: that output row is zeros (ids, probs and neg_entropy).
+SKIP_ROW = -1
+
+
 def _flat_rows(logits: Tensor, rows: Tensor | None) -> tuple[Tensor, tuple[int, ...]]:
-    """``logits`` as ``[R, V]`` (the selected rows, or all of them) and the leading shape of the outputs."""
+    """``logits`` as ``[R, V]`` (the selected rows, or all of them; a :data:`SKIP_ROW` entry takes row 0, its
+    outputs are replaced afterwards) and the leading shape of the outputs."""
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     if rows is None:
         return flat, tuple(logits.shape[:-1])
-    return flat[rows.reshape(-1)], tuple(rows.shape)
+    return flat[rows.reshape(-1).clamp_min(0)], tuple(rows.shape)
 
 
 def neg_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -54,7 +59,8 @@ def topk_entropy(
         logits: ``[..., V]`` fp32/bf16/fp16.
         k: number of tokens to keep, ``1 <= k <= V``.
         rows: optional int64 indices into the flattened leading dimensions (``logits.reshape(-1, V)``);
-            when given, only those rows are processed and the outputs have ``rows.shape`` as leading shape.
+            when given, only those rows are processed and the outputs have ``rows.shape`` as leading shape. An
+            entry :data:`SKIP_ROW` (-1) gives zeros in every output.
         temperature: temperature of the full softmax whose negative entropy is returned (the top-k
             probabilities always use temperature 1).
 
@@ -68,6 +74,10 @@ def topk_entropy(
     probs = torch.softmax(values, dim=-1)
     negh = neg_entropy(flat, temperature)
     probs = torch.where(torch.isnan(negh)[:, None], torch.full_like(probs, float("nan")), probs)
+    if rows is not None:
+        skipped = rows.reshape(-1) == SKIP_ROW
+        ids, probs = ids.masked_fill(skipped[:, None], 0), probs.masked_fill(skipped[:, None], 0.0)
+        negh = negh.masked_fill(skipped, 0.0)
     return ids.reshape(*lead, k), probs.reshape(*lead, k), negh.reshape(lead)
 
 

@@ -197,6 +197,10 @@ class SoftMask(nn.Module):
             logits = logits.reshape(-1, logits.shape[-1])  # [R, V]: outputs then come out [R, ...] like input_ids
         if self.alg == "mixinputs_with_temp":
             return self._soft_rows_full_vocab(logits, rows, input_ids, embedding_weight, is_mask, progress)
+        if rows is None:
+            rows = torch.arange(input_ids.numel(), device=input_ids.device)
+        # Only masked positions blend their prediction: the kernel skips the others' rows (zeros out, lam is 0 there).
+        rows = rows.masked_fill(~is_mask, ops.SKIP_ROW)
         topk_ids, probs, neg_entropy = ops.topk_entropy(logits, self.k, rows=rows)
         lam = self.lam(neg_entropy, progress) * is_mask
         ids = torch.cat([input_ids.unsqueeze(-1), topk_ids], dim=-1)

@@ -53,7 +53,11 @@ def assert_topk_entropy_matches(logits: Tensor, k: int, rows: Tensor | None = No
 
     flat = logits.reshape(-1, vocab).float()
     source = rows.reshape(-1) if rows is not None else torch.arange(flat.shape[0], device=logits.device)
-    valid = ~torch.isnan(ref_negh.reshape(-1))
+    skipped = source == ops.SKIP_ROW
+    for out in (ids, probs, negh):  # a skipped row is zeros, and only that
+        assert bool((out.reshape(len(source), -1 if len(source) else 0)[skipped] == 0).all()), "skipped row not zeros"
+    source = source.clamp_min(0)
+    valid = ~torch.isnan(ref_negh.reshape(-1)) & ~skipped
     picked = flat[source][valid].gather(-1, ids.reshape(-1, k)[valid])
     expected = flat[source][valid].gather(-1, ref_ids.reshape(-1, k)[valid])
     torch.testing.assert_close(picked, expected, rtol=0, atol=0)  # same logits, in the same (descending) order

@@ -37,6 +37,17 @@ def test_wall_time_warms_up_then_repeats():
         harness.wall_time(lambda: None, repeats=0)
 
 
+def test_paired_wall_time_rotates_the_order_of_each_round():
+    order = []
+    a, b, c = (lambda name=name: order.append(name) for name in "abc")
+    timings = harness.paired_wall_time([a, b, c], warmup=1, repeats=4)
+    assert order[:3] == list("abc")  # the warm-up calls
+    assert order[3:] == list("abcbcacababc")
+    assert [len(t.samples_ms) for t in timings] == [4, 4, 4]
+    with pytest.raises(ValueError, match="repeats"):
+        harness.paired_wall_time([a], repeats=0)
+
+
 def test_wall_time_runs_until_min_seconds_up_to_the_cap():
     t = harness.wall_time(lambda: None, warmup=0, repeats=2, min_seconds=60.0, max_repeats=7)
     assert len(t.samples_ms) == 7

@@ -227,6 +227,7 @@ def test_window_forwards_run_only_the_window(llada):
     "kind,cache", [("fill", "prefix"), ("window", "dual"), pytest.param("window", "prefix", marks=pytest.mark.slow)]
 )
 def test_cached_steps_compile_without_graph_breaks(dream, cache, kind):
+    torch._dynamo.reset()  # every case compiles DiffusionDecoder.step anew: keep its recompile count per test
     options = DecodeOptions(
         max_new_tokens=8,
         steps=4,

@@ -52,6 +52,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["alg"])
 def test_step_compiles_without_graph_breaks(model, case, infill):
     """The step must trace whole: any host sync or data-dependent shape would break a CUDA graph capture."""
+    torch._dynamo.reset()  # every case compiles DiffusionDecoder.step anew: keep its recompile count per test
     ids, mask = infill_prompts() if infill else padded_batch()
     kw = dict(max_new_tokens=0 if infill else 6, steps=3, **case)
     eager, prompt = decoder_for(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)

@@ -59,6 +59,20 @@ def test_rows_select_flattened_rows(rows_total, num_selected, vocab, k_seed, dty
     rows = torch.randint(0, rows_total, (num_selected,), generator=g)  # duplicates included
     assert_topk_entropy_matches(logits, min(k_seed, vocab), rows=rows)
     assert_topk_entropy_matches(logits, min(k_seed, vocab), rows=rows.reshape(1, -1))
+    skip = torch.rand(num_selected, generator=g) < 0.4
+    assert_topk_entropy_matches(logits, min(k_seed, vocab), rows=rows.masked_fill(skip, ops.SKIP_ROW))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skipped_rows_are_zeros_and_leave_the_others_unchanged(dtype):
+    logits = make_invalid_rows(6, dtype)  # rows 0-3 hold NaN, +inf or no finite value
+    rows = torch.tensor([ops.SKIP_ROW, 4, ops.SKIP_ROW, 5, 0])
+    ids, probs, negh = ops.topk_entropy(logits, 3, rows=rows)
+    full = ops.topk_entropy(logits, 3)
+    for out, whole in zip((ids, probs, negh), full):
+        assert not out[[0, 2]].any()
+        torch.testing.assert_close(out[[1, 3, 4]], whole[[4, 5, 0]], rtol=0, atol=0, equal_nan=True)
+    assert_topk_entropy_matches(logits, 3, rows=rows)
 
 
 def test_rows_follow_dream_shift_without_copy():
@@ -249,7 +263,12 @@ BAD_DIRECT = [
     (
         lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(2, 10), 2, torch.tensor([2])),
         IndexError,
-        r"rows must lie in \[0, 2\)",
+        r"rows must lie in \[-1, 2\)",
+    ),
+    (
+        lambda: torch.ops.softmask_ext.topk_entropy(torch.randn(2, 10), 2, torch.tensor([-2, 0])),
+        IndexError,
+        r"rows must lie in \[-1, 2\), got values in \[-2, 0\]",
     ),
     (
         lambda: torch.ops.softmask_ext.blend_embeddings(
@@ -283,6 +302,7 @@ def test_bad_inputs_to_the_registered_ops_raise_clear_errors(call, error, messag
 
 def test_max_k_is_the_kernel_core_value():
     assert ops.MAX_K == ops._C.MAX_K == 32
+    assert ops.SKIP_ROW == ops._C.SKIP_ROW == reference.SKIP_ROW == -1
     assert tuple(ops._C.TOPK_VARIANTS) == ops.TOPK_VARIANTS and ops.TOPK_VARIANTS[0] == "baseline"
     assert ops.DEFAULT_TOPK_VARIANT in ops.TOPK_VARIANTS
 

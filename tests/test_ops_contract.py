@@ -57,11 +57,11 @@ BAD_TOPK = [
         ValueError,
         "rows is on meta but the other inputs are on cpu",
     ),
-    (lambda: ops.topk_entropy(torch.randn(2, 10), 2, rows=_ids(2)), IndexError, r"rows must lie in \[0, 2\), got"),
+    (lambda: ops.topk_entropy(torch.randn(2, 10), 2, rows=_ids(2)), IndexError, r"rows must lie in \[-1, 2\), got"),
     (
-        lambda: ops.topk_entropy(torch.randn(2, 3, 10), 2, rows=_ids(-1, 5)),
+        lambda: ops.topk_entropy(torch.randn(2, 3, 10), 2, rows=_ids(-2, 5)),
         IndexError,
-        r"rows must lie in \[0, 6\), got values in \[-1, 5\]",
+        r"rows must lie in \[-1, 6\), got values in \[-2, 5\]",
     ),
 ]
 

@@ -84,6 +84,8 @@ def test_dream_vocabulary_with_rows(variant, dtype, k):
     logits = cuda_logits((4, 64, 152064), dtype, scale=4.0)
     rows = torch.randint(0, 256, (300,), device=CUDA)
     assert_topk_entropy_matches(logits, k, rows=rows)
+    skip = torch.rand(300, device=CUDA) < 0.5
+    assert_topk_entropy_matches(logits, k, rows=rows.masked_fill(skip, ops.SKIP_ROW))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,8 +109,10 @@ def test_long_rows_split_over_blocks(variant, dtype, rows, tie_levels):
     """Few long rows: each row is split over several blocks and merged by a second kernel (a NaN row included)."""
     logits = cuda_logits((rows, 262144), dtype, scale=4.0, tie_levels=tie_levels)
     logits[-1, 100_000] = float("nan")
+    skipped = torch.arange(rows, device=CUDA).masked_fill(torch.arange(rows, device=CUDA) % 2 == 0, ops.SKIP_ROW)
     for k in (1, 4, 32):
         assert_topk_entropy_matches(logits, k)
+        assert_topk_entropy_matches(logits, k, rows=skipped)  # skipped rows in the split path and its merge
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -76,6 +76,23 @@ def test_build_embeddings_matches_the_papers_formulation(shift, k):
     torch.testing.assert_close(got, _dense_oracle(sm, input_ids, logits, weight, shift))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmasked_positions_read_no_logits(dtype):
+    """A decoded position keeps its plain embedding without its prediction being read: a NaN logits row there (which
+    the kernel skips) cannot reach the output, and the masked positions match the dense formulation."""
+    sm = SoftMask(k=3, scale=0.7, steepness=3.0, centre=-2.0)
+    weight = torch.randn(40, 6).to(dtype)
+    input_ids = torch.tensor([[5, MASK, 9, MASK, MASK, 11]])
+    logits = (torch.randn(1, 6, 40) * 3).to(dtype)
+    logits[0, [0, 2, 5]] = float("nan")  # rows predicting (shift 0) the decoded positions
+    got = sm.build_embeddings(input_ids, logits, weight, MASK, logit_shift=0)
+    assert torch.equal(got[0, [0, 2, 5]], weight[[5, 9, 11]])
+    with torch.no_grad():
+        expected = _dense_oracle(sm.double(), input_ids, logits.double(), weight.double(), 0)  # fp64 oracle
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # the output is rounded to the table's dtype
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_gradients_reach_parameters_and_table():
     sm = SoftMask(k=2, scale=0.3)
     weight = torch.randn(30, 4, requires_grad=True)

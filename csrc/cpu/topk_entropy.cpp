@@ -28,11 +28,13 @@ struct RowOutput {
 };
 
 template <typename T, int K>
-inline __attribute__((always_inline)) void process_row(const T* row, int64_t vocab, int k, float inv_temperature,
-                                                       RowOutput out) {
+inline __attribute__((always_inline)) void process_row(const T* row, int64_t vocab, int k, float scale, RowOutput out) {
   TopK<K> top;
   top.clear();
-  EntropyState state = EntropyState::empty();
+  Base2Entropy state;
+  // The state's reference in logit units: (x - reference) * scale is exactly 0 at the maximum (a fused x * scale - m
+  // would leave the product's rounding error there), so a one-hot row has a negative entropy of exactly 0.
+  float reference = -FLT_MAX;
   alignas(64) float converted[kChunk];
 
   for (int64_t begin = 0; begin < vocab; begin += kChunk) {
@@ -71,15 +73,17 @@ inline __attribute__((always_inline)) void process_row(const T* row, int64_t voc
       }
     }
 
-    const float scaled_max = chunk_max * inv_temperature;
-    if (scaled_max > state.m) state.rescale_to(scaled_max);
-    const float m = state.m;
+    if (chunk_max > reference) {
+      state.rescale_to(chunk_max * scale);
+      reference = chunk_max;
+    }
+    const float m = reference;
     float s = 0.0f;
     float t = 0.0f;
 #pragma omp simd reduction(+ : s, t)
     for (int i = 0; i < n; ++i) {
       float d;
-      const float e = softmax_term(x[i] * inv_temperature - m, &d);
+      const float e = softmax_term2((x[i] - m) * scale, &d);
       s += e;
       t += e * d;
     }
@@ -87,7 +91,7 @@ inline __attribute__((always_inline)) void process_row(const T* row, int64_t voc
     state.t += t;
   }
 
-  const float neg_entropy = state.neg_entropy();
+  const float neg_entropy = state.natural().neg_entropy();
   *out.neg_entropy = neg_entropy;
   topk_probs(top.value, k, !std::isnan(neg_entropy), out.probs);
   for (int j = 0; j < k; ++j) out.ids[j] = top.index[j] == kEmptyIndex ? 0 : top.index[j];  // only in NaN rows
@@ -97,19 +101,19 @@ template <typename T>
 using RowFn = void (*)(const T*, int64_t, int, float, RowOutput);
 
 template <typename T, int K>
-void row_baseline(const T* row, int64_t vocab, int k, float inv_temperature, RowOutput out) {
-  process_row<T, K>(row, vocab, k, inv_temperature, out);
+void row_baseline(const T* row, int64_t vocab, int k, float scale, RowOutput out) {
+  process_row<T, K>(row, vocab, k, scale, out);
 }
 
 #if SOFTMASK_X86_DISPATCH
 template <typename T, int K>
-SOFTMASK_TARGET_AVX2 void row_avx2(const T* row, int64_t vocab, int k, float inv_temperature, RowOutput out) {
-  process_row<T, K>(row, vocab, k, inv_temperature, out);
+SOFTMASK_TARGET_AVX2 void row_avx2(const T* row, int64_t vocab, int k, float scale, RowOutput out) {
+  process_row<T, K>(row, vocab, k, scale, out);
 }
 
 template <typename T, int K>
-SOFTMASK_TARGET_AVX512 void row_avx512(const T* row, int64_t vocab, int k, float inv_temperature, RowOutput out) {
-  process_row<T, K>(row, vocab, k, inv_temperature, out);
+SOFTMASK_TARGET_AVX512 void row_avx512(const T* row, int64_t vocab, int k, float scale, RowOutput out) {
+  process_row<T, K>(row, vocab, k, scale, out);
 }
 #endif
 
@@ -152,11 +156,17 @@ template <typename T>
 void topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, const int64_t* rows, int64_t num_rows, int k,
                   float temperature, int64_t* ids, float* probs, float* neg_entropy, int num_threads) {
   const RowFn<T> fn = row_fn<T>(k);
-  const float inv_temperature = 1.0f / temperature;
+  const float scale = kLog2e / temperature;  // the entropy state works in base 2
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t source = rows ? rows[r] : r;
-    fn(logits + source * row_stride, vocab, k, inv_temperature, RowOutput{ids + r * k, probs + r * k, neg_entropy + r});
+    if (source == kSkipRow) {
+      std::fill_n(ids + r * k, k, int64_t{0});
+      std::fill_n(probs + r * k, k, 0.0f);
+      neg_entropy[r] = 0.0f;
+      continue;
+    }
+    fn(logits + source * row_stride, vocab, k, scale, RowOutput{ids + r * k, probs + r * k, neg_entropy + r});
   }
 }
 

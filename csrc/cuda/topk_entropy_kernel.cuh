@@ -54,20 +54,11 @@ constexpr int kMinVectorsPerThread = 2 * kUnroll;
 template <int K, TopKVariant V>
 constexpr int kMinBlocksPerSm = V == TopKVariant::kFiltered ? 4 : (K == 1 ? 5 : (K <= 5 ? 4 : (K <= 8 ? 3 : 1)));
 constexpr int kMaxExactK = 8;  // kExactBound's exact refresh copies the list: only for lists up to this size
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kMinExponent2 = -126.0f;  // 2^-126: below it ex2.approx.ftz returns exactly 0
 
 struct Candidate {
   float value;
   int32_t index;
 };
-
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Order-preserving map of floats to ints (for atomicMax on a shared float bound); it is its own inverse.
 __device__ __forceinline__ int ordered_key(float f) {
@@ -125,32 +116,6 @@ __device__ __forceinline__ EntropyState warp_merge(EntropyState state) {
   }
   return state;
 }
-
-// Entropy state of one thread in base 2: y = x * log2(e) / temperature, m = running max of y,
-// s = sum 2^(y - m), t = sum 2^(y - m) (y - m). Same edge cases as EntropyState (see online_entropy.h): -inf adds
-// nothing (ex2 gives 0 and the clamp keeps 0 * d finite), NaN or +inf poisons s through ex2.
-struct Base2Entropy {
-  float m = -FLT_MAX;
-  float s = 0.0f;
-  float t = 0.0f;
-
-  __device__ __forceinline__ void rescale_to(float new_m) {
-    const float d = fmaxf(m - new_m, kMinExponent2);
-    const float e = ex2(m - new_m);
-    t = (t + d * s) * e;
-    s *= e;
-    m = new_m;
-  }
-
-  __device__ __forceinline__ void add(float y_minus_m) {
-    const float e = ex2(y_minus_m);
-    s += e;
-    t = fmaf(e, fmaxf(y_minus_m, kMinExponent2), t);
-  }
-
-  // The same softmax in natural-log units: e^(x - m ln2) = 2^(y - m), and (x - m ln2) = ln2 (y - m).
-  __device__ __forceinline__ EntropyState natural() const { return {m == -FLT_MAX ? -FLT_MAX : m * kLn2, s, t * kLn2}; }
-};
 
 // The k-th entry of a list sorted in descending order (k <= K, runtime k) as the minimum of its first k entries: a
 // select by index would be compiled into a runtime-indexed access, which moves the list to local memory.
@@ -420,6 +385,15 @@ struct Outputs {
   float* neg_entropy;
 };
 
+// Zeros for a kSkipRow entry of `rows` (the contract of the CPU kernel), one thread per output value.
+static __device__ void write_skipped_row(int64_t r, int k, Outputs out) {
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    out.ids[r * k + j] = 0;
+    out.probs[r * k + j] = 0.0f;
+  }
+  if (threadIdx.x == 0) out.neg_entropy[r] = 0.0f;
+}
+
 // Shared memory a variant does not use.
 struct Unused {};
 
@@ -450,7 +424,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, V>)
   int64_t source = r;
   if (rows != nullptr) {
     source = rows[r];
-    SOFTMASK_DEVICE_CHECK(source >= 0 && source < rows_total, "topk_entropy: rows must lie in [0, rows_total)");
+    SOFTMASK_DEVICE_CHECK(source == kSkipRow || (source >= 0 && source < rows_total),
+                          "topk_entropy: rows must lie in [0, rows_total) or be -1");
+    if (source == kSkipRow) {  // the whole block leaves before any barrier; the merge kernel skips the row too
+      if (split == 0) write_skipped_row(r, k, out);
+      return;
+    }
   }
   const T* row = logits + source * row_stride;
   const int lane = threadIdx.x % kWarpSize;
@@ -576,12 +555,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, V>)
 
 // One warp per row merges the row's `splits` partial results.
 static __global__ void __launch_bounds__(kThreads)
-    merge_splits_kernel(int64_t num_rows, int splits, int k, Partials partials, Outputs out) {
+    merge_splits_kernel(int64_t num_rows, const int64_t* __restrict__ rows, int splits, int k, Partials partials,
+                        Outputs out) {
   extern __shared__ unsigned char scratch[];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (r >= num_rows) return;
+  if (r >= num_rows || (rows != nullptr && rows[r] == kSkipRow)) return;  // a skipped row has its zeros already
   auto* merged_value = reinterpret_cast<float*>(scratch) + warp * k;
   auto* merged_index = reinterpret_cast<int32_t*>(scratch + kWarps * k * sizeof(float)) + warp * k;
   const int64_t first = r * splits;
@@ -695,7 +675,7 @@ struct TopKEntropyLauncher {
     });
     if (launched != cudaSuccess || splits == 1) return launched;
     const size_t scratch = kWarps * static_cast<size_t>(p.k) * (sizeof(float) + sizeof(int32_t));
-    merge_splits_kernel<<<blocks_for(p.num_rows, kWarps), kThreads, scratch, stream>>>(p.num_rows, splits, p.k,
+    merge_splits_kernel<<<blocks_for(p.num_rows, kWarps), kThreads, scratch, stream>>>(p.num_rows, p.rows, splits, p.k,
                                                                                        partials, out);
     return cudaGetLastError();
   }

@@ -33,6 +33,7 @@ int failures = 0;
 using namespace softmask;
 
 void test_exp_accuracy() {
+  float d_unused = 0.0f;
   double worst = 0.0;
   for (int i = 0; i <= 1000000; ++i) {
     const float d = -87.0f * static_cast<float>(i) / 1000000.0f;
@@ -41,6 +42,17 @@ void test_exp_accuracy() {
   }
   CHECK(worst < 5e-7, "exp_nonpositive relative error %g", worst);
   CHECK(std::isnan(exp_nonpositive(NAN)), "NaN must propagate");
+  worst = 0.0;
+  for (int i = 0; i <= 1000000; ++i) {
+    const float y = -126.0f * static_cast<float>(i) / 1000000.0f;
+    const double exact = std::exp2(static_cast<double>(y));
+    worst = std::max(worst, std::abs(exp2_nonpositive(y) - exact) / exact);
+  }
+  CHECK(worst < 5e-7, "exp2_nonpositive relative error %g", worst);
+  CHECK(exp2_nonpositive(-127.0f) == 0.0f && exp2_nonpositive(-INFINITY) == 0.0f, "2^y flushes to 0 below -126.5");
+  CHECK(std::isnan(exp2_nonpositive(NAN)), "NaN must propagate through 2^y");
+  CHECK(softmax_term2(-INFINITY, &d_unused) == 0.0f && d_unused == kMinExponent2, "-inf gives an exactly zero term");
+  CHECK(std::isnan(softmax_term2(NAN, &d_unused)), "NaN gives a NaN term in base 2");
   float d = 0.0f;
   CHECK(softmax_term(-INFINITY, &d) == 0.0f && d == kMinExponent, "-inf gives an exactly zero term");
   CHECK(std::isnan(softmax_term(NAN, &d)) && std::isnan(d), "NaN gives a NaN term");
@@ -188,13 +200,18 @@ void test_cpu_topk_entropy(const char* name) {
       for (double temperature : {1.0, 0.6}) {
         std::vector<int64_t> ids(rows * k), ids2(rows * k);
         std::vector<float> probs(rows * k), negh(rows), probs2(rows * k), negh2(rows);
-        const int64_t selected[rows] = {4, 0, 0, 2, 3};
+        const int64_t selected[rows] = {4, 0, kSkipRow, 2, 3};
         cpu::topk_entropy<T>(logits.data(), vocab, vocab, selected, rows, k, static_cast<float>(temperature),
                              ids.data(), probs.data(), negh.data(), 1);
         cpu::topk_entropy<T>(logits.data(), vocab, vocab, selected, rows, k, static_cast<float>(temperature),
                              ids2.data(), probs2.data(), negh2.data(), 2);
         CHECK(ids == ids2 && probs == probs2 && negh == negh2, "%s: results depend on the thread count", name);
         for (int64_t r = 0; r < rows; ++r) {
+          if (selected[r] == kSkipRow) {
+            for (int j = 0; j < k; ++j) CHECK(ids[r * k + j] == 0 && probs[r * k + j] == 0.0f, "%s: skipped row", name);
+            CHECK(negh[r] == 0.0f, "%s: skipped row's neg_entropy %g", name, negh[r]);
+            continue;
+          }
           std::vector<float> row(vocab);
           for (int64_t i = 0; i < vocab; ++i) row[i] = to_float(logits[selected[r] * vocab + i]);
           std::vector<int> order(vocab);

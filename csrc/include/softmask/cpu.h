@@ -11,6 +11,7 @@ namespace softmask::cpu {
 // For each of num_rows rows (row r is logits + (rows ? rows[r] : r) * row_stride, vocab values):
 // ids[r, :k] the top-k indices in descending order (ties: lower index first), probs[r, :k] their softmax,
 // neg_entropy[r] = sum p log p of softmax(row / temperature). One pass over each row. 1 <= k <= kMaxK.
+// rows[r] == kSkipRow marks an output row with nothing to compute: no logits are read, its outputs are zeros.
 template <typename T>
 void topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, const int64_t* rows, int64_t num_rows, int k,
                   float temperature, int64_t* ids, float* probs, float* neg_entropy, int num_threads);

@@ -17,10 +17,10 @@ namespace softmask::cuda {
 template <typename T>
 size_t topk_entropy_workspace_bytes(int64_t num_rows, int64_t vocab, int k, TopKVariant variant);
 
-// Same contract as softmask::cpu::topk_entropy; rows (if not null) must lie in [0, rows_total). When there are
-// too few rows to fill the card, each row is split over several blocks whose partial results go to `workspace`
-// (topk_entropy_workspace_bytes, queried on the same device and for the same variant) and are merged by a second
-// kernel. Every variant gives the same ids and the same probs and neg_entropy up to rounding (topk_variants.h).
+// Same contract as softmask::cpu::topk_entropy; rows (if not null) must lie in [0, rows_total) or be kSkipRow. When
+// there are too few rows to fill the card, each row is split over several blocks whose partial results go to
+// `workspace` (topk_entropy_workspace_bytes, queried on the same device and for the same variant) and are merged by a
+// second kernel. Every variant gives the same ids and the same probs and neg_entropy up to rounding (topk_variants.h).
 template <typename T>
 cudaError_t topk_entropy(const T* logits, int64_t row_stride, int64_t vocab, int64_t rows_total, const int64_t* rows,
                          int64_t num_rows, int k, float temperature, int64_t* ids, float* probs, float* neg_entropy,

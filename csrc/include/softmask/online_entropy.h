@@ -1,6 +1,7 @@
 // Online state of a softmax over a stream of values: running reference m, s = sum e^(x-m), t = sum e^(x-m) (x-m).
 // The negative entropy of softmax(x) is t/s - log s. States over disjoint parts of a row merge exactly (up to
 // rounding) by rescaling both to the larger reference, so CPU chunks and GPU threads/warps/blocks share this code.
+// The hot loops accumulate the same state in base 2 (Base2Entropy, below) and convert it.
 //
 // Edge cases, chosen so that no input makes a NaN out of nothing and no NaN is lost:
 // - m starts at -FLT_MAX (finite), so differences of references never become inf - inf;
@@ -64,6 +65,46 @@ struct EntropyState {
     if (!(m > -FLT_MAX)) return NAN;
     return t / s - logf(s);
   }
+};
+
+constexpr float kMinExponent2 = -126.0f;  // 2^-126, the smallest normal float: exp2_nonpositive flushes below it
+
+// One term in base 2: *d = max(y, kMinExponent2) and 2^y (exactly 0 below the normal range, so -inf adds nothing and
+// 0 * d stays finite). A NaN y gives a NaN term.
+SOFTMASK_HD float softmax_term2(float y, float* d) {
+#if defined(__CUDA_ARCH__)
+  *d = fmaxf(y, kMinExponent2);  // one FMNMX
+#else
+  *d = y < kMinExponent2 ? kMinExponent2 : y;  // a compare and a blend: host compilers vectorise it, not fmaxf
+#endif
+  return exp2_nonpositive(y);
+}
+
+// The state of a softmax in base 2, for the hot loops (one FFMA per value gives y = x log2(e) / temperature - m, and
+// 2^y is cheaper than e^x): m = running maximum of y, s = sum 2^(y - m), t = sum 2^(y - m) (y - m). The edge cases
+// are those of EntropyState; natural() converts it for merges and the result.
+struct Base2Entropy {
+  float m = -FLT_MAX;
+  float s = 0.0f;
+  float t = 0.0f;
+
+  SOFTMASK_HD void rescale_to(float new_m) {
+    float d;
+    const float e = softmax_term2(m - new_m, &d);
+    t = (t + d * s) * e;
+    s *= e;
+    m = new_m;
+  }
+
+  SOFTMASK_HD void add(float y_minus_m) {
+    float d;
+    const float e = softmax_term2(y_minus_m, &d);
+    s += e;
+    t = fmaf(e, d, t);
+  }
+
+  // The same softmax in natural-log units: e^(x - m ln2) = 2^(y - m), and (x - m ln2) = ln2 (y - m).
+  SOFTMASK_HD EntropyState natural() const { return {m == -FLT_MAX ? -FLT_MAX : m * kLn2, s, t * kLn2}; }
 };
 
 }  // namespace softmask

@@ -17,6 +17,9 @@ namespace softmask {
 
 constexpr int32_t kEmptyIndex = INT32_MAX;
 constexpr int kMaxK = 32;  // the largest k the kernels serve (exposed to Python as softmask_ext._C.MAX_K)
+// A `rows` entry asking for no work: the output row gets zeros and no logits are read, so a caller that needs only some
+// rows' statistics keeps fixed shapes (exposed to Python as softmask_ext._C.SKIP_ROW).
+constexpr int64_t kSkipRow = -1;
 
 // The list sizes the CPU and CUDA kernels are compiled for: k is served by the smallest bucket >= k. Small k get a
 // bucket each (k = 1..5 are the common settings), larger k share a few, so the number of instances stays small.
