@@ -36,7 +36,13 @@ from tqdm import tqdm
 
 from softmask_ext import DreamConfig, DreamModel, SoftMask
 from softmask_ext.conventions import DTYPE_NAMES, default_device
-from softmask_ext.decoding import DecodeOptions, DiffusionDecoder, check_prompt, diffusion_generate
+from softmask_ext.decoding import (
+    SM_INPUTS_RANGE,
+    DecodeOptions,
+    DiffusionDecoder,
+    check_prompt,
+    diffusion_generate,
+)
 from softmask_ext.decoding.sampling import propose
 from softmask_ext.model.llada import LLaDAModel
 from softmask_ext.model.llada_config import LLaDAConfig
@@ -372,7 +378,9 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
     (median and range); on a GPU after one untimed run (graph capture). Decoding is deterministic (greedy, fixed
     seeds), so every call takes the same forwards.
 
-    Two SM ratios per mode, each the median (and range) over rounds of the ratio of the round's SM and binary runs:
+    On the CPU, ``sm_share`` is the share of an SM run spent building SM inputs, from one more run under the profiler
+    (:func:`sm_share_of_run`): the work SM adds, free of the machine's drift between runs. Two SM ratios per mode, each
+    the median (and range) over rounds of the ratio of the round's SM and binary runs:
     ``sm_step_cost`` compares the time of one forward (the price of building SM inputs, with the same work per
     forward), ``sm_vs_binary`` compares tokens/s, which under threshold decoding also moves with the number of
     forwards, since SM changes the predictions that decide how many tokens pass the threshold.
@@ -428,6 +436,8 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
                         extrapolated=extrapolated,
                     )
                 )
+                if sm and mode != "dream" and device.type == "cpu":
+                    rows[-1]["sm_share"] = sm_share_of_run(calls[1][0])
                 r = rows[-1]
                 print(
                     f"{mode:<8}{'SM' if sm else 'binary':<8}{new_tokens:>6} tokens: {r['tokens_per_s']:9.1f} tokens/s "
@@ -461,6 +471,19 @@ def run_modes(args, preset_name: str, preset: dict, device: torch.device) -> int
         harness.write_results(args.out, report, device=device)
         plot_modes(report, str(Path(args.out).with_suffix(".png")))
     return 0
+
+
+def sm_share_of_run(call) -> float:
+    """The share of one run's wall time spent building SM inputs: the engine's ``SM_INPUTS_RANGE`` under
+    torch.profiler (CPU only: on CUDA the steps replay graphs, whose inside the profiler's ranges do not see). The
+    profiler's per-op overhead lengthens the SM range and the rest alike, so the share stays close to the unprofiled
+    one; the runs it times are not those of the tokens/s columns."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        start = time.perf_counter()
+        call()
+        wall = time.perf_counter() - start
+    sm_us = sum(event.cpu_time_total for event in profile.key_averages() if event.key == SM_INPUTS_RANGE)
+    return sm_us / 1e6 / wall
 
 
 def counting(call, forwards: list[int], counts: list[int]):
@@ -539,6 +562,8 @@ def mode_ratios(rows: list[dict], modes: list[str]) -> dict[str, float | list[fl
         out[f"sm_step_cost_{m}_range"] = [time_ratios[0] * forwards, time_ratios[-1] * forwards]
         out[f"sm_vs_binary_{m}"] = 1 / statistics.median(time_ratios)
         out[f"sm_vs_binary_{m}_range"] = [1 / time_ratios[-1], 1 / time_ratios[0]]
+        if "sm_share" in sm:
+            out[f"sm_share_{m}"] = sm["sm_share"]
     for fast in ("prefix", "dual"):
         for base in ("plain", "dream"):
             if fast in modes and base in modes:

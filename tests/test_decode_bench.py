@@ -34,6 +34,7 @@ def test_modes_report_every_mode_with_and_without_sm(tmp_path):
     assert all(r["nfe"] >= 1 and r["tokens_per_s"] > 0 for r in rows.values())
     ratios = report["summary"]["32"]
     assert {"sm_step_cost_dual", "sm_vs_binary_dual", "dual_vs_plain", "dual_vs_dream"} <= set(ratios)
+    assert 0 < ratios["sm_share_dual"] < 0.5 and 0 < ratios["sm_share_plain"] < 0.5 and "sm_share_dream" not in ratios
     assert (tmp_path / "result.png").exists()
 
 

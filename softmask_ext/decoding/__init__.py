@@ -8,7 +8,7 @@ decoding, on a CUDA-graph-ready engine.
 
 from .api import DecodeResult, diffusion_generate
 from .cli import add_fast_decoding_flags, dream_keywords, fast_decoding_kwargs
-from .engine import DiffusionDecoder
+from .engine import SM_INPUTS_RANGE, DiffusionDecoder
 from .options import CACHE_MODES, DecodeOptions, Prompt, check_prompt
 from .sampling import ALGS, REMASKING
 
@@ -16,6 +16,7 @@ __all__ = [
     "ALGS",
     "CACHE_MODES",
     "REMASKING",
+    "SM_INPUTS_RANGE",
     "DecodeOptions",
     "DecodeResult",
     "DiffusionDecoder",

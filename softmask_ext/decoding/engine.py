@@ -52,7 +52,10 @@ from .options import DecodeOptions, Prompt
 from .sampling import StepNoise, propose, select_transfers
 from .schedule import step_ratios
 
-__all__ = ["DiffusionDecoder", "LogitsHook", "TokensHook"]
+__all__ = ["SM_INPUTS_RANGE", "DiffusionDecoder", "LogitsHook", "TokensHook"]
+
+# The profiler range around building a step's SM inputs (torch.profiler.record_function; free when not profiling).
+SM_INPUTS_RANGE = "softmask_ext.sm_inputs"
 
 # Dream's hook signatures: (step or None, canvas [B, T], logits [B, T, V] or None) -> canvas / logits.
 TokensHook = Callable[[int | None, Tensor, Tensor | None], Tensor]
@@ -254,7 +257,12 @@ class DiffusionDecoder:
         self.block_step += 1
 
     def soft_embeddings(self, logits: Tensor) -> None:
-        """Next inputs of the block: SM blend where still masked, plain embedding elsewhere."""
+        """Next inputs of the block: SM blend where still masked, plain embedding elsewhere (a profiler range named
+        :data:`SM_INPUTS_RANGE`, so that a profile of a run gives SM's share of it)."""
+        with torch.profiler.record_function(SM_INPUTS_RANGE):
+            self._soft_embeddings(logits)
+
+    def _soft_embeddings(self, logits: Tensor) -> None:
         block = self.canvas.gather(1, self.window)
         progress = None
         if self.soft_mask.schedule != "none":
