@@ -514,29 +514,13 @@ def mode_call(args, model, ids, mode: str, new_tokens: int, soft_mask, probe_ste
     Dream's loop proposes only for them), falling linearly over the run; so the probe steps start halfway, from
     :func:`half_decoded`, and their time per step is the run's mean."""
     mask_id = model.config.mask_token_id
-    if mode == "dream":
-        call = partial(
-            reference_generate,
-            model,
-            half_decoded(ids, new_tokens, mask_id),
-            max_new_tokens=0,
-            steps=probe_steps,
-            mask_token_id=mask_id,
-            soft_mask=soft_mask,
-            alg=args.alg,
-        )
-        return call, probe_steps
-    if mode == "plain":
-        keywords = {} if args.family == "llada" else dict(alg=args.alg)
-        call = partial(
-            diffusion_generate,
-            model,
-            half_decoded(ids, new_tokens, mask_id),
-            max_new_tokens=0,
-            steps=probe_steps,
-            soft_mask=soft_mask,
-            **keywords,
-        )
+    if mode in ("dream", "plain"):
+        if mode == "dream":
+            decode, keywords = reference_generate, dict(mask_token_id=mask_id, alg=args.alg)
+        else:
+            decode, keywords = diffusion_generate, ({} if args.family == "llada" else dict(alg=args.alg))
+        probe = half_decoded(ids, new_tokens, mask_id)
+        call = partial(decode, model, probe, max_new_tokens=0, steps=probe_steps, soft_mask=soft_mask, **keywords)
         return call, probe_steps
     keywords = dict(block_length=args.block_length, threshold=args.threshold, cache=mode)
     if args.family == "dream":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["topk_entropy", "blend_embeddings", "neg_entropy", "dense_soft_embeddings"]
+__all__ = ["SKIP_ROW", "topk_entropy", "blend_embeddings", "neg_entropy", "dense_soft_embeddings"]
 
 
 # A ``rows`` entry asking for no work: that output row is zeros (ids, probs and neg_entropy).

@@ -80,9 +80,9 @@ SOFTMASK_HD float softmax_term2(float y, float* d) {
   return exp2_nonpositive(y);
 }
 
-// The state of a softmax in base 2, for the hot loops (one FFMA per value gives y = x log2(e) / temperature - m, and
-// 2^y is cheaper than e^x): m = running maximum of y, s = sum 2^(y - m), t = sum 2^(y - m) (y - m). The edge cases
-// are those of EntropyState; natural() converts it for merges and the result.
+// The state of a softmax in base 2, for the hot loops (y = x log2(e) / temperature costs no more than the natural
+// scaling, and 2^y is cheaper than e^x): m = running maximum of y, s = sum 2^(y - m), t = sum 2^(y - m) (y - m). The
+// edge cases are those of EntropyState; natural() converts it for merges and the result.
 struct Base2Entropy {
   float m = -FLT_MAX;
   float s = 0.0f;
